@@ -1,0 +1,50 @@
+"""Exports the best text encoder of a run as a Hugging Face folder a later stage can load by path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class ExportTextEncoder(Callback):
+    """At the end of ``fit``, writes the text encoder (best checkpoint by default) with ``save_pretrained``.
+
+    The folder is what ``configs/late_fusion.yaml`` names as its frozen text tower, so the
+    text-only stage hands its result to the speech stages without any conversion step.
+    """
+
+    def __init__(self, dirpath: str, use_best: bool = True):
+        """
+        Args:
+            dirpath: Output folder (config.json, weights, tokenizer; LoRA also as lora_adapter/).
+            use_best: Export the weights of the best checkpoint (ModelCheckpoint's monitor), else the last.
+        """
+        self.dirpath = dirpath
+        self.use_best = use_best
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "export_text_encoder"):
+            raise TypeError(
+                f"{type(pl_module).__name__} has no export_text_encoder(); remove ExportTextEncoder."
+            )
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
+        current = None
+        if best:
+            trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+            current = {
+                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in trainable
+            }
+            pl_module.load_state_dict(
+                torch.load(best, map_location="cpu", weights_only=False)["state_dict"], strict=False
+            )
+        pl_module.export_text_encoder(Path(self.dirpath))
+        log.info("Exported the text encoder (%s) to %s", best or "last weights", self.dirpath)
+        if current is not None:
+            pl_module.load_state_dict(current, strict=False)

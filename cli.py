@@ -1,0 +1,51 @@
+"""Command line: ``python cli.py {fit,validate,test,predict} --config configs/...yaml``."""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.demo.assets import register_resolver
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.components.errors import InputError
+
+
+class EmbeddingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # One recipe names its text model once: the datamodule tokenizes with that model's tokenizer.
+        parser.link_arguments(
+            "model.init_args.text_encoder.pretrained_model_name_or_path", "data.init_args.tokenizer"
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
+    """Entry point; tests call it with an argument list (``run=False`` only instantiates)."""
+    register_resolver()
+    # Lets a config file write ${trainer.max_steps} from its own root (the subcommand's).
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return EmbeddingCLI(
+        MatryoshkaEmbedder,
+        StreamingPairDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # 'omegaconf+' resolves ${...} after all --config files and overrides are merged, so a
+        # recipe can refer to keys set in a shared base file or on the command line.
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main() -> None:
+    try:
+        cli_main()
+    except InputError as error:  # the message names the key or row and the fix; a traceback adds nothing
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Builds the embedded demo's files on first use: corpus, locally trained tokenizer, tiny models.
+
+Configs name these through the ``${demo_asset:NAME}`` interpolation (registered by ``cli.py``),
+which builds the asset if it is missing and returns its path. The tiny models are saved as
+ordinary Hugging Face folders, so the demo exercises the same ``from_pretrained`` code path as a
+real checkpoint. Building is deterministic and atomic (temporary folder, then rename), so
+concurrent processes (DDP ranks parsing the same config) never see half-written files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from datamodules.demo.corpus import DemoCorpusConfig, write_demo_corpus
+
+DEMO_DIR_ENV = "DEMO_DATA_DIR"
+DEFAULT_DEMO_DIR = "data/demo"
+# Special tokens mirror Qwen3-Embedding: the end-of-text token pads and closes every input,
+# so last-token pooling reads the same position as it does on the real model.
+END_OF_TEXT = "<|endoftext|>"
+TOKENIZER_VOCAB_SIZE = 2048
+
+
+def demo_root() -> Path:
+    return Path(os.environ.get(DEMO_DIR_ENV, DEFAULT_DEMO_DIR)).resolve()
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the finished asset is an ordinary folder
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():  # lost a race only if someone else finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def corpus_dir() -> Path:
+    """The text corpus: train.jsonl and eval/demo/ (BEIR layout)."""
+    return _build_atomically(demo_root() / "corpus", lambda d: write_demo_corpus(DemoCorpusConfig(), d))
+
+
+def train_tokenizer(texts, save_dir: Path) -> None:
+    """Trains a byte-level BPE tokenizer (Qwen's scheme, at demo size) and saves it HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {END_OF_TEXT}",
+        pair=f"$A {END_OF_TEXT} $B {END_OF_TEXT}",
+        special_tokens=[(END_OF_TEXT, eos_id)],
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, padding_side="left"
+    )
+    wrapped.save_pretrained(save_dir)
+
+
+def _corpus_texts(root: Path):
+    import json
+
+    with open(root / "train.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            yield row["query"]
+            yield row["document"]
+
+
+def tiny_text_model_config(vocab_size: int, hidden_size: int = 256, num_layers: int = 2):
+    """A Qwen3 decoder of the real architecture, small enough to train on a laptop CPU."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+
+
+def save_tiny_text_model(
+    save_dir: Path, tokenizer_source: Path, hidden_size: int = 256, num_layers: int = 2, seed: int = 0
+) -> None:
+    """Random-init tiny Qwen3 + the given tokenizer, saved as a from_pretrained-able folder."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(tiny_text_model_config(len(tokenizer), hidden_size, num_layers))
+    model.save_pretrained(save_dir)
+    tokenizer.save_pretrained(save_dir)
+
+
+def text_model_dir() -> Path:
+    """Tiny random-init Qwen3-style embedder with a tokenizer trained on the demo corpus."""
+    corpus = corpus_dir()
+
+    def build(staging: Path) -> None:
+        train_tokenizer(_corpus_texts(corpus), staging)
+        save_tiny_text_model(staging, tokenizer_source=staging)
+
+    return _build_atomically(demo_root() / "tiny-qwen3", build)
+
+
+ASSETS: dict[str, Callable[[], Path]] = {
+    "corpus": corpus_dir,
+    "text_model": text_model_dir,
+}
+
+
+def demo_asset(name: str) -> str:
+    """OmegaConf resolver body: ``${demo_asset:text_model}`` -> path of the built asset."""
+    if name not in ASSETS:
+        raise ValueError(f"Unknown demo asset {name!r}; choose one of {sorted(ASSETS)}.")
+    return str(ASSETS[name]())
+
+
+def register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("demo_asset"):
+        # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
+        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        register("demo_asset", demo_asset)

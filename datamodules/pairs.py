@@ -1,0 +1,192 @@
+"""Streaming query/document pairs for training, BEIR-style eval sets for validation and test."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.eval_sets import EvalSet, load_beir_eval_set
+from datamodules.sources import load_stream, looks_local
+from datamodules.streaming import EpochStream
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules.components.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _check_local_paths_exist(locations: dict[str, str | None]) -> None:
+    """Fails at start-up, before any model loads, on a local path that is not there."""
+    for key, location in locations.items():
+        if location and looks_local(location) and not Path(location).expanduser().exists():
+            raise ConfigError(
+                f"{key}={location!r}: no such file or folder (resolved to {Path(location).resolve()})."
+            )
+
+
+class StreamingPairDataModule(LightningDataModule):
+    """Text query -> document pairs streamed with ``datasets`` (local files or hub names).
+
+    Training data is read with ``streaming=True``, shuffled through a buffer, split per rank and
+    served by a stateful loader, so a checkpoint resumes mid-epoch. Each eval set yields two
+    loaders (queries, corpus), sorted by length so padding stays small; batches carry each row's
+    position so evaluation callbacks can reassemble them.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_data: str | None = None,
+        eval_sets: dict[str, str] | None = None,
+        train_split: str = "train",
+        train_config_name: str | None = None,
+        eval_split: str = "test",
+        query_column: str = "query",
+        document_column: str = "document",
+        task_column: str = "task",
+        id_column: str = "id",
+        prompts: PromptConfig | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_query_length: int = 512,
+        max_document_length: int = 2048,
+        shuffle_buffer_size: int = 10_000,
+        passes: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            tokenizer: Tokenizer name or folder; linked from the model's text encoder by the CLI.
+            train_data: Training pairs: a .jsonl/.json/.parquet/.csv file, a folder, or a hub dataset name.
+            eval_sets: Eval set name -> BEIR folder or hub name; names appear in metric tags.
+            train_split: Split of a folder/hub training dataset.
+            train_config_name: Config (subset) name of a hub training dataset.
+            eval_split: Qrels split of the eval sets (qrels/<split>.tsv).
+            query_column: Column holding the query text.
+            document_column: Column holding the document text.
+            task_column: Column naming each row's task (optional in the data).
+            id_column: Column holding the row id (used to name skipped rows).
+            prompts: Task instructions and the query template.
+            batch_size: Training pairs per step per device (in-batch negatives = batch_size - 1).
+            eval_batch_size: Queries or documents per evaluation forward pass.
+            max_query_length: Token limit of a query including its prompt.
+            max_document_length: Token limit of a document.
+            shuffle_buffer_size: Rows held in the streaming shuffle buffer.
+            passes: Passes over the training data (None: repeat forever; stop with trainer.max_steps).
+            num_workers: DataLoader worker processes.
+            seed: Shuffle seed.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 2:
+            raise ConfigError(
+                f"data.batch_size={batch_size}: in-batch InfoNCE needs at least 2 pairs per batch."
+            )
+        if passes is not None and passes < 1:
+            raise ConfigError(
+                f"data.passes={passes} must be >= 1, or null to repeat until trainer.max_steps."
+            )
+        _check_local_paths_exist(
+            {
+                "data.train_data": train_data,
+                **{f"data.eval_sets.{k}": v for k, v in (eval_sets or {}).items()},
+            }
+        )
+        self.prompts = prompts or PromptConfig()
+        self.columns = {
+            "query": query_column,
+            "document": document_column,
+            "task": task_column,
+            "id": id_column,
+        }
+        self.eval_sets: dict[str, EvalSet] = {}
+        self._batches: TextBatchBuilder | None = None
+
+    @property
+    def batches(self) -> TextBatchBuilder:
+        if self._batches is None:
+            from transformers import AutoTokenizer
+
+            hp = self.hparams
+            self._batches = TextBatchBuilder(
+                AutoTokenizer.from_pretrained(hp.tokenizer),
+                self.prompts,
+                hp.max_query_length,
+                hp.max_document_length,
+                self.columns,
+            )
+        return self._batches
+
+    def setup(self, stage: str) -> None:
+        if not self.eval_sets:
+            for name, location in (self.hparams.eval_sets or {}).items():
+                eval_set = load_beir_eval_set(name, location, self.hparams.eval_split)
+                for row in eval_set.queries:
+                    self.prompts.instruction(row.get("task"))  # unknown tasks fail now, not mid-run
+                self.eval_sets[name] = eval_set
+                log.info(
+                    "eval set %s: %d queries (%d without relevant documents), %d documents",
+                    name,
+                    len(eval_set.queries),
+                    eval_set.num_queries_without_relevant,
+                    len(eval_set.corpus),
+                )
+        if stage == "fit" and not self.hparams.train_data:
+            raise ConfigError(
+                "data.train_data is not set: name a pairs file, folder or hub dataset to fit on."
+            )
+
+    # ----- training -----------------------------------------------------------------------
+    def _training_stream(self):
+        hp = self.hparams
+        dataset = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
+        dataset = dataset.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer_size)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(
+                dataset, rank=self.trainer.global_rank, world_size=self.trainer.world_size
+            )
+        return EpochStream(dataset, passes=hp.passes)
+
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        hp = self.hparams
+        return StatefulDataLoader(
+            self._training_stream(),
+            batch_size=hp.batch_size,
+            collate_fn=self.batches.training_batch,
+            num_workers=hp.num_workers,
+        )
+
+    # ----- evaluation ---------------------------------------------------------------------
+    def _eval_loaders(self) -> list[DataLoader]:
+        loaders = []
+        for name, eval_set in self.eval_sets.items():
+            for side, rows in (("queries", eval_set.queries), ("corpus", eval_set.corpus)):
+                # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
+                order = sorted(range(len(rows)), key=lambda i: -len(rows[i].get("text") or ""))
+                loaders.append(
+                    DataLoader(
+                        [(i, rows[i]) for i in order],
+                        batch_size=self.hparams.eval_batch_size,
+                        shuffle=False,
+                        collate_fn=partial(self.batches.eval_batch, eval_set=name, side=side),
+                        num_workers=self.hparams.num_workers,
+                    )
+                )
+        return loaders
+
+    def val_dataloader(self):
+        return self._eval_loaders()
+
+    def test_dataloader(self):
+        return self._eval_loaders()
+
+    def predict_dataloader(self):
+        return self._eval_loaders()

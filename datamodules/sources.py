@@ -1,0 +1,45 @@
+"""Resolving a data location: a local file, a local folder, or a Hugging Face hub dataset name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_modules.components.errors import ConfigError
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def looks_local(location: str) -> bool:
+    """A path written as a path (explicit prefix, a file extension, or an existing file/folder)."""
+    path = Path(location)
+    return (
+        path.exists()
+        or location.startswith(("/", "./", "../", "~"))
+        or path.suffix in FILE_BUILDERS
+        or location.count("/") > 1
+    )
+
+
+def load_stream(location: str, split: str = "train", config_name: str | None = None, key: str = "data"):
+    """A streaming ``datasets.IterableDataset`` over a local file/folder or a hub dataset."""
+    import datasets
+
+    if looks_local(location):
+        path = Path(location).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{key}={location!r}: no such file or folder (resolved to {path.resolve()}).")
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise ConfigError(
+                    f"{key}={location!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}."
+                )
+            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        return datasets.load_dataset(str(path), split=split, streaming=True)
+    try:
+        return datasets.load_dataset(location, config_name, split=split, streaming=True)
+    except Exception as error:  # hub errors are long; say what was tried first
+        raise ConfigError(
+            f"{key}={location!r} is neither a local path nor a loadable hub dataset "
+            f"({type(error).__name__}: {error})"
+        ) from error

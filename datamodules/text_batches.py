@@ -1,0 +1,125 @@
+"""Turns rows into tokenized batches: task prompts, bad-row filtering with ids, eval batches.
+
+Runs inside DataLoader workers, so skipped rows travel with the batch (``skipped_ids``) and are
+counted by the training step in the main process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_modules.components.errors import ConfigError
+
+DEFAULT_PROMPTS = {
+    "document_retrieval": "Given a Wolof query, retrieve relevant French documents",
+    "translation_retrieval": "Given a Wolof query, retrieve its French translation",
+    "transcription_retrieval": "Given a Wolof query, retrieve its Wolof transcription",
+}
+# Qwen3-Embedding's query format; documents get no instruction.
+DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
+
+
+@dataclass
+class PromptConfig:
+    """Task name -> instruction, and how an instruction and a text query are joined."""
+
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    """Instruction string for each task name found in the data."""
+    default_task: str = "document_retrieval"
+    """Task of rows (and eval queries) that name none."""
+    query_template: str = DEFAULT_QUERY_TEMPLATE
+    """Format of a text query; fields {instruction} and {query}. Use '{query}' for no prompt."""
+
+    def __post_init__(self):
+        if self.default_task not in self.prompts:
+            raise ConfigError(
+                f"prompts.default_task={self.default_task!r} has no instruction in prompts.prompts "
+                f"(known tasks: {sorted(self.prompts)}); add it or pick a known task."
+            )
+
+    def instruction(self, task: str | None) -> str:
+        task = task or self.default_task
+        if task not in self.prompts:
+            raise ConfigError(
+                f"task {task!r} in the data has no instruction; add it under data.prompts.prompts "
+                f"(known tasks: {sorted(self.prompts)})."
+            )
+        return self.prompts[task]
+
+    def format_query(self, text: str, task: str | None) -> str:
+        return self.query_template.format(instruction=self.instruction(task), query=text)
+
+
+def usable_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+class TextBatchBuilder:
+    """Tokenizes text queries (with their task prompt) and documents into padded tensors."""
+
+    def __init__(
+        self,
+        tokenizer,
+        prompts: PromptConfig,
+        max_query_length: int,
+        max_document_length: int,
+        columns: Mapping[str, str],
+    ):
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.max_query_length = max_query_length
+        self.max_document_length = max_document_length
+        self.columns = columns
+
+    def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def queries(self, texts: Sequence[str], tasks: Sequence[str | None]) -> dict[str, torch.Tensor]:
+        formatted = [self.prompts.format_query(text, task) for text, task in zip(texts, tasks, strict=True)]
+        return self._tokenize(formatted, self.max_query_length)
+
+    def documents(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self._tokenize(texts, self.max_document_length)
+
+    def training_batch(self, rows: Sequence[Mapping]) -> dict:
+        """Pairs batch; rows with a missing or empty query/document are dropped and named."""
+        c = self.columns
+        good, skipped = [], []
+        for position, row in enumerate(rows):
+            if usable_text(row.get(c["query"])) and usable_text(row.get(c["document"])):
+                good.append(row)
+            else:
+                skipped.append(str(row.get(c["id"], f"<row without id #{position}>")))
+        tasks = [row.get(c["task"]) for row in good]
+        batch = {
+            "ids": [str(row.get(c["id"], "")) for row in good],
+            "tasks": [task or self.prompts.default_task for task in tasks],
+            "skipped_ids": skipped,
+        }
+        if good:
+            batch["query_text"] = self.queries([row[c["query"]] for row in good], tasks)
+            batch["document"] = self.documents([row[c["document"]] for row in good])
+        return batch
+
+    def eval_batch(self, items: Sequence[tuple[int, Mapping]], eval_set: str, side: str) -> dict:
+        """A batch of eval queries or corpus documents, keeping their positions in the eval set."""
+        rows = [row for _, row in items]
+        batch = {
+            "eval_set": eval_set,
+            "side": side,
+            "index": torch.tensor([position for position, _ in items], dtype=torch.long),
+            "ids": [row["id"] for row in rows],
+        }
+        if side == "corpus":
+            batch["document"] = self.documents([row["text"] for row in rows])
+        else:
+            batch["query_text"] = self.queries(
+                [row["text"] for row in rows], [row.get("task") for row in rows]
+            )
+        return batch

@@ -1,0 +1,6 @@
+"""LightningModules: thin orchestration over plain components in ``components/``."""
+
+from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.text_only import TextOnly
+
+__all__ = ["MatryoshkaEmbedder", "TextOnly"]

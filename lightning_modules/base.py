@@ -1,0 +1,170 @@
+"""Shared LightningModule: the embedding interface, the Matryoshka InfoNCE step, optimizers, checkpoints.
+
+Subclasses build their components in ``__init__`` and implement ``embed_queries`` /
+``embed_documents``; everything else (training, evaluation outputs, optimizer over trainable
+parameters only, trainable-only checkpoints) lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.matryoshka import validate_matryoshka_dims
+from lightning_modules.losses import matryoshka_info_nce
+
+log = logging.getLogger(__name__)
+
+# Stop rather than keep skipping: this many non-finite losses in a row means the run is broken.
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class MatryoshkaEmbedder(LightningModule):
+    """Base class of every model: ``embed_queries`` / ``embed_documents`` -> ``{dim: [B, dim]}`` unit vectors."""
+
+    def __init__(
+        self,
+        matryoshka_dims: Sequence[int] = (128, 256, 512, 1024),
+        temperature: float = 0.05,
+        loss_weights: dict[int, float] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        """
+        Args:
+            matryoshka_dims: Sorted embedding sizes trained and evaluated (each a usable prefix).
+            temperature: InfoNCE softmax temperature on cosine similarities.
+            loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
+            optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
+            lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.matryoshka_dims = validate_matryoshka_dims(matryoshka_dims)
+        if temperature <= 0:
+            raise ConfigError(f"model.temperature must be > 0, got {temperature}.")
+        unknown = set(loss_weights or {}) - set(self.matryoshka_dims)
+        if unknown:
+            raise ConfigError(f"model.loss_weights names dims {sorted(unknown)} not in matryoshka_dims.")
+        self.temperature = temperature
+        self.loss_weights = dict(loss_weights or {})
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.skipped_rows = 0
+        self.nonfinite_losses = 0
+        self._consecutive_nonfinite = 0
+        # Frozen backbones are left out of checkpoints (see on_save_checkpoint), so loading must
+        # accept their absence; on_load_checkpoint checks that every trainable weight is there.
+        self.strict_loading = False
+
+    # ----- the interface every model implements -------------------------------------------
+    def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        raise NotImplementedError
+
+    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        raise NotImplementedError
+
+    # ----- training -----------------------------------------------------------------------
+    def training_step(self, batch: Mapping, batch_idx: int):
+        self._count_skipped_rows(batch)
+        batch_size = len(batch["ids"])
+        if batch_size < 2:
+            log.warning(
+                "Skipping a training batch with %d usable rows: InfoNCE needs at least 2.", batch_size
+            )
+            return None
+        loss = matryoshka_info_nce(
+            self.embed_queries(batch), self.embed_documents(batch), self.temperature, self.loss_weights
+        )
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(batch)
+        self._consecutive_nonfinite = 0
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def _count_skipped_rows(self, batch: Mapping) -> None:
+        skipped = batch.get("skipped_ids") or []
+        if skipped:
+            self.skipped_rows += len(skipped)
+            log.warning(
+                "Skipped %d bad training rows (total %d): %s", len(skipped), self.skipped_rows, skipped
+            )
+        self.log("train/skipped_rows", float(self.skipped_rows), batch_size=1)
+
+    def _skip_nonfinite(self, batch: Mapping):
+        self.nonfinite_losses += 1
+        self._consecutive_nonfinite += 1
+        if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            raise RuntimeError(
+                f"{self._consecutive_nonfinite} non-finite losses in a row (last batch ids "
+                f"{batch['ids'][:8]}...): stopping before the weights are damaged; lower the learning rate or check the data."
+            )
+        log.warning("Non-finite loss on batch %s...: step skipped, weights untouched.", batch["ids"][:8])
+        self.log("train/nonfinite_losses", float(self.nonfinite_losses), batch_size=1)
+        return None
+
+    # ----- evaluation: embeddings out, analysis in callbacks -------------------------------
+    def _embed_eval_batch(self, batch: Mapping) -> dict:
+        side = batch["side"]
+        embed = self.embed_documents if side == "corpus" else self.embed_queries
+        embeddings = {dim: value.detach().float().cpu() for dim, value in embed(batch).items()}
+        return {
+            "eval_set": batch["eval_set"],
+            "side": side,
+            "index": batch["index"].cpu(),
+            "embeddings": embeddings,
+        }
+
+    def validation_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._embed_eval_batch(batch)
+
+    def test_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._embed_eval_batch(batch)
+
+    def predict_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._embed_eval_batch(batch)
+
+    # ----- optimization -------------------------------------------------------------------
+    def configure_optimizers(self):
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if not parameters:
+            raise ConfigError(
+                f"{type(self).__name__} has no trainable parameters: check the freezing options."
+            )
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+        else:
+            optimizer = self.optimizer_factory(parameters)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints: what training changes, not frozen backbones ------------------------
+    def _frozen_parameter_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = self._frozen_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["embedder_counters"] = {
+            "skipped_rows": self.skipped_rows,
+            "nonfinite_losses": self.nonfinite_losses,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise ConfigError(
+                f"The checkpoint lacks {len(missing)} trainable weights of {type(self).__name__} "
+                f"(e.g. {missing[:3]}): it was written by a different model or freezing config."
+            )
+        counters = checkpoint.get("embedder_counters", {})
+        self.skipped_rows = counters.get("skipped_rows", 0)
+        self.nonfinite_losses = counters.get("nonfinite_losses", 0)

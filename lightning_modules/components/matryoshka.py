@@ -1,0 +1,37 @@
+"""Matryoshka dims: validation and slicing (plain torch, no Lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.components.errors import ConfigError
+
+
+def validate_matryoshka_dims(dims: Sequence[int], max_dim: int | None = None) -> list[int]:
+    """Returns the dims as a list, or raises a ValueError that says how to fix them."""
+    dims = list(dims)
+    if not dims:
+        raise ConfigError(
+            "model.matryoshka_dims is empty: give at least one dim, e.g. [128, 256, 512, 1024]."
+        )
+    if any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in dims):
+        raise ConfigError(f"model.matryoshka_dims must be positive integers, got {dims}.")
+    if len(set(dims)) != len(dims):
+        raise ConfigError(f"model.matryoshka_dims has duplicates: {dims}; list each dim once.")
+    if dims != sorted(dims):
+        raise ConfigError(f"model.matryoshka_dims must be sorted ascending, got {dims}; use {sorted(dims)}.")
+    if max_dim is not None and dims[-1] > max_dim:
+        raise ConfigError(
+            f"model.matryoshka_dims {dims} has {dims[-1]} > the embedding size {max_dim} of the model; "
+            f"the largest dim must be at most {max_dim}."
+        )
+    return dims
+
+
+def matryoshka_slices(embedding: torch.Tensor, dims: Sequence[int]) -> dict[int, torch.Tensor]:
+    """``{d: normalize(embedding[:, :d])}``: each prefix re-normalized to unit length, in float32."""
+    embedding = embedding.float()
+    return {d: F.normalize(embedding[:, :d], dim=-1) for d in dims}

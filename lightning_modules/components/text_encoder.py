@@ -1,0 +1,135 @@
+"""Text embedder over any ``transformers.AutoModel`` (plain nn.Module, no Lightning).
+
+One wrapper serves decoder embedders (Qwen3-Embedding: last-token pooling) and encoder
+embedders (BERT/E5: mean pooling), from token ids or from ready ``inputs_embeds`` (the path late
+fusion uses to splice speech frames between text tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.pooling import POOLERS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """PEFT LoRA on the text model; only the adapter weights train and are checkpointed."""
+
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: int = 32
+    """LoRA scaling numerator (update scale is alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA branch input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the Linear layers that get adapters (Qwen/Llama attention projections by default)."""
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which pretrained text model to load and how it embeds."""
+
+    pretrained_model_name_or_path: str
+    """Hub name or local folder (e.g. Qwen/Qwen3-Embedding-0.6B, or an exported text-only stage)."""
+    pooling: str = "last_token"
+    """'last_token' for decoder embedders (Qwen3-Embedding), 'mean' for encoder models."""
+    dtype: str | None = None
+    """Weights dtype at load time: float32, bfloat16 or float16 (None: float32)."""
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (e.g. 'sdpa', 'flash_attention_2'); None lets transformers pick."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of the full model when set."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory on long documents."""
+
+    def __post_init__(self):
+        if self.pooling not in POOLERS:
+            raise ConfigError(
+                f"text_encoder.pooling={self.pooling!r} is unknown; choose one of {sorted(POOLERS)}."
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(
+                f"text_encoder.dtype={self.dtype!r} is unknown; choose one of {sorted(DTYPES)}."
+            )
+
+
+class TextEncoder(nn.Module):
+    """Pooled, un-normalized text embeddings ``[B, hidden]`` (slicing and normalization come after)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        kwargs = {}
+        if config.dtype is not None:
+            kwargs["dtype"] = DTYPES[config.dtype]
+        if config.attn_implementation is not None:
+            kwargs["attn_implementation"] = config.attn_implementation
+        model = AutoModel.from_pretrained(config.pretrained_model_name_or_path, **kwargs)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if config.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = config.lora
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                ),
+            )
+        # from_pretrained returns eval mode; the owner decides (frozen towers call .eval() again).
+        self.model = model.train()
+        self.pool = POOLERS[config.pooling]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            raise ValueError("TextEncoder needs an attention_mask to pool over real tokens only.")
+        kwargs = {}
+        if self.config.pooling == "last_token":
+            # Positions count real tokens only, so a left-padded row is encoded exactly as if it
+            # were alone (the default positions would shift it by its padding length).
+            kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        output = self.model(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        )
+        return self.pool(output.last_hidden_state, attention_mask)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Saves a ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format)."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        AutoTokenizer.from_pretrained(self.config.pretrained_model_name_or_path).save_pretrained(directory)
+        model = self.model
+        if self.config.lora is not None:
+            model.save_pretrained(directory / "lora_adapter")
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory)

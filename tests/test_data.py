@@ -1,0 +1,166 @@
+"""Eval-set loading, the demo corpus, and the streaming pair datamodule on real `datasets` streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from datamodules.demo.corpus import DemoCorpusConfig, DemoLanguagePair, generate_demo_corpus
+from datamodules.eval_sets import load_beir_eval_set
+from datamodules.pairs import StreamingPairDataModule
+from datamodules.text_batches import PromptConfig
+from lightning_modules.components.errors import ConfigError, DataError
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _write_beir(root: Path, qrels: list[tuple[str, str, int]]) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    _write_jsonl(root / "queries.jsonl", [{"_id": "a", "text": "query a"}, {"_id": "b", "text": "query b"}])
+    _write_jsonl(
+        root / "corpus.jsonl",
+        [
+            {"_id": "x", "title": "Title", "text": "doc x"},
+            {"_id": "y", "text": "doc y"},
+            {"_id": "z", "text": "doc z"},
+        ],
+    )
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, d, g in qrels]
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# ----- eval sets ------------------------------------------------------------------------------
+def test_beir_folder_loads_with_positions_and_graded_qrels(tmp_path):
+    eval_set = load_beir_eval_set(
+        "toy", str(_write_beir(tmp_path / "toy", [("a", "y", 2), ("a", "x", 1), ("b", "z", 0)]))
+    )
+    assert [row["id"] for row in eval_set.corpus] == ["x", "y", "z"]
+    assert eval_set.corpus[0]["text"] == "Title doc x"
+    assert eval_set.qrels == {0: {1: 2, 0: 1}}  # grade 0 is not relevant
+    assert eval_set.num_queries_without_relevant == 1
+
+
+@pytest.mark.parametrize("bad", [("a", "nope", 1), ("nope", "x", 1)])
+def test_qrels_naming_unknown_ids_fail_with_the_id(tmp_path, bad):
+    with pytest.raises(DataError, match="nope"):
+        load_beir_eval_set("toy", str(_write_beir(tmp_path / "toy", [("a", "x", 1), bad])))
+
+
+def test_missing_eval_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="queries.jsonl"):
+        load_beir_eval_set("toy", str(tmp_path / "absent"))
+
+
+# ----- the demo corpus ------------------------------------------------------------------------
+def test_demo_corpus_is_deterministic_and_needs_a_vocabulary_mapping():
+    config = DemoCorpusConfig(num_train_pairs=300, num_eval_queries=50, num_eval_distractor_documents=40)
+    first, second = generate_demo_corpus(config), generate_demo_corpus(config)
+    assert [e.__dict__ for e in first[0]] == [e.__dict__ for e in second[0]]
+    train, evaluation, distractors = first
+    for example in train + evaluation:
+        # No character is shared between a query and its document: nothing to match without learning.
+        assert not (set(example.query) - {" "}) & (set(example.document) - {" "})
+    language = DemoLanguagePair(config)
+    for example in evaluation:
+        assert all(language.document_vocabulary[c] in example.document.split() for c in example.concepts)
+    train_sets = {frozenset(e.concepts) for e in train}
+    assert not any(frozenset(e.concepts) in train_sets for e in evaluation)
+
+
+# ----- the streaming datamodule ---------------------------------------------------------------
+def _datamodule(tokenizer, train_data, **kwargs) -> StreamingPairDataModule:
+    defaults = dict(batch_size=4, shuffle_buffer_size=8, max_query_length=32, max_document_length=32)
+    return StreamingPairDataModule(str(tokenizer), train_data=str(train_data), **{**defaults, **kwargs})
+
+
+def test_bad_training_rows_are_skipped_counted_and_named(tiny_text_model, tmp_path):
+    rows = [
+        {"id": "ok-1", "query": "bita", "document": "fèfé"},
+        {"id": "empty-query", "query": "  ", "document": "fèfé"},
+        {"id": "missing-document", "query": "bita"},
+        {"id": "ok-2", "query": "saaso", "document": "lourôfeu", "task": "translation_retrieval"},
+        {"id": "null-document", "query": "saaso", "document": None},
+        {"id": "ok-3", "query": "mooje", "document": "vérô"},
+    ]
+    datamodule = _datamodule(
+        tiny_text_model, _write_jsonl(tmp_path / "train.jsonl", rows), batch_size=6, passes=1
+    )
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert sorted(i for b in batches for i in b["ids"]) == ["ok-1", "ok-2", "ok-3"]
+    assert sorted(i for b in batches for i in b["skipped_ids"]) == [
+        "empty-query",
+        "missing-document",
+        "null-document",
+    ]
+    batch = batches[0]
+    assert (
+        batch["query_text"]["input_ids"].shape[0]
+        == len(batch["ids"])
+        == batch["document"]["input_ids"].shape[0]
+    )
+
+
+def test_queries_carry_their_task_prompt(tiny_text_model):
+    from transformers import AutoTokenizer
+
+    prompts = PromptConfig(
+        prompts={"a": "Find A", "b": "Find B"}, default_task="a", query_template="{instruction}: {query}"
+    )
+    datamodule = StreamingPairDataModule(str(tiny_text_model), prompts=prompts)
+    tokens = datamodule.batches.queries(["bita", "bita"], ["b", None])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+    decoded = tokenizer.batch_decode(tokens["input_ids"], skip_special_tokens=True)
+    assert [text.strip() for text in decoded] == ["Find B: bita", "Find A: bita"]
+    with pytest.raises(ConfigError, match="data.prompts"):
+        datamodule.batches.queries(["bita"], ["unknown-task"])
+
+
+def test_stream_repeats_passes_and_reshuffles_each_epoch(tiny_text_model, tmp_path):
+    rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(12)]
+    datamodule = _datamodule(tiny_text_model, _write_jsonl(tmp_path / "train.jsonl", rows), passes=2)
+    datamodule.setup("fit")
+    ids = [i for b in datamodule.train_dataloader() for i in b["ids"]]
+    assert len(ids) == 24 and sorted(ids[:12]) == sorted(ids[12:]) == sorted(r["id"] for r in rows)
+    assert ids[:12] != ids[12:]
+
+
+def test_loader_state_resumes_at_the_next_row(tiny_text_model, tmp_path):
+    rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(40)]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    datamodule = _datamodule(tiny_text_model, train, passes=1, shuffle_buffer_size=1)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    iterator = iter(loader)
+    seen = [next(iterator)["ids"] for _ in range(3)]
+    state = loader.state_dict()
+    rest = [b["ids"] for b in iterator]
+    resumed = datamodule.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b["ids"] for b in resumed] == rest
+    assert sum(len(b) for b in seen + rest) == 40
+
+
+def test_missing_paths_fail_at_construction_with_the_key(tiny_text_model, tmp_path):
+    with pytest.raises(ConfigError, match="data.train_data"):
+        _datamodule(tiny_text_model, tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match="data.eval_sets.gone"):
+        StreamingPairDataModule(str(tiny_text_model), eval_sets={"gone": str(tmp_path / "no-such-eval")})
+
+
+def test_eval_batches_keep_positions_and_sides(tiny_text_model, corpus_dir):
+    datamodule = StreamingPairDataModule(
+        str(tiny_text_model), eval_sets={"demo": str(corpus_dir / "eval" / "demo")}, eval_batch_size=64
+    )
+    datamodule.setup("validate")
+    queries_loader, corpus_loader = datamodule.val_dataloader()
+    positions = [i for b in queries_loader for i in b["index"].tolist()]
+    assert sorted(positions) == list(range(len(datamodule.eval_sets["demo"].queries)))
+    first = next(iter(corpus_loader))
+    assert first["side"] == "corpus" and "document" in first and first["eval_set"] == "demo"
