@@ -40,11 +40,26 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
     )
 
 
+def find_input_error(error: BaseException) -> InputError | None:
+    """The InputError behind an exception (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, InputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main() -> None:
     try:
         cli_main()
-    except InputError as error:  # the message names the key or row and the fix; a traceback adds nothing
-        sys.exit(f"error: {error}")
+    except Exception as error:
+        input_error = find_input_error(error)
+        if input_error is None:
+            raise
+        # The message names the key or row and the fix; a traceback from deep inside adds nothing.
+        sys.exit(f"error: {input_error}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,19 @@ class TextBatchBuilder:
         self.max_query_length = max_query_length
         self.max_document_length = max_document_length
         self.columns = columns
+        self._check_prompts_leave_room()
+
+    def _check_prompts_leave_room(self) -> None:
+        """Right truncation would cut the query and keep the prompt: refuse such a config up front."""
+        for task in self.prompts.prompts:
+            prompt_only = self.prompts.format_query("", task)
+            length = len(self.tokenizer(prompt_only)["input_ids"])
+            if length >= self.max_query_length // 2:
+                raise ConfigError(
+                    f"the prompt of task {task!r} alone takes {length} tokens, leaving too little of "
+                    f"data.max_query_length={self.max_query_length} for the query; raise max_query_length "
+                    "or shorten data.prompts."
+                )
 
     def _tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(

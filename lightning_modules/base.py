@@ -25,7 +25,7 @@ MAX_CONSECUTIVE_NONFINITE = 20
 
 
 class MatryoshkaEmbedder(LightningModule):
-    """Base class of every model: ``embed_queries`` / ``embed_documents`` -> ``{dim: [B, dim]}`` unit vectors."""
+    """Base of every model: ``embed_queries`` / ``embed_documents`` -> ``{dim: [B, dim]}`` unit vectors."""
 
     def __init__(
         self,
@@ -102,7 +102,8 @@ class MatryoshkaEmbedder(LightningModule):
         if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise RuntimeError(
                 f"{self._consecutive_nonfinite} non-finite losses in a row (last batch ids "
-                f"{batch['ids'][:8]}...): stopping before the weights are damaged; lower the learning rate or check the data."
+                f"{batch['ids'][:8]}...): stopping before the weights are damaged; "
+                "lower the learning rate or check the data."
             )
         log.warning("Non-finite loss on batch %s...: step skipped, weights untouched.", batch["ids"][:8])
         self.log("train/nonfinite_losses", float(self.nonfinite_losses), batch_size=1)

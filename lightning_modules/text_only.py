@@ -42,6 +42,7 @@ class TextOnly(MatryoshkaEmbedder):
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
         """
         super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
+        text_encoder = TextEncoderConfig.coerce(text_encoder)
         validate_matryoshka_dims(
             self.matryoshka_dims, max_dim=pretrained_hidden_size(text_encoder.pretrained_model_name_or_path)
         )

@@ -28,7 +28,7 @@ def _stand_ins(config: Path, wide_model: Path, corpus: Path) -> list[str]:
 def test_config_instantiates(config, wide_tiny_text_model, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     args = ["--config", str(config), *_stand_ins(config, wide_tiny_text_model, corpus_dir)]
-    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.accelerator=cpu"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     cli = cli_main(args, run=False)
     assert isinstance(cli.model, MatryoshkaEmbedder)
     assert cli.model.matryoshka_dims == sorted(cli.model.matryoshka_dims)

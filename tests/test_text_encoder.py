@@ -43,7 +43,7 @@ def test_save_pretrained_round_trips(tiny_text_model, tmp_path):
     encoder.save_pretrained(tmp_path)
     reloaded = TextEncoder(TextEncoderConfig(str(tmp_path))).eval()
     tokens = AutoTokenizer.from_pretrained(tmp_path)(
-        ["bita xipoosa", "fèfé lourôfeu"], padding=True, return_tensors="pt"
+        ["bita xipoosa", "fèfé lôrôfê"], padding=True, return_tensors="pt"
     )
     with torch.no_grad():
         assert torch.allclose(encoder(**tokens), reloaded(**tokens), atol=1e-6)

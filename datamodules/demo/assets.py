@@ -78,9 +78,14 @@ def train_tokenizer(texts, save_dir: Path) -> None:
     wrapped.save_pretrained(save_dir)
 
 
-def _corpus_texts(root: Path):
+def _tokenizer_training_texts(root: Path):
+    """The corpus plus the task instructions, so a prompt costs a few tokens, not one per byte."""
     import json
 
+    from datamodules.text_batches import DEFAULT_PROMPTS, DEFAULT_QUERY_TEMPLATE
+
+    for instruction in DEFAULT_PROMPTS.values():
+        yield DEFAULT_QUERY_TEMPLATE.format(instruction=instruction, query="")
     with open(root / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
@@ -124,7 +129,7 @@ def text_model_dir() -> Path:
     corpus = corpus_dir()
 
     def build(staging: Path) -> None:
-        train_tokenizer(_corpus_texts(corpus), staging)
+        train_tokenizer(_tokenizer_training_texts(corpus), staging)
         save_tiny_text_model(staging, tokenizer_source=staging)
 
     return _build_atomically(demo_root() / "tiny-qwen3", build)

@@ -23,7 +23,7 @@ from pathlib import Path
 QUERY_CONSONANTS = "bdgjkmnpstwxy"
 QUERY_VOWELS = ("a", "e", "i", "o", "u", "aa", "ee", "oo")
 DOCUMENT_CONSONANTS = "cfhlrvz"
-DOCUMENT_VOWELS = ("é", "è", "ô", "ai", "au", "ou", "eu")
+DOCUMENT_VOWELS = ("é", "è", "ê", "ô", "â", "î", "û", "éé")
 
 TASK_DOCUMENT_RETRIEVAL = "document_retrieval"
 TASK_TRANSLATION_RETRIEVAL = "translation_retrieval"

@@ -50,6 +50,16 @@ class TextEncoderConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory on long documents."""
 
+    @classmethod
+    def coerce(cls, value: TextEncoderConfig | dict) -> TextEncoderConfig:
+        """Accepts the dict form too: saved hyperparameters hold dataclasses as dicts."""
+        if isinstance(value, cls):
+            return value
+        fields = dict(value)
+        if isinstance(fields.get("lora"), dict):
+            fields["lora"] = LoraSettings(**fields["lora"])
+        return cls(**fields)
+
     def __post_init__(self):
         if self.pooling not in POOLERS:
             raise ConfigError(
@@ -121,7 +131,7 @@ class TextEncoder(nn.Module):
         return self.pool(output.last_hidden_state, attention_mask)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Saves a ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format)."""
+        """A ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format)."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)

@@ -1,0 +1,130 @@
+"""The CLI on the demo recipe: clear start-up errors, a short real fit, resume, export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from cli import cli_main, find_input_error
+from lightning_modules.components.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo" / "text_only.yaml")
+
+
+def _quick(tmp_path: Path, *extra: str) -> list[str]:
+    """The demo recipe, shrunk to seconds, writing under tmp_path."""
+    return [
+        "--config", DEMO,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=1",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "dims, message",
+    [
+        ("[32, 64, 128, 512]", "at most 256"),
+        ("[64, 32]", "sorted ascending"),
+        ("[32, 32, 64]", "duplicates"),
+    ],
+)
+def test_bad_matryoshka_dims_fail_at_start_up_naming_the_key(demo_dir, dims, message):
+    with pytest.raises(Exception) as error:
+        cli_main(["--config", DEMO, f"--model.init_args.matryoshka_dims={dims}"], run=False)
+    cause = find_input_error(error.value)
+    assert isinstance(cause, ConfigError) and message in str(cause) and "model.matryoshka_dims" in str(cause)
+
+
+def test_cli_prints_input_errors_without_a_traceback(demo_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", DEMO, "--model.init_args.matryoshka_dims=[64, 32]"],
+        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ},
+    )
+    assert result.returncode != 0
+    assert "error: model.matryoshka_dims" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_path_fails_at_start_up(demo_dir, tmp_path):
+    with pytest.raises(Exception) as error:
+        cli_main(["--config", DEMO, f"--data.init_args.train_data={tmp_path / 'missing.jsonl'}"], run=False)
+    assert "data.train_data" in str(find_input_error(error.value))
+
+
+class RecordSteps(Callback):
+    def __init__(self):
+        self.steps, self.ids = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+        self.ids.append(list(batch["ids"]))
+
+
+def test_fit_logs_every_dim_then_resumes_from_last(demo_dir, tmp_path):
+    first = cli_main(["fit", *_quick(tmp_path)])
+    assert first.trainer.global_step == 4
+    metrics = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
+    for dim in (32, 64, 128, 256):
+        assert 0.0 <= metrics[f"val/demo/ndcg@10/d{dim}"] <= 1.0
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader"), "dataloader state is saved"
+    assert (tmp_path / "text_encoder" / "config.json").exists()
+
+    # `fit --ckpt_path last`, with a recorder attached to see where training picks up.
+    resumed = cli_main(_quick(tmp_path, "--trainer.max_steps=6"), run=False)
+    recorder = RecordSteps()
+    resumed.trainer.callbacks.append(recorder)
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
+    assert recorder.steps == [4, 5]
+    assert resumed.trainer.global_step == 6
+    # The stream resumed past the rows already trained on (8 rows per step, 4 steps).
+    first_rows = {row for batch in _rows_of_first_steps(tmp_path, steps=4) for row in batch}
+    assert not first_rows & {row for batch in recorder.ids for row in batch}
+
+
+def test_load_from_checkpoint_rebuilds_the_model_without_the_yaml(demo_dir, tmp_path):
+    from lightning_modules import TextOnly
+
+    cli = cli_main(["fit", *_quick(tmp_path, "--trainer.max_steps=2")])
+    restored = TextOnly.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    batch = next(iter(cli.datamodule.val_dataloader()[0]))
+    with torch.no_grad():
+        expected, actual = cli.model.eval().embed_queries(batch), restored.embed_queries(batch)
+    assert all(torch.allclose(expected[d], actual[d], atol=1e-6) for d in (32, 64, 128, 256))
+
+
+def _rows_of_first_steps(tmp_path: Path, steps: int) -> list[list[str]]:
+    """Ids of the first `steps` batches of a fresh run of the same recipe (same seed, same stream)."""
+    fresh = cli_main(_quick(tmp_path / "fresh", f"--trainer.max_steps={steps}"), run=False)
+    fresh.datamodule.setup("fit")
+    loader = iter(fresh.datamodule.train_dataloader())
+    return [next(loader)["ids"] for _ in range(steps)]
+
+
+def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig
+
+    cli = cli_main(["fit", *_quick(tmp_path, "--trainer.max_steps=2")])  # best = last checkpoint here
+    exported = TextEncoder(TextEncoderConfig(str(tmp_path / "text_encoder"))).eval()
+    model = cli.model.eval()
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "text_encoder")(["bita saaso"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(exported(**tokens), model.text_encoder(**tokens), atol=1e-5)
+        # ...and differs from the untrained source model, so something was really exported.
+        source = TextEncoder(TextEncoderConfig(cli.model.text_encoder.config.pretrained_model_name_or_path)).eval()
+        assert not torch.allclose(source(**tokens), model.text_encoder(**tokens), atol=1e-4)
