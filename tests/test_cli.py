@@ -99,7 +99,8 @@ def test_load_from_checkpoint_rebuilds_the_model_without_the_yaml(demo_dir, tmp_
     from lightning_modules import TextOnly
 
     cli = cli_main(["fit", *_quick(tmp_path, "--trainer.max_steps=2")])
-    restored = TextOnly.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    restored = TextOnly.load_from_checkpoint(last, map_location="cpu").eval()
     batch = next(iter(cli.datamodule.val_dataloader()[0]))
     with torch.no_grad():
         expected, actual = cli.model.eval().embed_queries(batch), restored.embed_queries(batch)
@@ -126,5 +127,6 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(exported(**tokens), model.text_encoder(**tokens), atol=1e-5)
         # ...and differs from the untrained source model, so something was really exported.
-        source = TextEncoder(TextEncoderConfig(cli.model.text_encoder.config.pretrained_model_name_or_path)).eval()
+        source_path = cli.model.text_encoder.config.pretrained_model_name_or_path
+        source = TextEncoder(TextEncoderConfig(source_path)).eval()
         assert not torch.allclose(source(**tokens), model.text_encoder(**tokens), atol=1e-4)

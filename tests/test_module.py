@@ -1,0 +1,57 @@
+"""The shared LightningModule: skipped-row counting, non-finite losses, trainable-only checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import TextOnly
+from lightning_modules.components.text_encoder import TextEncoderConfig
+
+
+@pytest.fixture()
+def model_and_batch(tiny_text_model):
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    batches = StreamingPairDataModule(str(tiny_text_model)).batches
+    rows = [
+        {"id": "a", "query": "bita saaso", "document": "fèfé lôrôfê"},
+        {"id": "b", "query": "mooje", "document": "vérô"},
+        {"id": "bad", "query": "", "document": "vérô"},
+    ]
+    return model, batches.training_batch(rows)
+
+
+def test_training_step_counts_skipped_rows(model_and_batch):
+    model, batch = model_and_batch
+    assert batch["skipped_ids"] == ["bad"]
+    loss = model.training_step(batch, 0)
+    assert torch.isfinite(loss) and model.skipped_rows == 1
+    model.training_step(batch, 1)
+    assert model.skipped_rows == 2
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_weights(model_and_batch):
+    model, batch = model_and_batch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.text_encoder.model.get_input_embeddings().weight[0, 0] = float("nan")
+    assert model.training_step(batch, 0) is None  # Lightning skips backward and the optimizer step
+    assert model.nonfinite_losses == 1
+    with torch.no_grad():
+        model.text_encoder.model.get_input_embeddings().weight.copy_(before["text_encoder.model.embed_tokens.weight"])
+
+
+def test_checkpoint_keeps_trainable_weights_only(tiny_text_model):
+    from lightning_modules.components.text_encoder import LoraSettings
+
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model), lora=LoraSettings(r=2)), matryoshka_dims=[32, 256])
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    saved_parameters = set(checkpoint["state_dict"]) & {name for name, _ in model.named_parameters()}
+    assert saved_parameters == trainable and all("lora_" in name for name in trainable)
+    model.on_load_checkpoint(checkpoint)  # complete: no error
+    del checkpoint["state_dict"][sorted(trainable)[0]]
+    with pytest.raises(ValueError, match="lacks 1 trainable"):
+        model.on_load_checkpoint(checkpoint)
