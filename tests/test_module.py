@@ -39,13 +39,15 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(model_and_batch):
     assert model.training_step(batch, 0) is None  # Lightning skips backward and the optimizer step
     assert model.nonfinite_losses == 1
     with torch.no_grad():
-        model.text_encoder.model.get_input_embeddings().weight.copy_(before["text_encoder.model.embed_tokens.weight"])
+        embeddings = model.text_encoder.model.get_input_embeddings().weight
+        embeddings.copy_(before["text_encoder.model.embed_tokens.weight"])
 
 
 def test_checkpoint_keeps_trainable_weights_only(tiny_text_model):
     from lightning_modules.components.text_encoder import LoraSettings
 
-    model = TextOnly(TextEncoderConfig(str(tiny_text_model), lora=LoraSettings(r=2)), matryoshka_dims=[32, 256])
+    config = TextEncoderConfig(str(tiny_text_model), lora=LoraSettings(r=2))
+    model = TextOnly(config, matryoshka_dims=[32, 256])
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
