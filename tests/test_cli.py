@@ -51,7 +51,7 @@ def test_bad_matryoshka_dims_fail_at_start_up_naming_the_key(demo_dir, dims, mes
 def test_cli_prints_input_errors_without_a_traceback(demo_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "--config", DEMO, "--model.init_args.matryoshka_dims=[64, 32]"],
-        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ},
+        cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode != 0
     assert "error: model.matryoshka_dims" in result.stderr and "Traceback" not in result.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,16 +110,9 @@ def test_chunked_search_of_a_large_corpus_is_exact_and_never_dense():
         torch.save({"indices": indices, "growth_kib": after - before}, "out.pt")
         """
     )
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=tmp,
-            check=True,
-            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-        )
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run([sys.executable, "-c", script], cwd=tmp, check=True, env=env)
         result = torch.load(Path(tmp) / "out.pt")
     dense_bytes = 1000 * 100_000 * 4
     assert result["growth_kib"] * 1024 < dense_bytes / 10, result["growth_kib"]
