@@ -29,9 +29,22 @@ class EvalSet:
     qrels: dict[int, dict[int, int]] = field(default_factory=dict)
     """Query position -> {document position: grade > 0}."""
 
+    root: Path | None = None
+    """Local folder of the set (relative audio paths in queries resolve against it)."""
+
     @property
     def num_queries_without_relevant(self) -> int:
         return sum(1 for i in range(len(self.queries)) if not self.qrels.get(i))
+
+    def with_queries(self, queries: list[dict]) -> EvalSet:
+        """The same set with (a subset of) its queries replaced; qrels follow the ids."""
+        old_position = {row["id"]: i for i, row in enumerate(self.queries)}
+        qrels = {
+            new: self.qrels[old_position[row["id"]]]
+            for new, row in enumerate(queries)
+            if old_position[row["id"]] in self.qrels
+        }
+        return EvalSet(self.name, queries, self.corpus, qrels, self.root)
 
 
 def build_eval_set(name: str, queries: list[dict], corpus: list[dict], qrel_rows, source: str) -> EvalSet:
@@ -96,13 +109,17 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
     else:
         import datasets
 
+        from datamodules.sources import undecoded_audio
+
         queries = _normalize_rows(
-            datasets.load_dataset(location, "queries", split="queries"), is_corpus=False
+            undecoded_audio(datasets.load_dataset(location, "queries", split="queries")), is_corpus=False
         )
         corpus = _normalize_rows(datasets.load_dataset(location, "corpus", split="corpus"), is_corpus=True)
         qrels_table = datasets.load_dataset(f"{location}-qrels", split=split)
         qrel_rows = [(str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for r in qrels_table]
-    return build_eval_set(name, queries, corpus, qrel_rows, source=location)
+    eval_set = build_eval_set(name, queries, corpus, qrel_rows, source=location)
+    eval_set.root = Path(location).expanduser() if looks_local(location) else None
+    return eval_set
 
 
 def _read_jsonl(path: Path):

@@ -9,8 +9,10 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.sources import load_stream, looks_local
+from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import EpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules.components.errors import ConfigError
@@ -27,8 +29,17 @@ def _check_local_paths_exist(locations: dict[str, str | None]) -> None:
             )
 
 
+def _length(row: dict) -> int:
+    waveform = row.get("waveform")
+    return len(waveform) if waveform is not None else len(row.get("text") or "")
+
+
 class StreamingPairDataModule(LightningDataModule):
-    """Text query -> document pairs streamed with ``datasets`` (local files or hub names).
+    """Query -> document pairs streamed with ``datasets`` (local files or hub names).
+
+    Queries are text, or speech when ``audio`` is set: batches then carry the padded waveforms,
+    each row's task prompt and, when the data has it, the transcription as ``query_text``, so
+    one datamodule serves text-only, late-fusion and dual-encoder models alike.
 
     Training data is read with ``streaming=True``, shuffled through a buffer, split per rank and
     served by a stateful loader, so a checkpoint resumes mid-epoch. Each eval set yields two
@@ -49,6 +60,7 @@ class StreamingPairDataModule(LightningDataModule):
         task_column: str = "task",
         id_column: str = "id",
         prompts: PromptConfig | None = None,
+        audio: AudioSettings | None = None,
         batch_size: int = 16,
         eval_batch_size: int = 64,
         max_query_length: int = 512,
@@ -66,11 +78,12 @@ class StreamingPairDataModule(LightningDataModule):
             train_split: Split of a folder/hub training dataset.
             train_config_name: Config (subset) name of a hub training dataset.
             eval_split: Qrels split of the eval sets (qrels/<split>.tsv).
-            query_column: Column holding the query text.
+            query_column: Column holding the query text (the transcription, for speech data).
             document_column: Column holding the document text.
             task_column: Column naming each row's task (optional in the data).
             id_column: Column holding the row id (used to name skipped rows).
             prompts: Task instructions and the query template.
+            audio: Speech queries: the audio column, the speech model's feature extractor, duration limits.
             batch_size: Training pairs per step per device (in-batch negatives = batch_size - 1).
             eval_batch_size: Queries or documents per evaluation forward pass.
             max_query_length: Token limit of a query including its prompt.
@@ -103,11 +116,13 @@ class StreamingPairDataModule(LightningDataModule):
             "task": task_column,
             "id": id_column,
         }
+        self.audio = AudioSettings(**audio) if isinstance(audio, dict) else audio
         self.eval_sets: dict[str, EvalSet] = {}
-        self._batches: TextBatchBuilder | None = None
+        self.eval_queries_dropped: dict[str, list[str]] = {}
+        self._batches: TextBatchBuilder | SpeechBatchBuilder | None = None
 
     @property
-    def batches(self) -> TextBatchBuilder:
+    def batches(self) -> TextBatchBuilder | SpeechBatchBuilder:
         if self._batches is None:
             from transformers import AutoTokenizer
 
@@ -119,7 +134,26 @@ class StreamingPairDataModule(LightningDataModule):
                 hp.max_document_length,
                 self.columns,
             )
+            if self.audio is not None:
+                from transformers import AutoFeatureExtractor
+
+                feature_extractor = AutoFeatureExtractor.from_pretrained(self.audio.feature_extractor)
+                self._batches = SpeechBatchBuilder(self._batches, self.audio, feature_extractor)
         return self._batches
+
+    def _with_decoded_audio(self, eval_set: EvalSet) -> EvalSet:
+        """Decodes eval audio once per run; unusable queries are left out, counted and named."""
+        usable, dropped = self.batches.load_eval_waveforms(eval_set.queries, eval_set.root)
+        if dropped:
+            log.warning(
+                "eval set %s: %d of %d queries have unusable audio and are left out: %s",
+                eval_set.name,
+                len(dropped),
+                len(eval_set.queries),
+                dropped[:20],
+            )
+        self.eval_queries_dropped[eval_set.name] = dropped
+        return eval_set.with_queries(usable)
 
     def setup(self, stage: str) -> None:
         if not self.eval_sets:
@@ -127,6 +161,8 @@ class StreamingPairDataModule(LightningDataModule):
                 eval_set = load_beir_eval_set(name, location, self.hparams.eval_split)
                 for row in eval_set.queries:
                     self.prompts.instruction(row.get("task"))  # unknown tasks fail now, not mid-run
+                if self.audio is not None:
+                    eval_set = self._with_decoded_audio(eval_set)
                 self.eval_sets[name] = eval_set
                 log.info(
                     "eval set %s: %d queries (%d without relevant documents), %d documents",
@@ -170,7 +206,7 @@ class StreamingPairDataModule(LightningDataModule):
         for name, eval_set in self.eval_sets.items():
             for side, rows in (("queries", eval_set.queries), ("corpus", eval_set.corpus)):
                 # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
-                order = sorted(range(len(rows)), key=lambda i: -len(rows[i].get("text") or ""))
+                order = sorted(range(len(rows)), key=lambda i: -_length(rows[i]))
                 loaders.append(
                     DataLoader(
                         [(i, rows[i]) for i in order],

@@ -20,6 +20,17 @@ def looks_local(location: str) -> bool:
     )
 
 
+def undecoded_audio(dataset):
+    """Audio columns read as ``{bytes, path}``: decoding happens in ``datamodules.audio`` (soundfile),
+    since ``datasets``' own decoder needs torchcodec + FFmpeg."""
+    from datasets import Audio
+
+    for name, feature in (dataset.features or {}).items():
+        if isinstance(feature, Audio) and feature.decode:
+            dataset = dataset.cast_column(name, Audio(decode=False))
+    return dataset
+
+
 def load_stream(location: str, split: str = "train", config_name: str | None = None, key: str = "data"):
     """A streaming ``datasets.IterableDataset`` over a local file/folder or a hub dataset."""
     import datasets
@@ -34,10 +45,12 @@ def load_stream(location: str, split: str = "train", config_name: str | None = N
                 raise ConfigError(
                     f"{key}={location!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}."
                 )
-            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        return datasets.load_dataset(str(path), split=split, streaming=True)
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        else:
+            dataset = datasets.load_dataset(str(path), split=split, streaming=True)
+        return undecoded_audio(dataset)
     try:
-        return datasets.load_dataset(location, config_name, split=split, streaming=True)
+        return undecoded_audio(datasets.load_dataset(location, config_name, split=split, streaming=True))
     except Exception as error:  # hub errors are long; say what was tried first
         raise ConfigError(
             f"{key}={location!r} is neither a local path nor a loadable hub dataset "

@@ -100,23 +100,50 @@ class TextBatchBuilder:
     def documents(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self._tokenize(texts, self.max_document_length)
 
-    def training_batch(self, rows: Sequence[Mapping]) -> dict:
-        """Pairs batch; rows with a missing or empty query/document are dropped and named."""
+    def prompt_tokens(self, tasks: Sequence[str | None]) -> dict[str, torch.Tensor]:
+        """Each row's task instruction alone (no special tokens), to be followed by speech frames."""
+        texts = [self.prompts.format_query("", task).rstrip() for task in tasks]
+        encoded = self.tokenizer(
+            texts,
+            padding=True,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.max_query_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def row_id(self, row: Mapping, position: int) -> str:
+        return str(row.get(self.columns["id"], f"<row without id #{position}>"))
+
+    def training_batch(self, rows: Sequence[Mapping], query_text_required: bool = True) -> dict:
+        """Pairs batch; rows with a missing or empty query/document are dropped and named.
+
+        With ``query_text_required=False`` (speech queries) a row needs only its document; the
+        batch carries ``query_text`` (the transcription) when every kept row has one.
+        """
         c = self.columns
-        good, skipped = [], []
+        good, skipped, reasons = [], [], []
         for position, row in enumerate(rows):
-            if usable_text(row.get(c["query"])) and usable_text(row.get(c["document"])):
-                good.append(row)
+            if not usable_text(row.get(c["document"])):
+                reason = "missing or empty document"
+            elif query_text_required and not usable_text(row.get(c["query"])):
+                reason = "missing or empty query"
             else:
-                skipped.append(str(row.get(c["id"], f"<row without id #{position}>")))
-        tasks = [row.get(c["task"]) for row in good]
+                good.append(row)
+                continue
+            skipped.append(self.row_id(row, position))
+            reasons.append(reason)
+        tasks = [row.get(c["task"]) or self.prompts.default_task for row in good]
         batch = {
             "ids": [str(row.get(c["id"], "")) for row in good],
-            "tasks": [task or self.prompts.default_task for task in tasks],
+            "tasks": tasks,
             "skipped_ids": skipped,
+            "skip_reasons": reasons,
         }
         if good:
-            batch["query_text"] = self.queries([row[c["query"]] for row in good], tasks)
+            if all(usable_text(row.get(c["query"])) for row in good):
+                batch["query_text"] = self.queries([row[c["query"]] for row in good], tasks)
             batch["document"] = self.documents([row[c["document"]] for row in good])
         return batch
 
@@ -131,7 +158,7 @@ class TextBatchBuilder:
         }
         if side == "corpus":
             batch["document"] = self.documents([row["text"] for row in rows])
-        else:
+        elif all(usable_text(row.get("text")) for row in rows):
             batch["query_text"] = self.queries(
                 [row["text"] for row in rows], [row.get("task") for row in rows]
             )

@@ -1,6 +1,7 @@
 """LightningModules: thin orchestration over plain components in ``components/``."""
 
 from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.late_fusion import LateFusion
 from lightning_modules.text_only import TextOnly
 
-__all__ = ["MatryoshkaEmbedder", "TextOnly"]
+__all__ = ["LateFusion", "MatryoshkaEmbedder", "TextOnly"]

@@ -91,9 +91,12 @@ class MatryoshkaEmbedder(LightningModule):
         skipped = batch.get("skipped_ids") or []
         if skipped:
             self.skipped_rows += len(skipped)
-            log.warning(
-                "Skipped %d bad training rows (total %d): %s", len(skipped), self.skipped_rows, skipped
-            )
+            reasons = batch.get("skip_reasons") or [""] * len(skipped)
+            named = [
+                f"{row_id} ({reason})" if reason else row_id
+                for row_id, reason in zip(skipped, reasons, strict=True)
+            ]
+            log.warning("Skipped %d bad training rows (total %d): %s", len(skipped), self.skipped_rows, named)
         self.log("train/skipped_rows", float(self.skipped_rows), batch_size=1)
 
     def _skip_nonfinite(self, batch: Mapping):

@@ -10,14 +10,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
-from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig
-
-
-def pretrained_hidden_size(name_or_path: str) -> int:
-    """Hidden size from the model config alone, so bad dims fail before the weights load."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(name_or_path).hidden_size
+from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig, pretrained_hidden_size
 
 
 class TextOnly(MatryoshkaEmbedder):

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from datamodules.demo import assets
+from datamodules.demo.corpus import DemoCorpusConfig
+from datamodules.demo.speech import write_demo_speech_corpus
+
+# The speech corpus at test size: same generator, fewer rows (the full one takes ~20 s to render).
+SMALL_CORPUS = DemoCorpusConfig(num_train_pairs=256, num_eval_queries=24, num_eval_distractor_documents=40)
 
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
+    """Demo assets for the session. Two are placed rather than built: the speech corpus (small) and
+    the text stage (the untrained tiny model instead of a 3-minute training run); the slow
+    end-to-end test builds the real ones."""
     root = tmp_path_factory.mktemp("demo")
     previous = os.environ.get(assets.DEMO_DIR_ENV)
     os.environ[assets.DEMO_DIR_ENV] = str(root)
-    assets.text_model_dir()  # builds the corpus too
+    text_model = assets.text_model_dir()  # builds the corpus too
+    write_demo_speech_corpus(root / "speech", SMALL_CORPUS)
+    shutil.copytree(text_model, root / "text-stage" / "text_encoder")
     yield root
     if previous is None:
         os.environ.pop(assets.DEMO_DIR_ENV, None)
@@ -39,3 +50,22 @@ def wide_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
     path = tmp_path_factory.mktemp("wide-tiny-qwen3")
     assets.save_tiny_text_model(path, tokenizer_source=tiny_text_model, hidden_size=1024, num_layers=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_model(demo_dir) -> Path:
+    """The demo's HuBERT: per-frame LayerNorm waveform encoder, batched with a mask."""
+    return assets.speech_model_dir()
+
+
+@pytest.fixture(scope="session")
+def group_norm_speech_model(tmp_path_factory) -> Path:
+    """A HuBERT-base-style waveform encoder (GroupNorm over time), which must run clip by clip."""
+    path = tmp_path_factory.mktemp("tiny-hubert-group-norm")
+    assets.save_tiny_speech_model(path, feat_extract_norm="group", do_stable_layer_norm=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_corpus_dir(demo_dir) -> Path:
+    return assets.speech_corpus_dir()

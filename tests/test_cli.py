@@ -20,7 +20,8 @@ DEMO = str(ROOT / "configs" / "demo" / "text_only.yaml")
 def _quick(tmp_path: Path, *extra: str) -> list[str]:
     """The demo recipe, shrunk to seconds, writing under tmp_path."""
     return [
-        "--config", DEMO,
+        "--config",
+        DEMO,
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
@@ -51,7 +52,9 @@ def test_bad_matryoshka_dims_fail_at_start_up_naming_the_key(demo_dir, dims, mes
 def test_cli_prints_input_errors_without_a_traceback(demo_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "--config", DEMO, "--model.init_args.matryoshka_dims=[64, 32]"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "error: model.matryoshka_dims" in result.stderr and "Traceback" not in result.stderr

@@ -13,21 +13,29 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
 
 
-def _stand_ins(config: Path, wide_model: Path, corpus: Path) -> list[str]:
+def _stand_ins(
+    config: Path, wide_model: Path, corpus: Path, speech_model: Path, speech_corpus: Path
+) -> list[str]:
     """Overrides that swap hub models and data for local tiny ones; demo configs need none."""
     if config.parts[1] == "demo":
         return []
-    return [
-        f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}",
-        f"--data.init_args.train_data={corpus / 'train.jsonl'}",
-        f"--data.init_args.eval_sets={{demo: {corpus / 'eval' / 'demo'}}}",
-    ]
+    args = [f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}"]
+    if "speech_encoder:" in (ROOT / config).read_text():
+        args.append(f"--model.init_args.speech_encoder.pretrained_model_name_or_path={speech_model}")
+        train, eval_set = speech_corpus / "train", speech_corpus / "eval" / "demo"
+        args.append("--data.init_args.audio.min_duration=0.5")  # the demo's clips are 1-3 s
+    else:
+        train, eval_set = corpus / "train.jsonl", corpus / "eval" / "demo"
+    return args + [f"--data.init_args.train_data={train}", f"--data.init_args.eval_sets={{demo: {eval_set}}}"]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_config_instantiates(config, wide_tiny_text_model, corpus_dir, tmp_path, monkeypatch):
+def test_config_instantiates(
+    config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(ROOT)
-    args = ["--config", str(config), *_stand_ins(config, wide_tiny_text_model, corpus_dir)]
+    stand_ins = _stand_ins(config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir)
+    args = ["--config", str(config), *stand_ins]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     cli = cli_main(args, run=False)
     assert isinstance(cli.model, MatryoshkaEmbedder)

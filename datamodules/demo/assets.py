@@ -9,13 +9,20 @@ concurrent processes (DDP ranks parsing the same config) never see half-written 
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.demo.corpus import DemoCorpusConfig, write_demo_corpus
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEMO_DIR_ENV = "DEMO_DATA_DIR"
 DEFAULT_DEMO_DIR = "data/demo"
@@ -33,6 +40,16 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (DDP ranks, parallel tests): the others wait, then find it built.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        log.info("Building demo asset %s (once; later runs reuse it)", target)
+        return _build_into(target, build)
+
+
+def _build_into(target: Path, build: Callable[[Path], None]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
@@ -135,9 +152,95 @@ def text_model_dir() -> Path:
     return _build_atomically(demo_root() / "tiny-qwen3", build)
 
 
+def tiny_speech_model_config(hidden_size: int = 128, num_layers: int = 2):
+    """A HuBERT of the real architecture at demo size: 50 frames per second of 16 kHz audio.
+
+    The waveform encoder uses per-frame LayerNorm (as HuBERT-large), so batches run padded. Its
+    first convolution spans 25 ms (HuBERT's spans 0.6 ms and learns its filters in pre-training):
+    random 25 ms filters already respond differently to different frequencies, which a random
+    untrained stack of short ones barely does, and two convolutions keep it cheap on a CPU with
+    the same 320x downsampling (50 frames per second).
+    """
+    from transformers import HubertConfig
+
+    return HubertConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        conv_dim=(64, 64),
+        conv_kernel=(400, 3),
+        conv_stride=(160, 2),
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        num_conv_pos_embeddings=32,
+        num_conv_pos_embedding_groups=4,
+        mask_time_prob=0.0,
+    )
+
+
+def save_tiny_speech_model(
+    save_dir: Path, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **overrides
+) -> None:
+    """Random-init tiny HuBERT + its feature extractor (16 kHz, per-clip normalization)."""
+    import torch
+    from transformers import AutoModel, Wav2Vec2FeatureExtractor
+
+    config = tiny_speech_model_config(hidden_size, num_layers)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(save_dir)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(save_dir)
+
+
+def speech_model_dir() -> Path:
+    """Tiny random-init HuBERT-style speech encoder (frozen in the late-fusion demo)."""
+    return _build_atomically(demo_root() / "tiny-hubert", save_tiny_speech_model)
+
+
+def speech_corpus_dir() -> Path:
+    """The corpus with spoken queries: train/ (parquet with audio) and eval/demo/ (BEIR + audio)."""
+    from datamodules.demo.speech import write_demo_speech_corpus
+
+    return _build_atomically(demo_root() / "speech", write_demo_speech_corpus)
+
+
+def text_stage_dir() -> Path:
+    """The text-only demo stage, trained once: the frozen text tower of the late-fusion demo.
+
+    Runs ``python cli.py fit --config configs/demo/text_only.yaml`` (the README's text-only
+    demo) in a child process and keeps its exported text model.
+    """
+    text_model_dir()  # built first, outside the child, so its lock is not held twice
+
+    def build(staging: Path) -> None:
+        run_dir = staging / "run"
+        command = [
+            sys.executable,
+            str(REPO_ROOT / "cli.py"),
+            "fit",
+            "--config",
+            str(REPO_ROOT / "configs" / "demo" / "text_only.yaml"),
+            f"--trainer.default_root_dir={run_dir}",
+        ]
+        log.info("Training the text-only demo stage first (a few minutes, once): %s", " ".join(command))
+        subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
+        (run_dir / "text_encoder").rename(staging / "text_encoder")
+        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
+        shutil.rmtree(run_dir)
+
+    return _build_atomically(demo_root() / "text-stage", build) / "text_encoder"
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "corpus": corpus_dir,
     "text_model": text_model_dir,
+    "speech_corpus": speech_corpus_dir,
+    "speech_model": speech_model_dir,
+    "text_stage": text_stage_dir,
 }
 
 

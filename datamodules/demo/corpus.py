@@ -35,7 +35,7 @@ class DemoCorpusConfig:
 
     seed: int = 0
     """Seed of every random choice: the same config always gives byte-identical files."""
-    num_concepts: int = 240
+    num_concepts: int = 120
     """Number of shared concepts (one word in each language)."""
     num_filler_words: int = 12
     """Function words per language that carry no meaning (queries and documents both use them)."""
@@ -47,7 +47,7 @@ class DemoCorpusConfig:
     """Extra corpus documents in the eval set that answer no query."""
     concepts_per_query: tuple[int, int] = (2, 4)
     """Inclusive range of concepts a query mentions."""
-    distractors_per_document: tuple[int, int] = (4, 8)
+    distractors_per_document: tuple[int, int] = (2, 5)
     """Inclusive range of unrelated concept words added to a document."""
     translation_task_fraction: float = 0.2
     """Share of training pairs whose target is the bare translation instead of a document."""
@@ -175,11 +175,22 @@ def write_demo_corpus(config: DemoCorpusConfig, root: Path) -> Path:
         root / "train.jsonl",
         ({"id": e.id, "task": e.task, "query": e.query, "document": e.document} for e in train),
     )
-    eval_root = root / "eval" / "demo"
+    write_demo_eval_set(root / "eval" / "demo", evaluation, distractors)
+    return root
+
+
+def write_demo_eval_set(
+    eval_root: Path,
+    evaluation: list[DemoExample],
+    distractors: list[dict],
+    query_extras: dict[str, dict] | None = None,
+) -> None:
+    """BEIR layout: queries.jsonl (plus ``query_extras[id]`` fields, e.g. audio), corpus.jsonl, qrels."""
+    query_extras = query_extras or {}
     (eval_root / "qrels").mkdir(parents=True, exist_ok=True)
     _write_jsonl(
         eval_root / "queries.jsonl",
-        ({"_id": e.id, "text": e.query, "task": e.task} for e in evaluation),
+        ({"_id": e.id, "text": e.query, "task": e.task, **query_extras.get(e.id, {})} for e in evaluation),
     )
     corpus_rows = [{"_id": f"doc-{e.id}", "text": e.document} for e in evaluation] + distractors
     _write_jsonl(eval_root / "corpus.jsonl", corpus_rows)
@@ -187,7 +198,6 @@ def write_demo_corpus(config: DemoCorpusConfig, root: Path) -> Path:
         handle.write("query-id\tcorpus-id\tscore\n")
         for e in evaluation:
             handle.write(f"{e.id}\tdoc-{e.id}\t1\n")
-    return root
 
 
 def _write_jsonl(path: Path, rows) -> None:

@@ -71,6 +71,30 @@ class TextEncoderConfig:
             )
 
 
+def pretrained_hidden_size(name_or_path: str) -> int:
+    """Hidden size from the model config alone, so bad dims fail before the weights load."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path).hidden_size
+
+
+def special_token_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. Qwen3-Embedding: none, <|endoftext|>).
+
+    Late fusion builds its inputs by hand, so it adds them itself around prompt + speech; an
+    embedder that pools the last token must end every input exactly as it was trained to.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+    if start is None:
+        raise ConfigError("cannot locate the text inside the tokenizer's special-token template.")
+    prefix, suffix = full[:start], full[start + len(plain) :]
+    if not suffix and tokenizer.eos_token_id is not None:
+        suffix = [tokenizer.eos_token_id]
+    return prefix, suffix
+
+
 class TextEncoder(nn.Module):
     """Pooled, un-normalized text embeddings ``[B, hidden]`` (slicing and normalization come after)."""
 
@@ -107,6 +131,11 @@ class TextEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def vocabulary(self) -> torch.Tensor:
+        """The input-embedding matrix ``[vocab, hidden]``."""
+        return self.model.get_input_embeddings().weight
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""

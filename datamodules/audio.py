@@ -1,0 +1,125 @@
+"""Audio in: decode with soundfile, down-mix, resample with torchaudio, check, pad with a frame mask.
+
+``datasets``' own Audio decoder needs torchcodec + FFmpeg, which a fresh machine lacks, so audio
+columns are read undecoded (``Audio(decode=False)``: ``{"bytes", "path"}``) and decoded here.
+Every way a clip can be unusable raises ``BadAudio`` with a short reason; the batch builders
+turn that into a counted, named skip instead of a crash.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_modules.components.errors import ConfigError
+
+
+class BadAudio(ValueError):
+    """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning."""
+
+
+@dataclass
+class AudioSettings:
+    """Where the audio is and which clips are kept."""
+
+    feature_extractor: str
+    """Feature extractor name or folder (the speech model's own); sets the sample rate and normalization."""
+    column: str = "audio"
+    """Column (or eval-set query field) holding the audio: {bytes, path}, raw bytes, or a file path."""
+    min_duration: float = 3.0
+    """Training clips shorter than this many seconds are skipped (the paper keeps 3-30 s)."""
+    max_duration: float = 30.0
+    """Training clips longer than this many seconds are skipped."""
+
+    def __post_init__(self):
+        if not 0 <= self.min_duration < self.max_duration:
+            raise ConfigError(
+                f"data.audio: need 0 <= min_duration < max_duration, got {self.min_duration} "
+                f"and {self.max_duration} seconds."
+            )
+
+
+def decode_audio(value, base_dir: Path | None = None) -> tuple[np.ndarray, int]:
+    """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
+    import soundfile
+
+    if value is None:
+        raise BadAudio("no audio")
+    if isinstance(value, dict) and "array" in value:  # already decoded upstream
+        samples = np.asarray(value["array"], dtype=np.float32)
+        return np.atleast_2d(samples), int(value["sampling_rate"])
+    source = value
+    if isinstance(value, dict):
+        source = value.get("bytes") or value.get("path")
+        if source is None:
+            raise BadAudio("audio cell has neither bytes nor path")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        handle = io.BytesIO(bytes(source))
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.exists():
+            raise BadAudio(f"audio file {path} not found")
+        handle = path
+    else:
+        raise BadAudio(f"audio cell of type {type(source).__name__}")
+    try:
+        samples, rate = soundfile.read(handle, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for corrupt data
+        raise BadAudio(f"undecodable audio ({type(error).__name__}: {error})") from error
+    return samples.T, int(rate)
+
+
+class AudioLoader:
+    """Decoded, mono, resampled, checked waveforms at the speech model's sample rate."""
+
+    def __init__(self, sampling_rate: int, min_duration: float = 0.0, max_duration: float | None = None):
+        self.sampling_rate = sampling_rate
+        self.min_duration = min_duration
+        self.max_duration = max_duration
+
+    def load(self, value, base_dir: Path | None = None, check_duration: bool = True) -> np.ndarray:
+        samples, rate = decode_audio(value, base_dir)
+        if samples.size == 0:
+            raise BadAudio("empty audio")
+        if not np.isfinite(samples).all():
+            raise BadAudio("NaN or infinite samples")
+        mono = samples.mean(axis=0)
+        if not np.any(mono):
+            raise BadAudio("all-zero audio")
+        if check_duration:
+            seconds = mono.shape[0] / rate
+            if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
+                raise BadAudio(
+                    f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s"
+                )
+        if rate != self.sampling_rate:
+            import torchaudio
+
+            mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, self.sampling_rate).numpy()
+        return mono
+
+
+def pad_waveforms(feature_extractor, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """``input_values [B, T]`` and ``attention_mask [B, T]``, right-padded with zeros.
+
+    Each clip is run through the feature extractor alone, so its normalization (zero mean, unit
+    variance) uses its own samples only: a clip gets the same values whatever it is batched with.
+    """
+    rate = feature_extractor.sampling_rate
+    rows = [
+        torch.as_tensor(feature_extractor(wave, sampling_rate=rate)["input_values"][0], dtype=torch.float32)
+        for wave in waveforms
+    ]
+    longest = max(row.shape[0] for row in rows)
+    values = torch.zeros(len(rows), longest)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, row in enumerate(rows):
+        values[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = 1
+    return {"input_values": values, "attention_mask": mask}

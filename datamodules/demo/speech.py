@@ -1,0 +1,194 @@
+"""Spoken queries for the demo: the query language rendered as audio, by code.
+
+Every word of the query language has its own acoustic pattern: a chord of three tones picked
+from a fixed grid (a stand-in for a word's spectral shape), held for a time that grows with
+the word's length. Each utterance gets its own speaker: a scale on every frequency, a pitch
+tone, tempo, loudness and background noise. Only query-language words are spoken; no text of
+the document side reaches the audio.
+
+Why chords and not letter-by-letter phones: the demo's speech tower is a random-init HuBERT,
+not a pre-trained one. A pre-trained encoder already tells words apart; a random one only passes
+on spectra. Word patterns readable from the spectrum leave the demo's adapter the same job it
+has on real data (map speech-encoder states into the LLM), not learning speech recognition.
+
+Written as a ``datasets``-loadable folder (parquet shards with an ``Audio`` column holding FLAC
+bytes, plus the transcription and the document) and a BEIR-style eval set whose queries carry
+audio files.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.demo.corpus import (
+    DemoCorpusConfig,
+    DemoExample,
+    DemoLanguagePair,
+    generate_demo_corpus,
+    write_demo_eval_set,
+)
+
+# Tones of the word chords: 14 frequencies, 20 % apart, all below the 4 kHz Nyquist limit of 8 kHz audio.
+TONE_GRID = np.geomspace(250, 3250, num=14)
+TONES_PER_WORD = 3
+
+
+@dataclass(frozen=True)
+class DemoSpeechConfig:
+    """How the demo's spoken queries sound and how they are stored."""
+
+    seed: int = 0
+    """Seed of every speaker and noise draw."""
+    sampling_rate: int = 8000
+    """Stored rate; the loader resamples to the speech model's 16 kHz, as it would for real data."""
+    seconds_per_letter: float = 0.045
+    """A word lasts this long per letter of its transcription, at tempo 1."""
+    frequency_scale: tuple[float, float] = (0.95, 1.05)
+    """Range of the speaker's scale on every frequency (a vocal-tract stand-in)."""
+    pitch_hz: tuple[float, float] = (90.0, 220.0)
+    """Range of the speaker's fundamental frequency (a low tone under the vowels)."""
+    tempo: tuple[float, float] = (0.85, 1.15)
+    """Range of the speaking-rate factor on durations (above 1 is slower)."""
+    snr_db: tuple[float, float] = (12.0, 30.0)
+    """Range of the signal-to-noise ratio of the white background noise."""
+    train_shards: int = 4
+    """Parquet shards of the training set (lets ranks and workers split it by shard)."""
+
+
+def chord_table(words: list[str], seed: int = 0) -> dict[str, tuple[float, ...]]:
+    """A distinct three-tone chord for every word (the same for every speaker)."""
+    chords = list(itertools.combinations(TONE_GRID.tolist(), TONES_PER_WORD))
+    if len(chords) < len(words):
+        raise ValueError(f"{len(words)} words but only {len(chords)} distinct chords.")
+    random.Random(seed).shuffle(chords)
+    return dict(zip(words, chords, strict=False))
+
+
+class DemoVoice:
+    """Renders query-language text for one random speaker."""
+
+    def __init__(
+        self, config: DemoSpeechConfig, chords: dict[str, tuple[float, ...]], rng: np.random.Generator
+    ):
+        self.config = config
+        self.chords = chords
+        self.rng = rng
+        self.scale = rng.uniform(*config.frequency_scale)
+        self.pitch = rng.uniform(*config.pitch_hz)
+        self.tempo = rng.uniform(*config.tempo)
+        self.gain = rng.uniform(0.3, 0.9)
+
+    def _word(self, word: str) -> np.ndarray:
+        rate = self.config.sampling_rate
+        t = np.arange(int(len(word) * self.config.seconds_per_letter * self.tempo * rate)) / rate
+        frequencies = [self.pitch] + [f * self.scale for f in self.chords[word]]
+        weights = [0.4, 1.0, 0.8, 0.6]
+        phases = self.rng.uniform(0, 2 * np.pi, size=len(frequencies))
+        wave = sum(
+            w * np.sin(2 * np.pi * f * t + p) for f, w, p in zip(frequencies, weights, phases, strict=True)
+        )
+        ramp = min(len(t) // 4, int(0.02 * rate))  # 20 ms fade in and out: no clicks
+        envelope = np.ones(len(t))
+        envelope[:ramp] = np.linspace(0, 1, ramp)
+        envelope[len(t) - ramp :] = np.linspace(1, 0, ramp)
+        return wave * envelope
+
+    def _silence(self, low: float, high: float) -> np.ndarray:
+        return np.zeros(int(self.rng.uniform(low, high) * self.config.sampling_rate))
+
+    def say(self, words: list[str]) -> np.ndarray:
+        pieces = [self._silence(0.05, 0.15)]
+        for word in words:
+            pieces.append(self._word(word))
+            pieces.append(self._silence(0.03, 0.08))
+        pieces.append(self._silence(0.05, 0.15))
+        signal = np.concatenate(pieces)
+        signal = self.gain * signal / np.abs(signal).max()
+        noise_power = np.mean(signal**2) / 10 ** (self.rng.uniform(*self.config.snr_db) / 10)
+        signal = signal + self.rng.normal(0, np.sqrt(noise_power), size=signal.shape)
+        return np.clip(signal, -1, 1).astype(np.float32)
+
+
+def flac_bytes(signal: np.ndarray, sampling_rate: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, sampling_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _audio_table(rows: list[dict]):
+    """A pyarrow table whose ``audio`` column is typed as ``datasets.Audio``, like a hub dataset."""
+    import pyarrow as pa
+    from datasets import Audio, Features, Value
+
+    features = Features(
+        {
+            "id": Value("string"),
+            "task": Value("string"),
+            "query": Value("string"),
+            "document": Value("string"),
+            "audio": Audio(),
+        }
+    )
+    audio_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            **{name: [row[name] for row in rows] for name in ("id", "task", "query", "document")},
+            "audio": pa.array([row["audio"] for row in rows], type=audio_type),
+        }
+    )
+    metadata = {"huggingface": json.dumps({"info": {"features": features.to_dict()}})}
+    return table.replace_schema_metadata(metadata)
+
+
+def _spoken(example: DemoExample, voice: DemoVoice, rate: int) -> dict:
+    return {"bytes": flac_bytes(voice.say(example.query_words), rate), "path": f"{example.id}.flac"}
+
+
+def write_demo_speech_corpus(
+    root: Path, corpus_config: DemoCorpusConfig | None = None, config: DemoSpeechConfig | None = None
+) -> Path:
+    """Writes ``train/`` (parquet shards) and ``eval/demo/`` (BEIR + audio/) under root."""
+    import pyarrow.parquet as pq
+
+    corpus_config = corpus_config or DemoCorpusConfig()
+    config = config or DemoSpeechConfig()
+    train, evaluation, distractors = generate_demo_corpus(corpus_config)
+    rng = np.random.default_rng(config.seed)
+    rate = config.sampling_rate
+    language = DemoLanguagePair(corpus_config)
+    chords = chord_table(language.query_vocabulary + language.query_fillers, config.seed)
+
+    train_dir = root / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    shards = np.array_split(np.arange(len(train)), config.train_shards)
+    for number, indices in enumerate(shards):
+        rows = [
+            {
+                "id": train[i].id,
+                "task": train[i].task,
+                "query": train[i].query,
+                "document": train[i].document,
+                "audio": _spoken(train[i], DemoVoice(config, chords, rng), rate),
+            }
+            for i in indices
+        ]
+        pq.write_table(_audio_table(rows), train_dir / f"train-{number:05d}-of-{len(shards):05d}.parquet")
+
+    eval_root = root / "eval" / "demo"
+    (eval_root / "audio").mkdir(parents=True, exist_ok=True)
+    audio_paths = {}
+    for example in evaluation:
+        audio_paths[example.id] = {"audio": f"audio/{example.id}.flac"}
+        audio = _spoken(example, DemoVoice(config, chords, rng), rate)["bytes"]
+        (eval_root / audio_paths[example.id]["audio"]).write_bytes(audio)
+    write_demo_eval_set(eval_root, evaluation, distractors, query_extras=audio_paths)
+    return root

@@ -1,0 +1,82 @@
+"""Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
+
+A training row needs a document and usable audio; bad audio (undecodable, empty, silent,
+NaN/inf, wrong type, missing, outside the duration limits) is dropped and named with its reason
+in ``skipped_ids`` / ``skip_reasons``, which the training step counts and logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.audio import AudioLoader, AudioSettings, BadAudio, pad_waveforms
+from datamodules.text_batches import TextBatchBuilder, usable_text
+
+
+class SpeechBatchBuilder:
+    """Adds ``query_audio`` (padded waveforms + mask) and ``prompt`` (task tokens) to text batches."""
+
+    def __init__(self, text: TextBatchBuilder, settings: AudioSettings, feature_extractor):
+        self.text = text
+        self.settings = settings
+        self.feature_extractor = feature_extractor
+        self.loader = AudioLoader(
+            feature_extractor.sampling_rate, settings.min_duration, settings.max_duration
+        )
+
+    def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:
+        return {
+            "query_audio": pad_waveforms(self.feature_extractor, waveforms),
+            "prompt": self.text.prompt_tokens(tasks),
+        }
+
+    def training_batch(self, rows: Sequence[Mapping]) -> dict:
+        kept, waveforms, skipped, reasons = [], [], [], []
+        for position, row in enumerate(rows):
+            reason = None
+            if not usable_text(row.get(self.text.columns["document"])):
+                reason = "missing or empty document"  # checked first: no decoding for nothing
+            else:
+                try:
+                    waveforms.append(self.loader.load(row.get(self.settings.column)))
+                except BadAudio as error:
+                    reason = str(error)
+            if reason is None:
+                kept.append(row)
+            else:
+                skipped.append(self.text.row_id(row, position))
+                reasons.append(reason)
+        batch = self.text.training_batch(kept, query_text_required=False)  # drops nothing more
+        batch["skipped_ids"] = skipped + batch["skipped_ids"]
+        batch["skip_reasons"] = reasons + batch["skip_reasons"]
+        if batch["ids"]:
+            batch.update(self._speech_fields(waveforms, batch["tasks"]))
+        return batch
+
+    def eval_batch(self, items: Sequence[tuple[int, Mapping]], eval_set: str, side: str) -> dict:
+        batch = self.text.eval_batch(items, eval_set, side)
+        if side == "queries":
+            rows = [row for _, row in items]
+            tasks = [row.get("task") for row in rows]
+            batch.update(self._speech_fields([row["waveform"] for row in rows], tasks))
+        return batch
+
+    def load_eval_waveforms(self, rows: list[dict], base_dir: Path | None) -> tuple[list[dict], list[str]]:
+        """Decodes every eval query's audio once; returns (usable rows, 'id: reason' of dropped ones).
+
+        Eval clips are not filtered by duration: an eval set is used as published.
+        """
+        usable, dropped = [], []
+        for row in rows:
+            try:
+                waveform = self.loader.load(row.get(self.settings.column), base_dir, check_duration=False)
+            except BadAudio as error:
+                dropped.append(f"{row['id']}: {error}")
+                continue
+            usable.append(
+                {**{k: v for k, v in row.items() if k != self.settings.column}, "waveform": waveform}
+            )
+        return usable, dropped

@@ -1,0 +1,167 @@
+"""Speech adapter for late fusion: layer fusion -> 1-D conv downsampler -> projector (plain nn.Modules).
+
+Masks travel through every step: padded frames are zeroed before each convolution, so a frame's
+output depends only on its own clip, and the downsampled mask marks which outputs are real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.components.errors import ConfigError
+
+FUSIONS = ("concat", "weighted_sum")
+
+
+@dataclass
+class AdapterConfig:
+    """Shape of the trainable bridge from speech-encoder states to the LLM's input embeddings."""
+
+    fusion: str = "concat"
+    """'concat': all selected layers side by side (the paper); 'weighted_sum': learned softmax weights."""
+    conv_channels: int = 1024
+    """Output channels of the downsampling convolution."""
+    kernel_size: int = 3
+    """Frames seen by each downsampler output."""
+    stride: int = 2
+    """Downsampling factor along time (50 Hz HuBERT frames / 2 = 25 speech tokens per second)."""
+    projector_hidden: int | None = None
+    """Hidden width of a 2-layer MLP projector; None: a single Linear."""
+    vocabulary_projection: bool = False
+    """Speech tokens as softmax mixtures of the LLM's own (frozen) token embeddings instead of free
+    vectors: inputs stay where the LLM has seen tokens. Small or briefly trained LLMs map free
+    vectors to one collapsed region (the demo's does); adds conv_channels x vocab_size weights."""
+
+    @classmethod
+    def coerce(cls, value: AdapterConfig | dict | None) -> AdapterConfig:
+        if value is None:
+            return cls()
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"adapter.fusion={self.fusion!r} is unknown; choose one of {list(FUSIONS)}.")
+        if self.vocabulary_projection and self.projector_hidden is not None:
+            raise ConfigError(
+                "adapter.vocabulary_projection replaces the projector; leave adapter.projector_hidden null."
+            )
+        if self.stride < 1 or self.kernel_size < 1:
+            raise ConfigError(
+                f"adapter.stride={self.stride} and adapter.kernel_size={self.kernel_size} must be >= 1."
+            )
+
+
+class LayerFusion(nn.Module):
+    """Several ``[B, T, H]`` layers -> one ``[B, T, F]`` sequence (F = L*H for concat, H for a sum)."""
+
+    def __init__(self, mode: str, num_layers: int, hidden_size: int):
+        super().__init__()
+        self.mode = mode
+        if mode == "weighted_sum":
+            self.layer_logits = nn.Parameter(torch.zeros(num_layers))  # starts as the plain mean
+        self.output_size = hidden_size * num_layers if mode == "concat" else hidden_size
+
+    def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        if self.mode == "concat":
+            return torch.cat(layers, dim=-1)
+        weights = torch.softmax(self.layer_logits, dim=0).to(layers[0].dtype)
+        return torch.einsum("l,lbth->bth", weights, torch.stack(layers))
+
+
+class ConvDownsampler(nn.Module):
+    """LayerNorm, then a strided Conv1d over time with GELU; returns the new frames and their mask."""
+
+    def __init__(self, input_size: int, channels: int, kernel_size: int, stride: int):
+        super().__init__()
+        # Fused layers have very different scales (early vs late transformer layers); normalize first.
+        self.norm = nn.LayerNorm(input_size)
+        self.padding = kernel_size // 2
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.conv = nn.Conv1d(input_size, channels, kernel_size, stride=stride, padding=self.padding)
+        self.activation = nn.GELU()
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return (lengths + 2 * self.padding - self.kernel_size) // self.stride + 1
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        real = mask.unsqueeze(-1).to(frames.dtype)
+        # Zero padding frames: the conv then sees the same zeros past a clip's end as it would alone.
+        hidden = self.norm(frames) * real
+        hidden = self.activation(self.conv(hidden.transpose(1, 2))).transpose(1, 2)
+        lengths = self.output_lengths(mask.sum(dim=1)).clamp(min=1)
+        new_mask = torch.arange(hidden.shape[1], device=mask.device)[None, :] < lengths[:, None]
+        return hidden * new_mask.unsqueeze(-1).to(hidden.dtype), new_mask.to(torch.long)
+
+
+class Projector(nn.Module):
+    """Downsampled speech frames -> the LLM's input-embedding space."""
+
+    def __init__(self, input_size: int, output_size: int, hidden_size: int | None = None):
+        super().__init__()
+        if hidden_size is None:
+            self.layers = nn.Linear(input_size, output_size)
+        else:
+            self.layers = nn.Sequential(
+                nn.Linear(input_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, output_size)
+            )
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.layers(frames)
+
+
+class VocabularyProjector(nn.Module):
+    """Frames -> a softmax over the LLM's vocabulary -> the matching mixture of its token embeddings."""
+
+    # Logit spread at initialisation: a near-uniform softmax would give every frame the mean
+    # embedding (all queries alike); spread ~3 starts from distinct, token-like mixtures.
+    INITIAL_LOGIT_STD = 3.0
+
+    def __init__(self, input_size: int, vocabulary_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(input_size)
+        self.logits = nn.Linear(input_size, vocabulary_size)
+        nn.init.normal_(self.logits.weight, std=self.INITIAL_LOGIT_STD / input_size**0.5)
+        nn.init.zeros_(self.logits.bias)
+
+    def forward(self, frames: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.logits(self.norm(frames)).float(), dim=-1)
+        return weights.to(vocabulary.dtype) @ vocabulary
+
+
+class SpeechAdapter(nn.Module):
+    """Selected speech-encoder layers + frame mask -> LLM-space speech tokens + token mask."""
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        num_layers: int,
+        speech_hidden: int,
+        llm_hidden: int,
+        vocabulary_size: int | None = None,
+    ):
+        super().__init__()
+        self.fusion = LayerFusion(config.fusion, num_layers, speech_hidden)
+        self.downsampler = ConvDownsampler(
+            self.fusion.output_size, config.conv_channels, config.kernel_size, config.stride
+        )
+        if config.vocabulary_projection:
+            if vocabulary_size is None:
+                raise ConfigError("adapter.vocabulary_projection needs the LLM's vocabulary size.")
+            self.projector = VocabularyProjector(config.conv_channels, vocabulary_size)
+        else:
+            self.projector = Projector(config.conv_channels, llm_hidden, config.projector_hidden)
+
+    def forward(
+        self, layers: list[torch.Tensor], frame_mask: torch.Tensor, vocabulary: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vocabulary``: the LLM's input-embedding matrix, used by the vocabulary projection only."""
+        # A frozen encoder loaded in bf16 feeds a float32 adapter: compute in the adapter's dtype.
+        fused = self.fusion([layer.to(self.downsampler.norm.weight.dtype) for layer in layers])
+        frames, mask = self.downsampler(fused, frame_mask)
+        if isinstance(self.projector, VocabularyProjector):
+            return self.projector(frames, vocabulary), mask
+        return self.projector(frames), mask

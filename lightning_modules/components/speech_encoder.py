@@ -1,0 +1,141 @@
+"""Speech encoder over ``transformers.AutoModel`` audio models (HuBERT / wav2vec2 family).
+
+Returns every layer's hidden states with the frame-level mask (plain nn.Module, no Lightning).
+The reference code gave its speech encoder no attention mask; here the mask always travels.
+
+Padding invariance: models whose convolutional feature encoder uses GroupNorm
+(``feat_extract_norm="group"``: HuBERT-base, wav2vec2-base) normalize every channel over the
+whole clip, padding included, so a padded clip is encoded differently from the same clip alone
+(transformers documents this). Such models are run one clip at a time; models with per-frame
+LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60, the demo model) run batched with the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.text_encoder import DTYPES
+
+
+@dataclass
+class SpeechEncoderConfig:
+    """Which pretrained speech model to load, which layers to expose and what trains."""
+
+    pretrained_model_name_or_path: str
+    """Hub name or local folder (e.g. facebook/hubert-base-ls960, a Wolof HuBERT)."""
+    layers: list[int] | None = None
+    """Hidden-state indices to expose (0 = input to the first transformer layer); None: every layer 1..L."""
+    dtype: str | None = None
+    """Weights dtype at load time: float32, bfloat16 or float16 (None: float32)."""
+    freeze: bool = True
+    """Keep the whole speech model frozen (eval mode, no gradients): the late-fusion recipe."""
+    freeze_feature_encoder: bool = True
+    """When the model trains, keep its convolutional waveform encoder frozen (the usual practice)."""
+    per_utterance: bool | None = None
+    """Encode clips one at a time; None: only for GroupNorm feature encoders (see module docstring)."""
+
+    @classmethod
+    def coerce(cls, value: SpeechEncoderConfig | dict) -> SpeechEncoderConfig:
+        return value if isinstance(value, cls) else cls(**dict(value))
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(
+                f"speech_encoder.dtype={self.dtype!r} is unknown; choose one of {sorted(DTYPES)}."
+            )
+
+
+@dataclass
+class SpeechStates:
+    """Selected hidden states ``[B, T, H]`` each, and the frame mask ``[B, T]`` (1 = real frame)."""
+
+    hidden_states: list[torch.Tensor]
+    frame_mask: torch.Tensor
+
+
+class SpeechEncoder(nn.Module):
+    def __init__(self, config: SpeechEncoderConfig):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = config
+        # LayerDrop skips whole layers while training, which would drop entries of the hidden
+        # states the adapter reads; the layer selection needs every layer every step.
+        kwargs = {"layerdrop": 0.0}
+        if config.dtype is not None:
+            kwargs["dtype"] = DTYPES[config.dtype]
+        self.model = AutoModel.from_pretrained(config.pretrained_model_name_or_path, **kwargs)
+        model_config = self.model.config
+        if not hasattr(self.model, "_get_feat_extract_output_lengths"):
+            raise ConfigError(
+                f"speech_encoder {config.pretrained_model_name_or_path!r} ({type(self.model).__name__}) "
+                "is not a HuBERT/wav2vec2-family waveform encoder."
+            )
+        available = model_config.num_hidden_layers + 1
+        self.layers = list(config.layers) if config.layers is not None else list(range(1, available))
+        bad = [i for i in self.layers if not 0 <= i < available]
+        if bad or not self.layers:
+            raise ConfigError(
+                f"speech_encoder.layers={config.layers}: indices must lie in 0..{available - 1} "
+                f"({model_config.num_hidden_layers} layers; 0 is the input to the first)."
+            )
+        per_utterance = config.per_utterance
+        if per_utterance is None:
+            per_utterance = getattr(model_config, "feat_extract_norm", "layer") == "group"
+        self.per_utterance = per_utterance
+        if config.freeze:
+            self.model.requires_grad_(False)
+        elif config.freeze_feature_encoder:
+            self.model.feature_extractor.requires_grad_(False)
+        self.model.train(not config.freeze)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def frozen(self) -> bool:
+        return self.config.freeze
+
+    def train(self, mode: bool = True):
+        # A frozen tower stays in eval mode (no dropout) when Lightning calls model.train().
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        return self.model._get_feat_extract_output_lengths(sample_lengths).to(torch.long)
+
+    def _run(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        output = self.model(input_values, attention_mask=attention_mask, output_hidden_states=True)
+        return [output.hidden_states[i] for i in self.layers]
+
+    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> SpeechStates:
+        input_values = input_values.to(self.model.dtype)
+        frame_lengths = self.frame_lengths(attention_mask.sum(dim=1))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.per_utterance:
+                sample_lengths = attention_mask.sum(dim=1).tolist()
+                rows = [self._run(input_values[i : i + 1, :n], None) for i, n in enumerate(sample_lengths)]
+                hidden_states = [
+                    _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
+                ]
+            else:
+                hidden_states = self._run(input_values, attention_mask)
+        longest = hidden_states[0].shape[1]
+        frame_mask = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
+        return SpeechStates(hidden_states, frame_mask.to(torch.long))
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stacks ``[T_i, H]`` rows into ``[B, max T, H]`` with zeros after each row's end."""
+    return nn.utils.rnn.pad_sequence(rows, batch_first=True)

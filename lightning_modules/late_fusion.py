@@ -1,0 +1,113 @@
+"""Late fusion: speech frames fed into a frozen text Matryoshka embedder after a task prompt.
+
+Query: waveform -> speech encoder (all layers, frame mask) -> layer fusion -> conv downsampler
+-> projector -> ``[prompt token embeddings | speech tokens | end token]`` as ``inputs_embeds``
+into the text LLM -> last-token pooling -> one slice per Matryoshka dim. Documents go through
+the same text model as text. By default only the downsampler and projector train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.components.adapters import AdapterConfig, SpeechAdapter
+from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
+from lightning_modules.components.sequences import concat_masked_sequences
+from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+from lightning_modules.components.text_encoder import (
+    TextEncoder,
+    TextEncoderConfig,
+    pretrained_hidden_size,
+    special_token_affixes,
+)
+
+
+class LateFusion(MatryoshkaEmbedder):
+    """Spoken queries through a small trainable adapter into a frozen text embedder (the paper's best)."""
+
+    def __init__(
+        self,
+        text_encoder: TextEncoderConfig,
+        speech_encoder: SpeechEncoderConfig,
+        adapter: AdapterConfig | None = None,
+        freeze_text_encoder: bool = True,
+        matryoshka_dims: Sequence[int] = (128, 256, 512, 1024),
+        temperature: float = 0.05,
+        loss_weights: dict[int, float] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ):
+        """
+        Args:
+            text_encoder: The text Matryoshka embedder (e.g. the exported text-only stage); with
+                ``lora`` set, its LoRA adapters train while the base weights stay frozen.
+            speech_encoder: The speech model (HuBERT / wav2vec2 family) and the layers fed to the adapter.
+            adapter: Layer fusion, downsampling convolution and projector (the trainable part).
+            freeze_text_encoder: Keep the text model frozen (with LoRA the base is frozen anyway).
+            matryoshka_dims: Sorted embedding sizes trained and evaluated (each a usable prefix).
+            temperature: InfoNCE softmax temperature on cosine similarities.
+            loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
+            optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
+            lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
+        """
+        super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
+        from transformers import AutoTokenizer
+
+        text_config = TextEncoderConfig.coerce(text_encoder)
+        name = text_config.pretrained_model_name_or_path
+        validate_matryoshka_dims(self.matryoshka_dims, max_dim=pretrained_hidden_size(name))
+        self.text_encoder = TextEncoder(text_config)
+        self.text_frozen = freeze_text_encoder and text_config.lora is None
+        if self.text_frozen:
+            self.text_encoder.requires_grad_(False)
+        self.speech_encoder = SpeechEncoder(SpeechEncoderConfig.coerce(speech_encoder))
+        self.adapter = SpeechAdapter(
+            AdapterConfig.coerce(adapter),
+            num_layers=self.speech_encoder.num_layers,
+            speech_hidden=self.speech_encoder.hidden_size,
+            llm_hidden=self.text_encoder.hidden_size,
+            vocabulary_size=self.text_encoder.vocabulary.shape[0],
+        )
+        opening, closing = special_token_affixes(AutoTokenizer.from_pretrained(name))
+        self.register_buffer("opening_ids", torch.tensor(opening, dtype=torch.long), persistent=False)
+        self.register_buffer("closing_ids", torch.tensor(closing, dtype=torch.long), persistent=False)
+        self.train()
+
+    def train(self, mode: bool = True):
+        # Frozen towers stay in eval mode (no dropout) whatever Lightning asks of the module.
+        super().train(mode)
+        if self.text_frozen:
+            self.text_encoder.eval()
+        return self
+
+    def _fixed_tokens(self, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.text_encoder.embed_tokens(ids)[None].expand(batch_size, -1, -1)
+        return embeds, torch.ones(batch_size, ids.shape[0], dtype=torch.long, device=ids.device)
+
+    def speech_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's output for the batch's audio: ``[B, S, llm_hidden]`` and its mask."""
+        states = self.speech_encoder(**batch["query_audio"])
+        return self.adapter(states.hidden_states, states.frame_mask, self.text_encoder.vocabulary)
+
+    def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        speech, speech_mask = self.speech_tokens(batch)
+        prompt = batch["prompt"]
+        prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
+        size = speech.shape[0]
+        inputs_embeds, attention_mask = concat_masked_sequences(
+            [
+                self._fixed_tokens(self.opening_ids, size),
+                (prompt_embeds, prompt["attention_mask"]),
+                (speech.to(prompt_embeds.dtype), speech_mask),
+                self._fixed_tokens(self.closing_ids, size),
+            ]
+        )
+        pooled = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        return matryoshka_slices(pooled, self.matryoshka_dims)
+
+    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)

@@ -1,0 +1,157 @@
+"""Audio in: decoding every cell form, resampling, bad clips skipped and named, per-clip padding."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import AutoFeatureExtractor, AutoTokenizer
+
+from datamodules.audio import AudioLoader, AudioSettings, BadAudio, decode_audio, pad_waveforms
+from datamodules.pairs import StreamingPairDataModule
+from datamodules.speech_batches import SpeechBatchBuilder
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules.components.errors import ConfigError
+
+RATE = 8000
+
+
+def _tone(seconds: float, rate: int = RATE, frequency: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def _wav_bytes(signal: np.ndarray, rate: int = RATE, subtype: str = "FLOAT") -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def test_every_cell_form_decodes_to_the_same_samples(tmp_path):
+    signal = _tone(0.5)
+    raw = _wav_bytes(signal)
+    (tmp_path / "clip.wav").write_bytes(raw)
+    forms = [
+        raw,
+        {"bytes": raw, "path": "ignored.wav"},
+        {"bytes": None, "path": str(tmp_path / "clip.wav")},
+        "clip.wav",  # relative to base_dir, as in a BEIR folder's queries.jsonl
+        {"array": signal, "sampling_rate": RATE},
+    ]
+    for form in forms:
+        samples, rate = decode_audio(form, base_dir=tmp_path)
+        assert rate == RATE
+        np.testing.assert_allclose(samples[0], signal, atol=1e-7)
+
+
+def test_loader_downmixes_and_resamples_to_the_model_rate():
+    stereo = np.stack([_tone(1.0), np.zeros(RATE, dtype=np.float32)], axis=1)
+    loader = AudioLoader(sampling_rate=16000)
+    wave = loader.load(_wav_bytes(stereo))
+    assert wave.shape == (16000,)
+    # Down-mix averages the channels; resampling keeps a 440 Hz tone's amplitude and frequency.
+    spectrum = np.abs(np.fft.rfft(wave))
+    assert np.argmax(spectrum) == pytest.approx(440, abs=1)
+    assert np.abs(wave[2000:-2000]).max() == pytest.approx(0.25, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("cell", "reason"),
+    [
+        (b"RIFF not really a wav file", "undecodable"),
+        (_wav_bytes(np.zeros(0, dtype=np.float32)), "empty"),
+        (_wav_bytes(np.zeros(RATE, dtype=np.float32)), "all-zero"),
+        (_wav_bytes(np.full(RATE, np.nan, dtype=np.float32)), "NaN"),
+        (_wav_bytes(np.full(RATE, np.inf, dtype=np.float32)), "NaN or infinite"),
+        (12345, "type int"),
+        (None, "no audio"),
+        ({"bytes": None, "path": None}, "neither bytes nor path"),
+        ("missing.wav", "not found"),
+        (_wav_bytes(_tone(0.2)), "duration 0.20 s"),
+        (_wav_bytes(_tone(3.0)), "duration 3.00 s"),
+    ],
+)
+def test_bad_audio_is_named(cell, reason):
+    with pytest.raises(BadAudio, match=reason):
+        AudioLoader(16000, min_duration=0.5, max_duration=2.0).load(cell)
+
+
+def test_audio_settings_reject_an_empty_duration_window():
+    with pytest.raises(ConfigError, match="min_duration < max_duration"):
+        AudioSettings(feature_extractor="x", min_duration=30, max_duration=3)
+
+
+def test_padding_keeps_each_clip_as_if_alone(tiny_speech_model):
+    extractor = AutoFeatureExtractor.from_pretrained(tiny_speech_model)
+    short, long = _tone(0.3, 16000), _tone(1.0, 16000, frequency=200.0) * 3
+    alone = pad_waveforms(extractor, [short])
+    batch = pad_waveforms(extractor, [short, long])
+    n = alone["input_values"].shape[1]
+    assert torch.equal(batch["input_values"][0, :n], alone["input_values"][0])
+    assert batch["input_values"][0, n:].abs().max() == 0
+    assert batch["attention_mask"].sum(dim=1).tolist() == [n, 16000]
+
+
+def _speech_builder(text_model, speech_model, min_duration=0.5):
+    text = TextBatchBuilder(
+        AutoTokenizer.from_pretrained(text_model), PromptConfig(), 64, 64,
+        {"query": "query", "document": "document", "task": "task", "id": "id"},
+    )  # fmt: skip
+    settings = AudioSettings(feature_extractor=str(speech_model), min_duration=min_duration)
+    return SpeechBatchBuilder(text, settings, AutoFeatureExtractor.from_pretrained(speech_model))
+
+
+def test_training_batch_skips_bad_rows_names_them_and_keeps_the_rest(tiny_text_model, tiny_speech_model):
+    builder = _speech_builder(tiny_text_model, tiny_speech_model)
+    good = _wav_bytes(_tone(1.0))
+    rows = [
+        {"id": "ok-1", "query": "baki", "document": "fêlo", "audio": {"bytes": good, "path": None}},
+        {"id": "corrupt", "query": "baki", "document": "fêlo", "audio": {"bytes": b"junk", "path": None}},
+        {"id": "silent", "query": "baki", "document": "fêlo", "audio": _wav_bytes(np.zeros(RATE, "float32"))},
+        {"id": "no-doc", "query": "baki", "document": "", "audio": good},
+        {"id": "ok-2", "document": "rélo", "audio": good, "task": "translation_retrieval"},
+    ]
+    batch = builder.training_batch(rows)
+    assert batch["ids"] == ["ok-1", "ok-2"]
+    assert batch["skipped_ids"] == ["corrupt", "silent", "no-doc"]
+    assert "undecodable" in batch["skip_reasons"][0] and "all-zero" in batch["skip_reasons"][1]
+    assert batch["query_audio"]["input_values"].shape == (2, 16000)
+    assert "query_text" not in batch  # one kept row has no transcription
+    # Each row's prompt is its own task's instruction, without the end-of-text token.
+    tokenizer = builder.text.tokenizer
+    prompts = [
+        tokenizer.decode(ids[mask.bool()])
+        for ids, mask in zip(batch["prompt"]["input_ids"], batch["prompt"]["attention_mask"], strict=True)
+    ]
+    assert "French documents" in prompts[0] and "French translation" in prompts[1]
+    assert not any(p.endswith("<|endoftext|>") for p in prompts)
+
+
+def test_unusable_eval_queries_are_left_out_counted_and_qrels_follow(
+    tiny_text_model, tiny_speech_model, speech_corpus_dir, tmp_path
+):
+    import shutil
+
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(speech_corpus_dir / "eval" / "demo", eval_dir)
+    rows = [json.loads(line) for line in (eval_dir / "queries.jsonl").read_text().splitlines()]
+    (eval_dir / rows[1]["audio"]).write_bytes(b"corrupt")
+    data = StreamingPairDataModule(
+        tokenizer=str(tiny_text_model),
+        eval_sets={"demo": str(eval_dir)},
+        audio=AudioSettings(feature_extractor=str(tiny_speech_model), min_duration=0.5),
+        max_query_length=64,
+    )
+    data.setup("validate")
+    eval_set = data.eval_sets["demo"]
+    assert len(eval_set.queries) == len(rows) - 1
+    assert data.eval_queries_dropped["demo"][0].startswith(f"{rows[1]['_id']}: undecodable")
+    corpus_ids = [doc["id"] for doc in eval_set.corpus]
+    for position, query in enumerate(eval_set.queries):  # every query still points at doc-<its id>
+        assert [corpus_ids[d] for d in eval_set.qrels[position]] == [f"doc-{query['id']}"]
+    batch = next(iter(data.val_dataloader()[0]))
+    assert batch["query_audio"]["input_values"].shape[0] == len(batch["ids"])

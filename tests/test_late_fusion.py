@@ -1,0 +1,155 @@
+"""Late fusion: sequence splicing, padding invariance, what trains and what is checkpointed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoFeatureExtractor, AutoTokenizer
+
+from datamodules.audio import pad_waveforms
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules import LateFusion
+from lightning_modules.components.adapters import ConvDownsampler
+from lightning_modules.components.sequences import concat_masked_sequences
+from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+from lightning_modules.components.text_encoder import special_token_affixes
+
+DIMS = [32, 64, 128, 256]
+
+
+def test_concat_masked_sequences_matches_a_row_by_row_reference():
+    torch.manual_seed(0)
+    prompt = torch.randn(3, 4, 2, requires_grad=True)
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])  # left-padded
+    speech = torch.randn(3, 5, 2, requires_grad=True)
+    speech_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])  # right-padded
+    output, mask = concat_masked_sequences([(prompt, prompt_mask), (speech, speech_mask)])
+    rows = [torch.cat([prompt[b][prompt_mask[b].bool()], speech[b][speech_mask[b].bool()]]) for b in range(3)]
+    length = max(len(r) for r in rows)
+    assert output.shape == (3, length, 2)
+    for b, row in enumerate(rows):
+        assert torch.equal(output[b, length - len(row) :], row)  # left-padded, contiguous
+        assert output[b, : length - len(row)].abs().sum() == 0
+        assert mask[b].tolist() == [0] * (length - len(row)) + [1] * len(row)
+    output.sum().backward()  # gradient reaches exactly the real elements
+    assert torch.equal(prompt.grad[..., 0], prompt_mask.float())
+    assert torch.equal(speech.grad[..., 0], speech_mask.float())
+
+
+def test_downsampler_output_depends_only_on_its_own_frames():
+    torch.manual_seed(0)
+    conv = ConvDownsampler(input_size=6, channels=4, kernel_size=5, stride=3)
+    frames = torch.randn(1, 11, 6)
+    alone, alone_mask = conv(frames, torch.ones(1, 11, dtype=torch.long))
+    padded = torch.cat([frames, 100 * torch.randn(1, 9, 6)], dim=1)
+    batched, batched_mask = conv(padded, torch.tensor([[1] * 11 + [0] * 9]))
+    n = int(alone_mask.sum())
+    assert n == int(batched_mask.sum()) == (11 + 2 * 2 - 5) // 3 + 1
+    assert torch.allclose(batched[0, :n], alone[0, :n], atol=1e-6)
+
+
+def test_special_token_affixes_of_the_demo_tokenizer(tiny_text_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+    assert special_token_affixes(tokenizer) == ([], [tokenizer.convert_tokens_to_ids("<|endoftext|>")])
+
+
+def _model(text_model, speech_model, **kwargs) -> LateFusion:
+    torch.manual_seed(0)
+    kwargs.setdefault("adapter", {"conv_channels": 32, "kernel_size": 5, "stride": 2})
+    return LateFusion(
+        text_encoder={"pretrained_model_name_or_path": str(text_model)},
+        speech_encoder={"pretrained_model_name_or_path": str(speech_model)},
+        matryoshka_dims=DIMS,
+        **kwargs,
+    )
+
+
+def _clips() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    return [
+        (0.3 * np.sin(2 * np.pi * 300 * t[:8000]) + 0.01 * rng.standard_normal(8000)).astype(np.float32),
+        (0.5 * np.sin(2 * np.pi * 900 * t) + 0.05 * rng.standard_normal(16000)).astype(np.float32),
+        rng.standard_normal(14000).astype(np.float32) * 0.2,
+    ]
+
+
+def _query_batch(text_model, speech_model, clips, tasks) -> dict:
+    text = TextBatchBuilder(AutoTokenizer.from_pretrained(text_model), PromptConfig(), 64, 64, {})
+    extractor = AutoFeatureExtractor.from_pretrained(speech_model)
+    return {"query_audio": pad_waveforms(extractor, clips), "prompt": text.prompt_tokens(tasks)}
+
+
+@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "group_norm_speech_model"])
+def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
+    request, tiny_text_model, speech_fixture
+):
+    speech_model = request.getfixturevalue(speech_fixture)
+    model = _model(tiny_text_model, speech_model).eval()
+    clips = _clips()
+    tasks = ["document_retrieval", "translation_retrieval", "transcription_retrieval"]
+    with torch.no_grad():
+        alone = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
+        batched = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips, tasks))
+    for dim in DIMS:
+        assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
+
+
+def test_group_norm_encoders_run_clip_by_clip_and_layer_norm_ones_batched(
+    tiny_speech_model, group_norm_speech_model
+):
+    layer_norm = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model)))
+    group_norm = SpeechEncoder(SpeechEncoderConfig(str(group_norm_speech_model)))
+    assert not layer_norm.per_utterance and group_norm.per_utterance
+    # Why: batched, a GroupNorm encoder's output for a short clip changes with its batch-mates.
+    group_norm.per_utterance = False
+    extractor = AutoFeatureExtractor.from_pretrained(group_norm_speech_model)
+    clips = _clips()
+    with torch.no_grad():
+        alone = group_norm(**pad_waveforms(extractor, clips[:1])).hidden_states[-1][0]
+        batched = group_norm(**pad_waveforms(extractor, clips)).hidden_states[-1][0, : alone.shape[0]]
+    assert (alone - batched).abs().max() > 1e-3
+
+
+def test_only_the_adapter_trains_and_is_checkpointed(tiny_text_model, tiny_speech_model):
+    model = _model(tiny_text_model, tiny_speech_model)
+    model.train()
+    assert not model.text_encoder.training and not model.speech_encoder.model.training
+    assert model.adapter.training
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("adapter.") for name in trainable)
+    optimizer = model.configure_optimizers()
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for name, p in model.named_parameters() if name in trainable}
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == trainable
+
+
+def test_gradients_reach_the_adapter_through_the_frozen_llm(tiny_text_model, tiny_speech_model):
+    model = _model(
+        tiny_text_model, tiny_speech_model, adapter={"fusion": "weighted_sum", "conv_channels": 16}
+    )
+    model.train()
+    batch = _query_batch(tiny_text_model, tiny_speech_model, _clips(), ["document_retrieval"] * 3)
+    sum(e.sum() for e in model.embed_queries(batch).values()).backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("adapter."):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_lora_switch_trains_adapters_on_the_llm(tiny_text_model, tiny_speech_model):
+    model = LateFusion(
+        text_encoder={"pretrained_model_name_or_path": str(tiny_text_model), "lora": {"r": 4, "alpha": 8}},
+        speech_encoder={"pretrained_model_name_or_path": str(tiny_speech_model)},
+        adapter={"conv_channels": 16},
+        matryoshka_dims=DIMS,
+    )
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in name for name in trainable)
+    assert all(name.startswith("adapter.") or "lora_" in name for name in trainable)
+    model.train()
+    assert model.text_encoder.training  # LoRA dropout is active while training
