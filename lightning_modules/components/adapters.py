@@ -30,10 +30,6 @@ class AdapterConfig:
     """Downsampling factor along time (50 Hz HuBERT frames / 2 = 25 speech tokens per second)."""
     projector_hidden: int | None = None
     """Hidden width of a 2-layer MLP projector; None: a single Linear."""
-    vocabulary_projection: bool = False
-    """Speech tokens as softmax mixtures of the LLM's own (frozen) token embeddings instead of free
-    vectors: inputs stay where the LLM has seen tokens. Small or briefly trained LLMs map free
-    vectors to one collapsed region (the demo's does); adds conv_channels x vocab_size weights."""
 
     @classmethod
     def coerce(cls, value: AdapterConfig | dict | None) -> AdapterConfig:
@@ -44,10 +40,6 @@ class AdapterConfig:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ConfigError(f"adapter.fusion={self.fusion!r} is unknown; choose one of {list(FUSIONS)}.")
-        if self.vocabulary_projection and self.projector_hidden is not None:
-            raise ConfigError(
-                "adapter.vocabulary_projection replaces the projector; leave adapter.projector_hidden null."
-            )
         if self.stride < 1 or self.kernel_size < 1:
             raise ConfigError(
                 f"adapter.stride={self.stride} and adapter.kernel_size={self.kernel_size} must be >= 1."
@@ -113,25 +105,6 @@ class Projector(nn.Module):
         return self.layers(frames)
 
 
-class VocabularyProjector(nn.Module):
-    """Frames -> a softmax over the LLM's vocabulary -> the matching mixture of its token embeddings."""
-
-    # Logit spread at initialisation: a near-uniform softmax would give every frame the mean
-    # embedding (all queries alike); spread ~3 starts from distinct, token-like mixtures.
-    INITIAL_LOGIT_STD = 3.0
-
-    def __init__(self, input_size: int, vocabulary_size: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(input_size)
-        self.logits = nn.Linear(input_size, vocabulary_size)
-        nn.init.normal_(self.logits.weight, std=self.INITIAL_LOGIT_STD / input_size**0.5)
-        nn.init.zeros_(self.logits.bias)
-
-    def forward(self, frames: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(self.logits(self.norm(frames)).float(), dim=-1)
-        return weights.to(vocabulary.dtype) @ vocabulary
-
-
 class SpeechAdapter(nn.Module):
     """Selected speech-encoder layers + frame mask -> LLM-space speech tokens + token mask."""
 
@@ -141,27 +114,18 @@ class SpeechAdapter(nn.Module):
         num_layers: int,
         speech_hidden: int,
         llm_hidden: int,
-        vocabulary_size: int | None = None,
     ):
         super().__init__()
         self.fusion = LayerFusion(config.fusion, num_layers, speech_hidden)
         self.downsampler = ConvDownsampler(
             self.fusion.output_size, config.conv_channels, config.kernel_size, config.stride
         )
-        if config.vocabulary_projection:
-            if vocabulary_size is None:
-                raise ConfigError("adapter.vocabulary_projection needs the LLM's vocabulary size.")
-            self.projector = VocabularyProjector(config.conv_channels, vocabulary_size)
-        else:
-            self.projector = Projector(config.conv_channels, llm_hidden, config.projector_hidden)
+        self.projector = Projector(config.conv_channels, llm_hidden, config.projector_hidden)
 
     def forward(
-        self, layers: list[torch.Tensor], frame_mask: torch.Tensor, vocabulary: torch.Tensor | None = None
+        self, layers: list[torch.Tensor], frame_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``vocabulary``: the LLM's input-embedding matrix, used by the vocabulary projection only."""
         # A frozen encoder loaded in bf16 feeds a float32 adapter: compute in the adapter's dtype.
         fused = self.fusion([layer.to(self.downsampler.norm.weight.dtype) for layer in layers])
         frames, mask = self.downsampler(fused, frame_mask)
-        if isinstance(self.projector, VocabularyProjector):
-            return self.projector(frames, vocabulary), mask
         return self.projector(frames), mask

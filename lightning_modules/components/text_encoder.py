@@ -132,11 +132,6 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    @property
-    def vocabulary(self) -> torch.Tensor:
-        """The input-embedding matrix ``[vocab, hidden]``."""
-        return self.model.get_input_embeddings().weight
-
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""
         return self.model.get_input_embeddings()(input_ids)

@@ -1,0 +1,63 @@
+"""The late-fusion module at the real recipe's sizes (slow: about a minute and 6 GB of RAM).
+
+Random weights from the published configurations, so nothing is downloaded: Qwen3-0.6B
+(hidden 1024, 28 layers, 16 query heads, 8 KV heads) as the text tower and HuBERT-base
+(hidden 768, 12 layers, GroupNorm waveform encoder) as the speech tower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer, HubertConfig, Qwen3Config
+
+from datamodules.audio import pad_waveforms
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules import LateFusion
+from lightning_modules.losses import matryoshka_info_nce
+
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model, tiny_speech_model):
+    torch.manual_seed(0)
+    text_dir, speech_dir = tmp_path / "qwen3-0.6b-random", tmp_path / "hubert-base-random"
+    AutoModel.from_config(Qwen3Config(**QWEN3_06B)).save_pretrained(text_dir)
+    AutoTokenizer.from_pretrained(tiny_text_model).save_pretrained(text_dir)  # ids fit in the vocab
+    AutoModel.from_config(HubertConfig()).save_pretrained(speech_dir)  # defaults = HuBERT-base
+    AutoFeatureExtractor.from_pretrained(tiny_speech_model).save_pretrained(speech_dir)
+
+    model = LateFusion(
+        text_encoder={"pretrained_model_name_or_path": str(text_dir)},
+        speech_encoder={"pretrained_model_name_or_path": str(speech_dir)},
+        adapter={"fusion": "concat", "conv_channels": 1024, "kernel_size": 3, "stride": 2},
+        matryoshka_dims=[128, 256, 512, 1024],
+    )
+    assert model.text_encoder.model.config.num_hidden_layers == 28
+    assert model.speech_encoder.num_layers == 12 and model.speech_encoder.per_utterance
+    assert model.adapter.fusion.output_size == 12 * 768
+
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 12000)]  # 1 s, 0.75 s
+    text = TextBatchBuilder(AutoTokenizer.from_pretrained(text_dir), PromptConfig(), 64, 64, {})
+    batch = {
+        "query_audio": pad_waveforms(AutoFeatureExtractor.from_pretrained(speech_dir), clips),
+        "prompt": text.prompt_tokens(["document_retrieval", "translation_retrieval"]),
+        "document": text.documents(["fêlo rélo", "cîzôlôz céélêlîh rôcé"]),
+    }
+    model.train()
+    queries = model.embed_queries(batch)
+    assert {d: tuple(v.shape) for d, v in queries.items()} == {d: (2, d) for d in (128, 256, 512, 1024)}
+    loss = matryoshka_info_nce(queries, model.embed_documents(batch), temperature=0.05)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == name.startswith("adapter."), name
+    adapter_grads = torch.cat([p.grad.flatten() for p in model.adapter.parameters()])
+    assert torch.isfinite(adapter_grads).all() and adapter_grads.abs().sum() > 0
