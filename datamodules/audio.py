@@ -106,20 +106,23 @@ class AudioLoader:
 
 
 def pad_waveforms(feature_extractor, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    """``input_values [B, T]`` and ``attention_mask [B, T]``, right-padded with zeros.
+    """The speech model's input, right-padded with zeros, and its ``attention_mask [B, T]``.
 
-    Each clip is run through the feature extractor alone, so its normalization (zero mean, unit
-    variance) uses its own samples only: a clip gets the same values whatever it is batched with.
+    Waveform models (HuBERT, wav2vec2) take ``input_values [B, samples]``; filterbank models
+    (w2v-BERT 2.0) take ``input_features [B, frames, features]``: whichever the feature extractor
+    names first. Each clip goes through the feature extractor alone, so its normalization (zero
+    mean, unit variance over its own samples or frames) does not depend on the batch.
     """
     rate = feature_extractor.sampling_rate
+    key = feature_extractor.model_input_names[0]
     rows = [
-        torch.as_tensor(feature_extractor(wave, sampling_rate=rate)["input_values"][0], dtype=torch.float32)
+        torch.as_tensor(np.asarray(feature_extractor(wave, sampling_rate=rate)[key][0]), dtype=torch.float32)
         for wave in waveforms
     ]
     longest = max(row.shape[0] for row in rows)
-    values = torch.zeros(len(rows), longest)
+    values = torch.zeros(len(rows), longest, *rows[0].shape[1:])
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
     for i, row in enumerate(rows):
         values[i, : row.shape[0]] = row
         mask[i, : row.shape[0]] = 1
-    return {"input_values": values, "attention_mask": mask}
+    return {key: values, "attention_mask": mask}

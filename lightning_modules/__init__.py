@@ -1,7 +1,8 @@
 """LightningModules: thin orchestration over plain components in ``components/``."""
 
 from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.dual_encoder import DualEncoder
 from lightning_modules.late_fusion import LateFusion
 from lightning_modules.text_only import TextOnly
 
-__all__ = ["LateFusion", "MatryoshkaEmbedder", "TextOnly"]
+__all__ = ["DualEncoder", "LateFusion", "MatryoshkaEmbedder", "TextOnly"]

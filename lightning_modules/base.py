@@ -57,10 +57,24 @@ class MatryoshkaEmbedder(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.skipped_rows = 0
         self.nonfinite_losses = 0
+        self.frozen_towers: list[str] = []  # attribute names of submodules kept in eval mode
         self._consecutive_nonfinite = 0
         # Frozen backbones are left out of checkpoints (see on_save_checkpoint), so loading must
         # accept their absence; on_load_checkpoint checks that every trainable weight is there.
         self.strict_loading = False
+
+    def freeze_tower(self, name: str) -> None:
+        """Freezes submodule ``name``: no gradients, no optimizer state, eval mode (no dropout) always."""
+        getattr(self, name).requires_grad_(False)
+        self.frozen_towers.append(name)
+        getattr(self, name).eval()
+
+    def train(self, mode: bool = True):
+        # Frozen towers stay in eval mode whatever Lightning asks of the module.
+        super().train(mode)
+        for name in getattr(self, "frozen_towers", ()):
+            getattr(self, name).eval()
+        return self
 
     # ----- the interface every model implements -------------------------------------------
     def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
@@ -78,14 +92,18 @@ class MatryoshkaEmbedder(LightningModule):
                 "Skipping a training batch with %d usable rows: InfoNCE needs at least 2.", batch_size
             )
             return None
-        loss = matryoshka_info_nce(
-            self.embed_queries(batch), self.embed_documents(batch), self.temperature, self.loss_weights
-        )
+        loss = self.training_loss(batch)
         if not torch.isfinite(loss):
             return self._skip_nonfinite(batch)
         self._consecutive_nonfinite = 0
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def training_loss(self, batch: Mapping) -> torch.Tensor:
+        """Matryoshka InfoNCE of the batch's queries against its documents (in-batch negatives)."""
+        return matryoshka_info_nce(
+            self.embed_queries(batch), self.embed_documents(batch), self.temperature, self.loss_weights
+        )
 
     def _count_skipped_rows(self, batch: Mapping) -> None:
         skipped = batch.get("skipped_ids") or []

@@ -63,7 +63,7 @@ class LateFusion(MatryoshkaEmbedder):
         self.text_encoder = TextEncoder(text_config)
         self.text_frozen = freeze_text_encoder and text_config.lora is None
         if self.text_frozen:
-            self.text_encoder.requires_grad_(False)
+            self.freeze_tower("text_encoder")
         self.speech_encoder = SpeechEncoder(SpeechEncoderConfig.coerce(speech_encoder))
         self.adapter = SpeechAdapter(
             AdapterConfig.coerce(adapter),
@@ -75,13 +75,6 @@ class LateFusion(MatryoshkaEmbedder):
         self.register_buffer("opening_ids", torch.tensor(opening, dtype=torch.long), persistent=False)
         self.register_buffer("closing_ids", torch.tensor(closing, dtype=torch.long), persistent=False)
         self.train()
-
-    def train(self, mode: bool = True):
-        # Frozen towers stay in eval mode (no dropout) whatever Lightning asks of the module.
-        super().train(mode)
-        if self.text_frozen:
-            self.text_encoder.eval()
-        return self
 
     def _fixed_tokens(self, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.text_encoder.embed_tokens(ids)[None].expand(batch_size, -1, -1)

@@ -54,15 +54,23 @@ def wide_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_speech_model(demo_dir) -> Path:
-    """The demo's HuBERT: per-frame LayerNorm waveform encoder, batched with a mask."""
+    """The demo's speech tower: a w2v-BERT (filterbank input), batched with a mask."""
     return assets.speech_model_dir()
 
 
 @pytest.fixture(scope="session")
-def group_norm_speech_model(tmp_path_factory) -> Path:
+def layer_norm_hubert(tmp_path_factory) -> Path:
+    """A HuBERT-large-style waveform encoder (per-frame LayerNorm), batched with a mask."""
+    path = tmp_path_factory.mktemp("tiny-hubert-layer-norm")
+    assets.save_tiny_hubert(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def group_norm_hubert(tmp_path_factory) -> Path:
     """A HuBERT-base-style waveform encoder (GroupNorm over time), which must run clip by clip."""
     path = tmp_path_factory.mktemp("tiny-hubert-group-norm")
-    assets.save_tiny_speech_model(path, feat_extract_norm="group", do_stable_layer_norm=False)
+    assets.save_tiny_hubert(path, feat_extract_norm="group", do_stable_layer_norm=False)
     return path
 
 

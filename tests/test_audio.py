@@ -85,15 +85,20 @@ def test_audio_settings_reject_an_empty_duration_window():
         AudioSettings(feature_extractor="x", min_duration=30, max_duration=3)
 
 
-def test_padding_keeps_each_clip_as_if_alone(tiny_speech_model):
-    extractor = AutoFeatureExtractor.from_pretrained(tiny_speech_model)
+@pytest.mark.parametrize(
+    ("speech_fixture", "key", "long_length"),
+    [("layer_norm_hubert", "input_values", 16000), ("tiny_speech_model", "input_features", 49)],
+)
+def test_padding_keeps_each_clip_as_if_alone(request, speech_fixture, key, long_length):
+    extractor = AutoFeatureExtractor.from_pretrained(request.getfixturevalue(speech_fixture))
     short, long = _tone(0.3, 16000), _tone(1.0, 16000, frequency=200.0) * 3
     alone = pad_waveforms(extractor, [short])
     batch = pad_waveforms(extractor, [short, long])
-    n = alone["input_values"].shape[1]
-    assert torch.equal(batch["input_values"][0, :n], alone["input_values"][0])
-    assert batch["input_values"][0, n:].abs().max() == 0
-    assert batch["attention_mask"].sum(dim=1).tolist() == [n, 16000]
+    assert set(batch) == {key, "attention_mask"}
+    n = alone[key].shape[1]
+    assert torch.equal(batch[key][0, :n], alone[key][0])
+    assert batch[key][0, n:].abs().max() == 0
+    assert batch["attention_mask"].sum(dim=1).tolist() == [n, long_length]
 
 
 def _speech_builder(text_model, speech_model, min_duration=0.5):
@@ -119,7 +124,7 @@ def test_training_batch_skips_bad_rows_names_them_and_keeps_the_rest(tiny_text_m
     assert batch["ids"] == ["ok-1", "ok-2"]
     assert batch["skipped_ids"] == ["corrupt", "silent", "no-doc"]
     assert "undecodable" in batch["skip_reasons"][0] and "all-zero" in batch["skip_reasons"][1]
-    assert batch["query_audio"]["input_values"].shape == (2, 16000)
+    assert batch["query_audio"]["input_features"].shape[:2] == (2, 49)
     assert "query_text" not in batch  # one kept row has no transcription
     # Each row's prompt is its own task's instruction, without the end-of-text token.
     tokenizer = builder.text.tokenizer
@@ -154,4 +159,4 @@ def test_unusable_eval_queries_are_left_out_counted_and_qrels_follow(
     for position, query in enumerate(eval_set.queries):  # every query still points at doc-<its id>
         assert [corpus_ids[d] for d in eval_set.qrels[position]] == [f"doc-{query['id']}"]
     batch = next(iter(data.val_dataloader()[0]))
-    assert batch["query_audio"]["input_values"].shape[0] == len(batch["ids"])
+    assert batch["query_audio"]["input_features"].shape[0] == len(batch["ids"])

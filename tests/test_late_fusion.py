@@ -81,7 +81,7 @@ def _query_batch(text_model, speech_model, clips, tasks) -> dict:
     return {"query_audio": pad_waveforms(extractor, clips), "prompt": text.prompt_tokens(tasks)}
 
 
-@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "group_norm_speech_model"])
+@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
 def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
     request, tiny_text_model, speech_fixture
 ):
@@ -96,15 +96,16 @@ def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
         assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
 
 
-def test_group_norm_encoders_run_clip_by_clip_and_layer_norm_ones_batched(
-    tiny_speech_model, group_norm_speech_model
+def test_group_norm_encoders_run_clip_by_clip_and_others_batched(
+    tiny_speech_model, layer_norm_hubert, group_norm_hubert
 ):
-    layer_norm = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model)))
-    group_norm = SpeechEncoder(SpeechEncoderConfig(str(group_norm_speech_model)))
-    assert not layer_norm.per_utterance and group_norm.per_utterance
+    filterbank = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model)))
+    layer_norm = SpeechEncoder(SpeechEncoderConfig(str(layer_norm_hubert)))
+    group_norm = SpeechEncoder(SpeechEncoderConfig(str(group_norm_hubert)))
+    assert not filterbank.per_utterance and not layer_norm.per_utterance and group_norm.per_utterance
     # Why: batched, a GroupNorm encoder's output for a short clip changes with its batch-mates.
     group_norm.per_utterance = False
-    extractor = AutoFeatureExtractor.from_pretrained(group_norm_speech_model)
+    extractor = AutoFeatureExtractor.from_pretrained(group_norm_hubert)
     clips = _clips()
     with torch.no_grad():
         alone = group_norm(**pad_waveforms(extractor, clips[:1])).hidden_states[-1][0]

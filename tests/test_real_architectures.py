@@ -25,13 +25,13 @@ QWEN3_06B = dict(
 
 
 @pytest.mark.slow
-def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model, tiny_speech_model):
+def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model, layer_norm_hubert):
     torch.manual_seed(0)
     text_dir, speech_dir = tmp_path / "qwen3-0.6b-random", tmp_path / "hubert-base-random"
     AutoModel.from_config(Qwen3Config(**QWEN3_06B)).save_pretrained(text_dir)
     AutoTokenizer.from_pretrained(tiny_text_model).save_pretrained(text_dir)  # ids fit in the vocab
     AutoModel.from_config(HubertConfig()).save_pretrained(speech_dir)  # defaults = HuBERT-base
-    AutoFeatureExtractor.from_pretrained(tiny_speech_model).save_pretrained(speech_dir)
+    AutoFeatureExtractor.from_pretrained(layer_norm_hubert).save_pretrained(speech_dir)
 
     model = LateFusion(
         text_encoder={"pretrained_model_name_or_path": str(text_dir)},

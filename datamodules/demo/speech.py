@@ -58,6 +58,11 @@ class DemoSpeechConfig:
     """Range of the speaking-rate factor on durations (above 1 is slower)."""
     snr_db: tuple[float, float] = (12.0, 30.0)
     """Range of the signal-to-noise ratio of the white background noise."""
+    voices_per_pair: int = 3
+    """Speakers who record each training query (rows ``<id>-v<k>``): like real read-speech corpora,
+    and the adapter meets each query in several voices instead of memorising one recording."""
+    audio_format: str = "ogg"
+    """Container of the stored clips: ``ogg`` (Vorbis, lossy, ~3x smaller) or ``flac``."""
     train_shards: int = 4
     """Parquet shards of the training set (lets ranks and workers split it by shard)."""
 
@@ -116,11 +121,18 @@ class DemoVoice:
         return np.clip(signal, -1, 1).astype(np.float32)
 
 
-def flac_bytes(signal: np.ndarray, sampling_rate: int) -> bytes:
+AUDIO_FORMATS = {"ogg": ("OGG", "VORBIS"), "flac": ("FLAC", "PCM_16")}
+
+
+def encoded_audio(signal: np.ndarray, sampling_rate: int, audio_format: str = "flac") -> bytes:
+    """The clip as the bytes of an ``ogg`` or ``flac`` file."""
     import soundfile
 
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format={audio_format!r}; choose one of {sorted(AUDIO_FORMATS)}.")
+    container, subtype = AUDIO_FORMATS[audio_format]
     buffer = io.BytesIO()
-    soundfile.write(buffer, signal, sampling_rate, format="FLAC", subtype="PCM_16")
+    soundfile.write(buffer, signal, sampling_rate, format=container, subtype=subtype)
     return buffer.getvalue()
 
 
@@ -149,8 +161,19 @@ def _audio_table(rows: list[dict]):
     return table.replace_schema_metadata(metadata)
 
 
-def _spoken(example: DemoExample, voice: DemoVoice, rate: int) -> dict:
-    return {"bytes": flac_bytes(voice.say(example.query_words), rate), "path": f"{example.id}.flac"}
+def _spoken(row_id: str, example: DemoExample, voice: DemoVoice) -> dict:
+    config = voice.config
+    audio = encoded_audio(voice.say(example.query_words), config.sampling_rate, config.audio_format)
+    return {"bytes": audio, "path": f"{row_id}.{config.audio_format}"}
+
+
+def _recordings(train: list[DemoExample], config: DemoSpeechConfig, rng: np.random.Generator):
+    """``(row id, example)`` for every voice of every training pair, in random order."""
+    if config.voices_per_pair == 1:
+        recordings = [(example.id, example) for example in train]
+    else:
+        recordings = [(f"{e.id}-v{k}", e) for e in train for k in range(config.voices_per_pair)]
+    return [recordings[i] for i in rng.permutation(len(recordings))]
 
 
 def write_demo_speech_corpus(
@@ -163,32 +186,34 @@ def write_demo_speech_corpus(
     config = config or DemoSpeechConfig()
     train, evaluation, distractors = generate_demo_corpus(corpus_config)
     rng = np.random.default_rng(config.seed)
-    rate = config.sampling_rate
     language = DemoLanguagePair(corpus_config)
     chords = chord_table(language.query_vocabulary + language.query_fillers, config.seed)
 
     train_dir = root / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
-    shards = np.array_split(np.arange(len(train)), config.train_shards)
+    recordings = _recordings(train, config, rng)
+    shards = np.array_split(np.arange(len(recordings)), config.train_shards)
     for number, indices in enumerate(shards):
-        rows = [
-            {
-                "id": train[i].id,
-                "task": train[i].task,
-                "query": train[i].query,
-                "document": train[i].document,
-                "audio": _spoken(train[i], DemoVoice(config, chords, rng), rate),
-            }
-            for i in indices
-        ]
+        rows = []
+        for i in indices:
+            row_id, example = recordings[i]
+            rows.append(
+                {
+                    "id": row_id,
+                    "task": example.task,
+                    "query": example.query,
+                    "document": example.document,
+                    "audio": _spoken(row_id, example, DemoVoice(config, chords, rng)),
+                }
+            )
         pq.write_table(_audio_table(rows), train_dir / f"train-{number:05d}-of-{len(shards):05d}.parquet")
 
     eval_root = root / "eval" / "demo"
     (eval_root / "audio").mkdir(parents=True, exist_ok=True)
     audio_paths = {}
     for example in evaluation:
-        audio_paths[example.id] = {"audio": f"audio/{example.id}.flac"}
-        audio = _spoken(example, DemoVoice(config, chords, rng), rate)["bytes"]
-        (eval_root / audio_paths[example.id]["audio"]).write_bytes(audio)
+        spoken = _spoken(example.id, example, DemoVoice(config, chords, rng))
+        audio_paths[example.id] = {"audio": f"audio/{spoken['path']}"}
+        (eval_root / audio_paths[example.id]["audio"]).write_bytes(spoken["bytes"])
     write_demo_eval_set(eval_root, evaluation, distractors, query_extras=audio_paths)
     return root

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_modules.components.errors import ConfigError
 
@@ -35,3 +36,19 @@ def matryoshka_slices(embedding: torch.Tensor, dims: Sequence[int]) -> dict[int,
     """``{d: normalize(embedding[:, :d])}``: each prefix re-normalized to unit length, in float32."""
     embedding = embedding.float()
     return {d: F.normalize(embedding[:, :d], dim=-1) for d in dims}
+
+
+class MatryoshkaHeads(nn.Module):
+    """One ``Linear`` per Matryoshka dim (the dual encoders' heads): ``[B, H] -> {d: unit [B, d]}``.
+
+    Unlike a sliced embedding, the outputs are not nested prefixes of one vector: each dim has its
+    own projection, trained against the matching slice of the text embedding.
+    """
+
+    def __init__(self, input_size: int, dims: Sequence[int]):
+        super().__init__()
+        self.dims = validate_matryoshka_dims(dims)
+        self.heads = nn.ModuleDict({str(d): nn.Linear(input_size, d) for d in self.dims})
+
+    def forward(self, pooled: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {d: F.normalize(self.heads[str(d)](pooled).float(), dim=-1) for d in self.dims}

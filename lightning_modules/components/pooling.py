@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from lightning_modules.components.errors import ConfigError
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -24,3 +27,25 @@ def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torc
 
 
 POOLERS = {"last_token": last_token_pool, "mean": mean_pool}
+
+
+class AttentionPooling(nn.Module):
+    """Masked attention pooling with a learnable query: ``[B, T, H]`` frames -> ``[B, H]``.
+
+    One learned query attends over the frames (multi-head, keys and values projected); padded
+    frames get no weight, so a clip pools to the same vector alone or batched with longer ones.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ConfigError(f"pooling: hidden size {hidden_size} is not divisible by {num_heads} heads.")
+        self.query = nn.Parameter(torch.randn(1, 1, hidden_size) * hidden_size**-0.5)
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        query = self.query.to(frames.dtype).expand(frames.shape[0], -1, -1)
+        pooled, _ = self.attention(
+            query, frames, frames, key_padding_mask=~frame_mask.bool(), need_weights=False
+        )
+        return pooled[:, 0]

@@ -2,6 +2,9 @@
 
 Returns every layer's hidden states with the frame-level mask (plain nn.Module, no Lightning).
 The reference code gave its speech encoder no attention mask; here the mask always travels.
+Two input kinds are served: waveform models (HuBERT, wav2vec2, WavLM: ``input_values``, a
+convolutional feature encoder sets the frame rate) and filterbank models (w2v-BERT 2.0:
+``input_features``, one hidden state per input frame).
 
 Padding invariance: models whose convolutional feature encoder uses GroupNorm
 (``feat_extract_norm="group"``: HuBERT-base, wav2vec2-base) normalize every channel over the
@@ -12,6 +15,7 @@ LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60, the demo model) run b
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +77,7 @@ class SpeechEncoder(nn.Module):
         if not hasattr(self.model, "_get_feat_extract_output_lengths"):
             raise ConfigError(
                 f"speech_encoder {config.pretrained_model_name_or_path!r} ({type(self.model).__name__}) "
-                "is not a HuBERT/wav2vec2-family waveform encoder."
+                "is not a HuBERT/wav2vec2-family encoder (waveform or w2v-BERT filterbank input)."
             )
         available = model_config.num_hidden_layers + 1
         self.layers = list(config.layers) if config.layers is not None else list(range(1, available))
@@ -89,8 +93,8 @@ class SpeechEncoder(nn.Module):
         self.per_utterance = per_utterance
         if config.freeze:
             self.model.requires_grad_(False)
-        elif config.freeze_feature_encoder:
-            self.model.feature_extractor.requires_grad_(False)
+        elif config.freeze_feature_encoder and hasattr(self.model, "feature_extractor"):
+            self.model.feature_extractor.requires_grad_(False)  # filterbank models have none
         self.model.train(not config.freeze)
 
     @property
@@ -112,25 +116,35 @@ class SpeechEncoder(nn.Module):
             self.model.eval()
         return self
 
-    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
-        return self.model._get_feat_extract_output_lengths(sample_lengths).to(torch.long)
+    def frame_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
+        """Hidden-state frames per clip, from its input length (samples or filterbank frames)."""
+        lengths = self.model._get_feat_extract_output_lengths
+        # wav2vec2-style models may end in an adapter that shortens only the last output; the
+        # hidden states read here come before it.
+        if "add_adapter" in inspect.signature(lengths).parameters:
+            return lengths(input_lengths, add_adapter=False).to(torch.long)
+        return lengths(input_lengths).to(torch.long)
 
-    def _run(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
-        output = self.model(input_values, attention_mask=attention_mask, output_hidden_states=True)
+    def _run(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True)
         return [output.hidden_states[i] for i in self.layers]
 
-    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> SpeechStates:
-        input_values = input_values.to(self.model.dtype)
-        frame_lengths = self.frame_lengths(attention_mask.sum(dim=1))
+    def forward(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> SpeechStates:
+        """``attention_mask`` over the input, plus ``input_values`` or ``input_features``."""
+        if len(inputs) != 1:
+            raise ValueError(f"expected input_values or input_features, got {sorted(inputs)}")
+        (values,) = inputs.values()
+        values = values.to(self.model.dtype)
+        input_lengths = attention_mask.sum(dim=1)
+        frame_lengths = self.frame_lengths(input_lengths)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.per_utterance:
-                sample_lengths = attention_mask.sum(dim=1).tolist()
-                rows = [self._run(input_values[i : i + 1, :n], None) for i, n in enumerate(sample_lengths)]
+                rows = [self._run(values[i : i + 1, :n], None) for i, n in enumerate(input_lengths.tolist())]
                 hidden_states = [
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
             else:
-                hidden_states = self._run(input_values, attention_mask)
+                hidden_states = self._run(values, attention_mask)
         longest = hidden_states[0].shape[1]
         frame_mask = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         return SpeechStates(hidden_states, frame_mask.to(torch.long))

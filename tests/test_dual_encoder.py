@@ -1,0 +1,171 @@
+"""Dual encoders: masked pooling, per-dim heads, the alignment objective, and model swapping by config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoTokenizer
+
+from cli import cli_main
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules import DualEncoder
+from lightning_modules.components.matryoshka import MatryoshkaHeads
+from lightning_modules.components.pooling import AttentionPooling
+from lightning_modules.losses import matryoshka_alignment_loss
+from tests.test_late_fusion import DIMS, _clips, _query_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(text_model, speech_model, **kwargs) -> DualEncoder:
+    torch.manual_seed(0)
+    speech = {"pretrained_model_name_or_path": str(speech_model), "freeze": False}
+    return DualEncoder(
+        text_encoder={"pretrained_model_name_or_path": str(text_model)},
+        speech_encoder=speech,
+        matryoshka_dims=DIMS,
+        **kwargs,
+    )
+
+
+def test_attention_pooling_ignores_padded_frames():
+    torch.manual_seed(0)
+    pooling = AttentionPooling(hidden_size=16, num_heads=4)
+    frames = torch.randn(1, 7, 16)
+    alone = pooling(frames, torch.ones(1, 7, dtype=torch.long))
+    padded = torch.cat([frames, 50 * torch.randn(1, 5, 16)], dim=1)  # loud garbage after the end
+    batch = torch.cat([padded, torch.randn(1, 12, 16)])
+    mask = torch.tensor([[1] * 7 + [0] * 5, [1] * 12])
+    assert (pooling(batch, mask)[0] - alone[0]).abs().max() < 1e-6
+
+
+def test_matryoshka_heads_are_separate_projections_not_slices():
+    torch.manual_seed(0)
+    heads = MatryoshkaHeads(input_size=8, dims=[4, 8])
+    out = heads(torch.randn(3, 8))
+    assert {d: tuple(v.shape) for d, v in out.items()} == {4: (3, 4), 8: (3, 8)}
+    assert torch.allclose(out[8].norm(dim=-1), torch.ones(3))
+    assert not torch.allclose(out[4], F.normalize(out[8][:, :4], dim=-1))
+
+
+@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
+def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(request, tiny_text_model, speech_fixture):
+    speech_model = request.getfixturevalue(speech_fixture)
+    model = _model(tiny_text_model, speech_model).eval()
+    clips = _clips()
+    tasks = ["document_retrieval"] * 3
+    with torch.no_grad():
+        alone = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
+        batched = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips, tasks))
+    for dim in DIMS:
+        assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
+
+
+def test_alignment_loss_is_zero_exactly_at_the_targets_and_matches_a_direct_computation():
+    torch.manual_seed(0)
+    targets = {d: F.normalize(torch.randn(5, d), dim=-1) for d in (4, 8)}
+    same = {d: t.clone() for d, t in targets.items()}
+    assert matryoshka_alignment_loss(same, targets).item() < 1e-6
+    queries = {d: torch.randn(5, d) for d in (4, 8)}
+    reference = 0.0
+    for d in (4, 8):
+        q = F.normalize(queries[d], dim=-1)
+        reference += (1 - F.cosine_similarity(q, targets[d])).mean() + F.l1_loss(q, targets[d])
+    loss = matryoshka_alignment_loss(queries, targets)
+    assert loss.item() > 0.1
+    assert torch.allclose(loss, reference, atol=1e-6)
+    # Anything but the target costs something: a small nudge of one query of one dim.
+    nudged = {d: t.clone() for d, t in targets.items()}
+    nudged[4][0, 0] += 1e-2
+    assert matryoshka_alignment_loss(nudged, targets).item() > 1e-4
+
+
+def _speech_text_batch(text_model, speech_model) -> dict:
+    batch = _query_batch(text_model, speech_model, _clips(), ["transcription_retrieval"] * 3)
+    text = TextBatchBuilder(AutoTokenizer.from_pretrained(text_model), PromptConfig(), 64, 64, {})
+    batch["query_text"] = text.tokenizer(
+        ["baabu kaaji", "tiimo", "suuna deeku xoomi"], padding=True, return_tensors="pt"
+    )
+    return batch
+
+
+def test_alignment_gradient_reaches_the_speech_side_only(tiny_text_model, tiny_speech_model):
+    model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
+    model.train()
+    assert not model.text_encoder.training
+    # Even a text tower that could take gradients gets none: the targets are computed without them.
+    model.text_encoder.requires_grad_(True)
+    loss = model.training_loss(_speech_text_batch(tiny_text_model, tiny_speech_model))
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("text_encoder."):
+            assert parameter.grad is None, name
+    for prefix in ("heads.", "pooling.", "norm.", "speech_encoder.model.encoder."):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None for g in grads), prefix
+        assert sum(g.abs().sum() for g in grads) > 0, prefix
+
+
+def test_alignment_without_transcriptions_names_the_problem(tiny_text_model, tiny_speech_model):
+    model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
+    batch = _query_batch(tiny_text_model, tiny_speech_model, _clips(), ["document_retrieval"] * 3)
+    with pytest.raises(ValueError, match="transcription"):
+        model.training_loss(batch)
+
+
+def test_text_tower_stays_frozen_and_out_of_the_checkpoint(tiny_text_model, tiny_speech_model):
+    model = _model(tiny_text_model, tiny_speech_model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("text_encoder.") for name in trainable)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == trainable
+
+
+def _model_section(config: str, path: Path, max_steps: int) -> Path:
+    """The ``model:`` block of a demo recipe, alone in a file (what ``--model FILE`` reads).
+
+    A file given to ``--model`` is resolved on its own, so the schedule's ``${trainer.max_steps}``
+    is written out as the number it stands for, and its warmup shortened to fit this short run.
+    """
+    text = (ROOT / "configs" / "demo" / config).read_text().replace("${trainer.max_steps}", str(max_steps))
+    section = yaml.safe_load(text)["model"]
+    section["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] = 1
+    path.write_text(yaml.safe_dump(section))
+    return path
+
+
+def test_models_swap_by_config_on_one_datamodule_and_one_callback_list(demo_dir, tmp_path, monkeypatch):
+    """Every demo model runs on the late-fusion recipe's data and callbacks; only ``--model`` changes."""
+    monkeypatch.chdir(ROOT)
+    # The late-fusion recipe's trainer, callbacks and data, without its model.
+    shared = yaml.safe_load((ROOT / "configs" / "demo" / "late_fusion.yaml").read_text())
+    del shared["model"]
+    shared_file = tmp_path / "trainer-and-data.yaml"
+    shared_file.write_text(yaml.safe_dump(shared))
+    tags = {}
+    for recipe in ("text_only.yaml", "late_fusion.yaml", "dual_retrieval.yaml", "dual_alignment.yaml"):
+        run_dir = tmp_path / recipe.removesuffix(".yaml")
+        model_file = _model_section(recipe, tmp_path / f"model-{recipe}", max_steps=2)
+        cli = cli_main(
+            [
+                "fit",
+                f"--config={shared_file}",
+                f"--model={model_file}",
+                f"--trainer.default_root_dir={run_dir}",
+                "--trainer.max_steps=2",
+                "--trainer.val_check_interval=2",
+                "--trainer.enable_progress_bar=false",
+                "--data.init_args.batch_size=8",
+            ]
+        )
+        assert type(cli.model).__name__ == yaml.safe_load(model_file.read_text())["class_path"].split(".")[-1]
+        assert cli.trainer.global_step == 2
+        tags[recipe] = sorted(k for k in cli.trainer.callback_metrics if k.startswith("val/"))
+    expected = tags["late_fusion.yaml"]
+    assert all(f"val/demo/ndcg@10/d{d}" in expected for d in DIMS)
+    assert all(value == expected for value in tags.values()), tags
