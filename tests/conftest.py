@@ -12,7 +12,7 @@ from datamodules.demo import assets
 from datamodules.demo.corpus import DemoCorpusConfig
 from datamodules.demo.speech import write_demo_speech_corpus
 
-# The speech corpus at test size: same generator, fewer rows (the full one takes ~20 s to render).
+# The speech corpus at test size: same generator, fewer rows (the full one takes ~2 min to render).
 SMALL_CORPUS = DemoCorpusConfig(num_train_pairs=256, num_eval_queries=24, num_eval_distractor_documents=40)
 
 

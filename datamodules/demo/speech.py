@@ -6,14 +6,14 @@ the word's length. Each utterance gets its own speaker: a scale on every frequen
 tone, tempo, loudness and background noise. Only query-language words are spoken; no text of
 the document side reaches the audio.
 
-Why chords and not letter-by-letter phones: the demo's speech tower is a random-init HuBERT,
+Why chords and not letter-by-letter phones: the demo's speech tower is a random-init w2v-BERT,
 not a pre-trained one. A pre-trained encoder already tells words apart; a random one only passes
 on spectra. Word patterns readable from the spectrum leave the demo's adapter the same job it
 has on real data (map speech-encoder states into the LLM), not learning speech recognition.
 
-Written as a ``datasets``-loadable folder (parquet shards with an ``Audio`` column holding FLAC
-bytes, plus the transcription and the document) and a BEIR-style eval set whose queries carry
-audio files.
+Written as a ``datasets``-loadable folder (parquet shards with an ``Audio`` column holding OGG
+bytes, plus the transcription and the document; every training query recorded by several
+voices) and a BEIR-style eval set whose queries carry audio files.
 """
 
 from __future__ import annotations
