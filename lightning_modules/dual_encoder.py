@@ -27,7 +27,12 @@ from lightning_modules.components.matryoshka import (
 )
 from lightning_modules.components.pooling import AttentionPooling
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
-from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig, pretrained_hidden_size
+from lightning_modules.components.text_encoder import (
+    TextEncoder,
+    TextEncoderConfig,
+    pretrained_hidden_size,
+    transcription_targets,
+)
 from lightning_modules.losses import matryoshka_alignment_loss
 
 OBJECTIVES = ("retrieval", "alignment")
@@ -101,17 +106,8 @@ class DualEncoder(MatryoshkaEmbedder):
     def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
         return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
 
-    def alignment_targets(self, batch: Mapping) -> dict[int, torch.Tensor]:
-        """The frozen text tower's embedding of each query's transcription, sliced per dim."""
-        if batch.get("query_text") is None:
-            raise ConfigError(
-                "objective 'alignment' needs the transcription of every training query (the data's "
-                "query text column); this batch has rows without one."
-            )
-        with torch.no_grad():
-            return matryoshka_slices(self.text_encoder(**batch["query_text"]), self.matryoshka_dims)
-
     def training_loss(self, batch: Mapping) -> torch.Tensor:
         if self.objective == "retrieval":
             return super().training_loss(batch)
-        return matryoshka_alignment_loss(self.embed_queries(batch), self.alignment_targets(batch), self.loss_weights)
+        targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
+        return matryoshka_alignment_loss(self.embed_queries(batch), targets, self.loss_weights)

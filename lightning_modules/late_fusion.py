@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.adapters import AdapterConfig, SpeechAdapter
+from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
@@ -23,7 +24,9 @@ from lightning_modules.components.text_encoder import (
     TextEncoderConfig,
     pretrained_hidden_size,
     special_token_affixes,
+    transcription_targets,
 )
+from lightning_modules.losses import matryoshka_alignment_loss, matryoshka_info_nce
 
 
 class LateFusion(MatryoshkaEmbedder):
@@ -35,6 +38,7 @@ class LateFusion(MatryoshkaEmbedder):
         speech_encoder: SpeechEncoderConfig,
         adapter: AdapterConfig | None = None,
         freeze_text_encoder: bool = True,
+        alignment_weight: float = 0.0,
         matryoshka_dims: Sequence[int] = (128, 256, 512, 1024),
         temperature: float = 0.05,
         loss_weights: dict[int, float] | None = None,
@@ -48,6 +52,10 @@ class LateFusion(MatryoshkaEmbedder):
             speech_encoder: The speech model (HuBERT / wav2vec2 family) and the layers fed to the adapter.
             adapter: Layer fusion, downsampling convolution and projector (the trainable part).
             freeze_text_encoder: Keep the text model frozen (with LoRA the base is frozen anyway).
+            alignment_weight: Weight of an added alignment term (0: the paper's InfoNCE only): the
+                speech query's embedding is pulled towards the same LLM's embedding of its
+                transcription (cosine + L1 per dim, target without gradient). Needs the
+                transcription of every training row.
             matryoshka_dims: Sorted embedding sizes trained and evaluated (each a usable prefix).
             temperature: InfoNCE softmax temperature on cosine similarities.
             loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
@@ -56,6 +64,10 @@ class LateFusion(MatryoshkaEmbedder):
         """
         super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
         from transformers import AutoTokenizer
+
+        if alignment_weight < 0:
+            raise ConfigError(f"model.alignment_weight must be >= 0, got {alignment_weight}.")
+        self.alignment_weight = alignment_weight
 
         text_config = TextEncoderConfig.coerce(text_encoder)
         name = text_config.pretrained_model_name_or_path
@@ -103,3 +115,15 @@ class LateFusion(MatryoshkaEmbedder):
 
     def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
         return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
+
+    def training_loss(self, batch: Mapping) -> torch.Tensor:
+        queries = self.embed_queries(batch)
+        loss = matryoshka_info_nce(queries, self.embed_documents(batch), self.temperature, self.loss_weights)
+        if self.alignment_weight == 0:
+            return loss
+        # Why: the text path already embeds the transcription where the speech path must land;
+        # distilling it gives every query a dense target on top of the in-batch contrast.
+        targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
+        alignment = matryoshka_alignment_loss(queries, targets, self.loss_weights)
+        self.log("train/alignment_loss", alignment, batch_size=len(batch["ids"]))
+        return loss + self.alignment_weight * alignment

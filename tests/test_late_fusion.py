@@ -154,3 +154,21 @@ def test_lora_switch_trains_adapters_on_the_llm(tiny_text_model, tiny_speech_mod
     assert all(name.startswith("adapter.") or "lora_" in name for name in trainable)
     model.train()
     assert model.text_encoder.training  # LoRA dropout is active while training
+
+
+def test_alignment_term_adds_the_distance_to_the_transcription_embedding(tiny_text_model, tiny_speech_model):
+    from lightning_modules.losses import matryoshka_alignment_loss, matryoshka_info_nce
+    from tests.test_dual_encoder import _speech_text_batch
+
+    model = _model(tiny_text_model, tiny_speech_model, alignment_weight=0.5).eval()
+    batch = _speech_text_batch(tiny_text_model, tiny_speech_model)
+    batch["document"] = batch["query_text"]  # any text works as documents here
+    batch["ids"] = ["a", "b", "c"]
+    with torch.no_grad():
+        queries = model.embed_queries(batch)
+        documents = model.embed_documents(batch)
+        targets = {d: torch.nn.functional.normalize(documents[d], dim=-1) for d in DIMS}  # same texts
+        expected = matryoshka_info_nce(queries, documents, model.temperature) + 0.5 * matryoshka_alignment_loss(
+            queries, targets
+        )
+        assert torch.allclose(model.training_loss(batch), expected, atol=1e-5)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.matryoshka import matryoshka_slices
 from lightning_modules.components.pooling import POOLERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,3 +168,17 @@ class TextEncoder(nn.Module):
 
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(directory)
+
+
+def transcription_targets(text_encoder: TextEncoder, batch, dims) -> dict[int, torch.Tensor]:
+    """The text tower's embedding of each query's transcription, sliced per dim, without gradient.
+
+    The alignment targets of speech queries (dual encoders, late fusion's alignment term).
+    """
+    if batch.get("query_text") is None:
+        raise ConfigError(
+            "the alignment objective needs the transcription of every training query (the data's "
+            "query text column); this batch has rows without one."
+        )
+    with torch.no_grad():
+        return matryoshka_slices(text_encoder(**batch["query_text"]), dims)
