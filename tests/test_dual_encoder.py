@@ -8,15 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from transformers import AutoTokenizer
+from speech_inputs import DIMS, query_batch, sample_clips, speech_text_batch
 
 from cli import cli_main
-from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import DualEncoder
 from lightning_modules.components.matryoshka import MatryoshkaHeads
 from lightning_modules.components.pooling import AttentionPooling
 from lightning_modules.losses import matryoshka_alignment_loss
-from tests.test_late_fusion import DIMS, _clips, _query_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +51,16 @@ def test_matryoshka_heads_are_separate_projections_not_slices():
 
 
 @pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
-def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(request, tiny_text_model, speech_fixture):
+def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
+    request, tiny_text_model, speech_fixture
+):
     speech_model = request.getfixturevalue(speech_fixture)
     model = _model(tiny_text_model, speech_model).eval()
-    clips = _clips()
+    clips = sample_clips()
     tasks = ["document_retrieval"] * 3
     with torch.no_grad():
-        alone = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
-        batched = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips, tasks))
+        alone = model.embed_queries(query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
+        batched = model.embed_queries(query_batch(tiny_text_model, speech_model, clips, tasks))
     for dim in DIMS:
         assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
 
@@ -84,22 +84,13 @@ def test_alignment_loss_is_zero_exactly_at_the_targets_and_matches_a_direct_comp
     assert matryoshka_alignment_loss(nudged, targets).item() > 1e-4
 
 
-def _speech_text_batch(text_model, speech_model) -> dict:
-    batch = _query_batch(text_model, speech_model, _clips(), ["transcription_retrieval"] * 3)
-    text = TextBatchBuilder(AutoTokenizer.from_pretrained(text_model), PromptConfig(), 64, 64, {})
-    batch["query_text"] = text.tokenizer(
-        ["baabu kaaji", "tiimo", "suuna deeku xoomi"], padding=True, return_tensors="pt"
-    )
-    return batch
-
-
 def test_alignment_gradient_reaches_the_speech_side_only(tiny_text_model, tiny_speech_model):
     model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
     model.train()
     assert not model.text_encoder.training
     # Even a text tower that could take gradients gets none: the targets are computed without them.
     model.text_encoder.requires_grad_(True)
-    loss = model.training_loss(_speech_text_batch(tiny_text_model, tiny_speech_model))
+    loss = model.training_loss(speech_text_batch(tiny_text_model, tiny_speech_model))
     loss.backward()
     for name, parameter in model.named_parameters():
         if name.startswith("text_encoder."):
@@ -112,7 +103,7 @@ def test_alignment_gradient_reaches_the_speech_side_only(tiny_text_model, tiny_s
 
 def test_alignment_without_transcriptions_names_the_problem(tiny_text_model, tiny_speech_model):
     model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
-    batch = _query_batch(tiny_text_model, tiny_speech_model, _clips(), ["document_retrieval"] * 3)
+    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
     with pytest.raises(ValueError, match="transcription"):
         model.training_loss(batch)
 

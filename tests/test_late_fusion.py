@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from speech_inputs import DIMS, query_batch, sample_clips, speech_text_batch
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from datamodules.audio import pad_waveforms
-from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import LateFusion
 from lightning_modules.components.adapters import ConvDownsampler
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import special_token_affixes
-
-DIMS = [32, 64, 128, 256]
 
 
 def test_concat_masked_sequences_matches_a_row_by_row_reference():
@@ -65,33 +62,17 @@ def _model(text_model, speech_model, **kwargs) -> LateFusion:
     )
 
 
-def _clips() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    t = np.arange(16000) / 16000
-    return [
-        (0.3 * np.sin(2 * np.pi * 300 * t[:8000]) + 0.01 * rng.standard_normal(8000)).astype(np.float32),
-        (0.5 * np.sin(2 * np.pi * 900 * t) + 0.05 * rng.standard_normal(16000)).astype(np.float32),
-        rng.standard_normal(14000).astype(np.float32) * 0.2,
-    ]
-
-
-def _query_batch(text_model, speech_model, clips, tasks) -> dict:
-    text = TextBatchBuilder(AutoTokenizer.from_pretrained(text_model), PromptConfig(), 64, 64, {})
-    extractor = AutoFeatureExtractor.from_pretrained(speech_model)
-    return {"query_audio": pad_waveforms(extractor, clips), "prompt": text.prompt_tokens(tasks)}
-
-
 @pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
 def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
     request, tiny_text_model, speech_fixture
 ):
     speech_model = request.getfixturevalue(speech_fixture)
     model = _model(tiny_text_model, speech_model).eval()
-    clips = _clips()
+    clips = sample_clips()
     tasks = ["document_retrieval", "translation_retrieval", "transcription_retrieval"]
     with torch.no_grad():
-        alone = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
-        batched = model.embed_queries(_query_batch(tiny_text_model, speech_model, clips, tasks))
+        alone = model.embed_queries(query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
+        batched = model.embed_queries(query_batch(tiny_text_model, speech_model, clips, tasks))
     for dim in DIMS:
         assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
 
@@ -106,7 +87,7 @@ def test_group_norm_encoders_run_clip_by_clip_and_others_batched(
     # Why: batched, a GroupNorm encoder's output for a short clip changes with its batch-mates.
     group_norm.per_utterance = False
     extractor = AutoFeatureExtractor.from_pretrained(group_norm_hubert)
-    clips = _clips()
+    clips = sample_clips()
     with torch.no_grad():
         alone = group_norm(**pad_waveforms(extractor, clips[:1])).hidden_states[-1][0]
         batched = group_norm(**pad_waveforms(extractor, clips)).hidden_states[-1][0, : alone.shape[0]]
@@ -133,7 +114,7 @@ def test_gradients_reach_the_adapter_through_the_frozen_llm(tiny_text_model, tin
         tiny_text_model, tiny_speech_model, adapter={"fusion": "weighted_sum", "conv_channels": 16}
     )
     model.train()
-    batch = _query_batch(tiny_text_model, tiny_speech_model, _clips(), ["document_retrieval"] * 3)
+    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
     sum(e.sum() for e in model.embed_queries(batch).values()).backward()
     for name, parameter in model.named_parameters():
         if name.startswith("adapter."):
@@ -158,17 +139,16 @@ def test_lora_switch_trains_adapters_on_the_llm(tiny_text_model, tiny_speech_mod
 
 def test_alignment_term_adds_the_distance_to_the_transcription_embedding(tiny_text_model, tiny_speech_model):
     from lightning_modules.losses import matryoshka_alignment_loss, matryoshka_info_nce
-    from tests.test_dual_encoder import _speech_text_batch
 
     model = _model(tiny_text_model, tiny_speech_model, alignment_weight=0.5).eval()
-    batch = _speech_text_batch(tiny_text_model, tiny_speech_model)
+    batch = speech_text_batch(tiny_text_model, tiny_speech_model)
     batch["document"] = batch["query_text"]  # any text works as documents here
     batch["ids"] = ["a", "b", "c"]
     with torch.no_grad():
         queries = model.embed_queries(batch)
         documents = model.embed_documents(batch)
         targets = {d: torch.nn.functional.normalize(documents[d], dim=-1) for d in DIMS}  # same texts
-        expected = matryoshka_info_nce(queries, documents, model.temperature) + 0.5 * matryoshka_alignment_loss(
-            queries, targets
-        )
+        expected = matryoshka_info_nce(
+            queries, documents, model.temperature
+        ) + 0.5 * matryoshka_alignment_loss(queries, targets)
         assert torch.allclose(model.training_loss(batch), expected, atol=1e-5)

@@ -211,7 +211,9 @@ def tiny_hubert_config(hidden_size: int = 128, num_layers: int = 2):
     )
 
 
-def save_tiny_hubert(save_dir: Path, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **overrides) -> None:
+def save_tiny_hubert(
+    save_dir: Path, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **overrides
+) -> None:
     """Random-init tiny HuBERT + its waveform feature extractor (16 kHz, per-clip normalization)."""
     import torch
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
