@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_modules.base import MatryoshkaEmbedder
-from lightning_modules.components.adapters import FUSIONS, LayerFusion
+from lightning_modules.components.adapters import LayerFusion, validate_fusion
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import (
     MatryoshkaHeads,
@@ -73,8 +73,7 @@ class DualEncoder(MatryoshkaEmbedder):
         super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
         if objective not in OBJECTIVES:
             raise ConfigError(f"model.objective={objective!r} is unknown; choose one of {list(OBJECTIVES)}.")
-        if fusion not in FUSIONS:
-            raise ConfigError(f"model.fusion={fusion!r} is unknown; choose one of {list(FUSIONS)}.")
+        validate_fusion(fusion, key="model.fusion")
         text_config = TextEncoderConfig.coerce(text_encoder)
         if text_config.lora is not None:
             raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from datamodules.audio import pad_waveforms
@@ -34,3 +35,13 @@ def speech_text_batch(text_model, speech_model) -> dict:
         ["baabu kaaji", "tiimo", "suuna deeku xoomi"], padding=True, return_tensors="pt"
     )
     return batch
+
+
+def assert_first_query_embeds_alone_as_batched(model, text_model, speech_model, tasks) -> None:
+    """The first of ``sample_clips()`` embeds as alone when batched with longer clips (< 1e-4, every dim)."""
+    clips = sample_clips()
+    with torch.no_grad():
+        alone = model.embed_queries(query_batch(text_model, speech_model, clips[:1], tasks[:1]))
+        batched = model.embed_queries(query_batch(text_model, speech_model, clips, tasks))
+    for dim in DIMS:
+        assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim

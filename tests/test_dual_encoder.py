@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from speech_inputs import DIMS, query_batch, sample_clips, speech_text_batch
+from speech_inputs import (
+    DIMS,
+    assert_first_query_embeds_alone_as_batched,
+    query_batch,
+    sample_clips,
+    speech_text_batch,
+)
 
 from cli import cli_main
 from lightning_modules import DualEncoder
@@ -56,13 +62,9 @@ def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
 ):
     speech_model = request.getfixturevalue(speech_fixture)
     model = _model(tiny_text_model, speech_model).eval()
-    clips = sample_clips()
-    tasks = ["document_retrieval"] * 3
-    with torch.no_grad():
-        alone = model.embed_queries(query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
-        batched = model.embed_queries(query_batch(tiny_text_model, speech_model, clips, tasks))
-    for dim in DIMS:
-        assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
+    assert_first_query_embeds_alone_as_batched(
+        model, tiny_text_model, speech_model, ["document_retrieval"] * 3
+    )
 
 
 def test_alignment_loss_is_zero_exactly_at_the_targets_and_matches_a_direct_computation():

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speech_inputs import DIMS, query_batch, sample_clips, speech_text_batch
+from speech_inputs import (
+    DIMS,
+    assert_first_query_embeds_alone_as_batched,
+    query_batch,
+    sample_clips,
+    speech_text_batch,
+)
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from datamodules.audio import pad_waveforms
@@ -68,13 +74,12 @@ def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
 ):
     speech_model = request.getfixturevalue(speech_fixture)
     model = _model(tiny_text_model, speech_model).eval()
-    clips = sample_clips()
-    tasks = ["document_retrieval", "translation_retrieval", "transcription_retrieval"]
-    with torch.no_grad():
-        alone = model.embed_queries(query_batch(tiny_text_model, speech_model, clips[:1], tasks[:1]))
-        batched = model.embed_queries(query_batch(tiny_text_model, speech_model, clips, tasks))
-    for dim in DIMS:
-        assert (alone[dim][0] - batched[dim][0]).abs().max() < 1e-4, dim
+    assert_first_query_embeds_alone_as_batched(
+        model,
+        tiny_text_model,
+        speech_model,
+        ["document_retrieval", "translation_retrieval", "transcription_retrieval"],
+    )
 
 
 def test_group_norm_encoders_run_clip_by_clip_and_others_batched(

@@ -16,6 +16,12 @@ from lightning_modules.components.errors import ConfigError
 FUSIONS = ("concat", "weighted_sum")
 
 
+def validate_fusion(mode: str, key: str) -> None:
+    """Raises a ConfigError naming ``key`` unless ``mode`` is a known layer fusion."""
+    if mode not in FUSIONS:
+        raise ConfigError(f"{key}={mode!r} is unknown; choose one of {list(FUSIONS)}.")
+
+
 @dataclass
 class AdapterConfig:
     """Shape of the trainable bridge from speech-encoder states to the LLM's input embeddings."""
@@ -38,8 +44,7 @@ class AdapterConfig:
         return value if isinstance(value, cls) else cls(**dict(value))
 
     def __post_init__(self):
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"adapter.fusion={self.fusion!r} is unknown; choose one of {list(FUSIONS)}.")
+        validate_fusion(self.fusion, key="adapter.fusion")
         if self.stride < 1 or self.kernel_size < 1:
             raise ConfigError(
                 f"adapter.stride={self.stride} and adapter.kernel_size={self.kernel_size} must be >= 1."
