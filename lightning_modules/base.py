@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_modules import distributed
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.losses import matryoshka_info_nce
@@ -34,6 +35,7 @@ class MatryoshkaEmbedder(LightningModule):
         loss_weights: dict[int, float] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        cross_device_negatives: bool = True,
     ):
         """
         Args:
@@ -42,6 +44,8 @@ class MatryoshkaEmbedder(LightningModule):
             loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
             optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
+            cross_device_negatives: Under DDP, every rank's documents are negatives for every
+                query (global batch); false: each rank contrasts its own batch only.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -53,6 +57,7 @@ class MatryoshkaEmbedder(LightningModule):
             raise ConfigError(f"model.loss_weights names dims {sorted(unknown)} not in matryoshka_dims.")
         self.temperature = temperature
         self.loss_weights = dict(loss_weights or {})
+        self.cross_device_negatives = cross_device_negatives
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.skipped_rows = 0
@@ -87,22 +92,29 @@ class MatryoshkaEmbedder(LightningModule):
     def training_step(self, batch: Mapping, batch_idx: int):
         self._count_skipped_rows(batch)
         batch_size = len(batch["ids"])
-        if batch_size < 2:
-            log.warning(
-                "Skipping a training batch with %d usable rows: InfoNCE needs at least 2.", batch_size
-            )
+        # Under DDP a step is skipped by every rank or by none: one rank returning None while the
+        # others run backward would leave them waiting for its gradients forever.
+        needed = 1 if self.cross_device_negatives and distributed.world_size() > 1 else 2
+        if not distributed.all_ranks_agree(batch_size >= needed, self.device):
+            log.warning("Skipping a training batch with %d usable rows (on some rank).", batch_size)
             return None
         loss = self.training_loss(batch)
-        if not torch.isfinite(loss):
+        if not distributed.all_ranks_agree(bool(torch.isfinite(loss)), self.device):
             return self._skip_nonfinite(batch)
         self._consecutive_nonfinite = 0
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         return loss
 
     def training_loss(self, batch: Mapping) -> torch.Tensor:
         """Matryoshka InfoNCE of the batch's queries against its documents (in-batch negatives)."""
+        return self.contrastive_loss(self.embed_queries(batch), self.embed_documents(batch))
+
+    def contrastive_loss(
+        self, queries: Mapping[int, torch.Tensor], documents: Mapping[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """The model's InfoNCE settings (temperature, dim weights, cross-device negatives) applied."""
         return matryoshka_info_nce(
-            self.embed_queries(batch), self.embed_documents(batch), self.temperature, self.loss_weights
+            queries, documents, self.temperature, self.loss_weights, self.cross_device_negatives
         )
 
     def _count_skipped_rows(self, batch: Mapping) -> None:
@@ -115,7 +127,10 @@ class MatryoshkaEmbedder(LightningModule):
                 for row_id, reason in zip(skipped, reasons, strict=True)
             ]
             log.warning("Skipped %d bad training rows (total %d): %s", len(skipped), self.skipped_rows, named)
-        self.log("train/skipped_rows", float(self.skipped_rows), batch_size=1)
+        # Each rank counts its own rows; the logged value is the sum over ranks.
+        self.log(
+            "train/skipped_rows", float(self.skipped_rows), batch_size=1, sync_dist=True, reduce_fx="sum"
+        )
 
     def _skip_nonfinite(self, batch: Mapping):
         self.nonfinite_losses += 1

@@ -53,6 +53,7 @@ class DualEncoder(MatryoshkaEmbedder):
         loss_weights: dict[int, float] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        cross_device_negatives: bool = True,
     ):
         """
         Args:
@@ -69,8 +70,12 @@ class DualEncoder(MatryoshkaEmbedder):
             loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
             optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
+            cross_device_negatives: Under DDP, every rank's documents are negatives for every
+                query (global batch); false: each rank contrasts its own batch only.
         """
-        super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
+        super().__init__(
+            matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler, cross_device_negatives
+        )
         if objective not in OBJECTIVES:
             raise ConfigError(f"model.objective={objective!r} is unknown; choose one of {list(OBJECTIVES)}.")
         validate_fusion(fusion, key="model.fusion")

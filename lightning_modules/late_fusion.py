@@ -26,7 +26,7 @@ from lightning_modules.components.text_encoder import (
     special_token_affixes,
     transcription_targets,
 )
-from lightning_modules.losses import matryoshka_alignment_loss, matryoshka_info_nce
+from lightning_modules.losses import matryoshka_alignment_loss
 
 
 class LateFusion(MatryoshkaEmbedder):
@@ -44,6 +44,7 @@ class LateFusion(MatryoshkaEmbedder):
         loss_weights: dict[int, float] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        cross_device_negatives: bool = True,
     ):
         """
         Args:
@@ -61,8 +62,12 @@ class LateFusion(MatryoshkaEmbedder):
             loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
             optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
+            cross_device_negatives: Under DDP, every rank's documents are negatives for every
+                query (global batch); false: each rank contrasts its own batch only.
         """
-        super().__init__(matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler)
+        super().__init__(
+            matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler, cross_device_negatives
+        )
         from transformers import AutoTokenizer
 
         if alignment_weight < 0:
@@ -118,7 +123,7 @@ class LateFusion(MatryoshkaEmbedder):
 
     def training_loss(self, batch: Mapping) -> torch.Tensor:
         queries = self.embed_queries(batch)
-        loss = matryoshka_info_nce(queries, self.embed_documents(batch), self.temperature, self.loss_weights)
+        loss = self.contrastive_loss(queries, self.embed_documents(batch))
         if self.alignment_weight == 0:
             return loss
         # Why: the text path already embeds the transcription where the speech path must land;

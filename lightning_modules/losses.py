@@ -7,12 +7,15 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from lightning_modules import distributed
+
 
 def matryoshka_info_nce(
     query_embeddings: Mapping[int, torch.Tensor],
     document_embeddings: Mapping[int, torch.Tensor],
     temperature: float,
     weights: Mapping[int, float] | None = None,
+    cross_device: bool = False,
 ) -> torch.Tensor:
     """``sum_d w_d * CrossEntropy(cos(q_d, D_d) / temperature, arange(B))`` with in-batch negatives.
 
@@ -20,6 +23,12 @@ def matryoshka_info_nce(
     the batch is a negative. Similarities are cosines (inputs are normalized here, a no-op for
     already unit-length embeddings) computed in float32 so bf16 autocast does not round logits.
     ``weights`` maps dim -> weight; missing dims weigh 1.
+
+    ``cross_device`` (under ``torch.distributed``): the documents of every rank join the negatives
+    (gathered with their gradients, see ``distributed.gather_with_grad``) and each rank scores its
+    own queries against them: ``[local, global]`` logits, memory linear in the global batch.
+    The local loss is scaled so that DDP's gradient averaging yields exactly the gradient of the
+    mean over the global batch, even when ranks hold different numbers of rows.
     """
     if set(query_embeddings) != set(document_embeddings):
         raise ValueError(
@@ -27,20 +36,34 @@ def matryoshka_info_nce(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
+    dims = sorted(query_embeddings)
+    if not dims:
+        raise ValueError("matryoshka_info_nce got no dims.")
+    for dim in dims:
+        if query_embeddings[dim].shape[0] != document_embeddings[dim].shape[0]:
+            raise ValueError(
+                f"dim {dim}: {query_embeddings[dim].shape[0]} queries but "
+                f"{document_embeddings[dim].shape[0]} documents."
+            )
     weights = weights or {}
+    local_rows = query_embeddings[dims[0]].shape[0]
+    documents = {dim: F.normalize(document_embeddings[dim].float(), dim=-1) for dim in dims}
+    offset, global_rows, scale = 0, local_rows, 1.0
+    if cross_device and distributed.world_size() > 1:
+        sizes = distributed.gathered_sizes(local_rows, documents[dims[0]].device)
+        # One collective for all dims: the dims' columns side by side, split again after.
+        gathered = distributed.gather_with_grad(torch.cat([documents[d] for d in dims], dim=1), sizes)
+        documents = dict(zip(dims, gathered.split(dims, dim=1), strict=True))
+        offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
+        scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
+    targets = torch.arange(offset, offset + local_rows, device=documents[dims[0]].device)
     total = None
-    for dim in sorted(query_embeddings):
+    for dim in dims:
         queries = F.normalize(query_embeddings[dim].float(), dim=-1)
-        documents = F.normalize(document_embeddings[dim].float(), dim=-1)
-        if queries.shape[0] != documents.shape[0]:
-            raise ValueError(f"dim {dim}: {queries.shape[0]} queries but {documents.shape[0]} documents.")
-        logits = queries @ documents.T / temperature
-        targets = torch.arange(queries.shape[0], device=logits.device)
+        logits = queries @ documents[dim].T / temperature
         term = weights.get(dim, 1.0) * F.cross_entropy(logits, targets)
         total = term if total is None else total + term
-    if total is None:
-        raise ValueError("matryoshka_info_nce got no dims.")
-    return total
+    return total * scale if scale != 1.0 else total
 
 
 def matryoshka_alignment_loss(

@@ -1,0 +1,116 @@
+"""Cross-device negatives: real DDP processes (gloo, CPU) against one process holding the global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import TextOnly
+from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+
+WORDS = "bita saaso mooje vérô fèfé lôrôfê kani dolo siri mana tigi bolo".split()
+
+
+def _rows(count: int, start: int = 0) -> list[dict]:
+    return [
+        {
+            "id": f"row{i}",
+            "query": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 3)),
+            "document": " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(2 + i % 4)),
+        }
+        for i in range(start, start + count)
+    ]
+
+
+def _model(text_model: str, cross_device: bool) -> TextOnly:
+    torch.manual_seed(0)  # the same LoRA initialization in every process
+    config = TextEncoderConfig(text_model, lora=LoraSettings(r=4, dropout=0.0))
+    # Temperature 1 keeps gradients O(1), so the 1e-5 tolerance is a relative one as well.
+    model = TextOnly(
+        config, matryoshka_dims=[32, 128, 256], temperature=1.0, cross_device_negatives=cross_device
+    )
+    # LoRA's B starts at zero, which would make most gradients trivially zero; start it random.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    return model.train()
+
+
+class _TrainingLoss(torch.nn.Module):
+    """What Lightning's DDP wrapper does: forward runs the model's loss, so DDP's hooks see the graph."""
+
+    def __init__(self, model: TextOnly):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.training_loss(batch)
+
+
+def _trainable_gradients(model: TextOnly) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_device, output):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = _model(text_model, cross_device)
+        ddp = DistributedDataParallel(_TrainingLoss(model))
+        batch = StreamingPairDataModule(text_model).batches.training_batch(rows_per_rank[rank])
+        loss = ddp(batch)
+        loss.backward()  # DDP averages the gradients over ranks here
+        # The global loss is the mean of the ranks' losses (each rank's is its share, rescaled).
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        if rank == 0:
+            torch.save({"loss": global_loss / world_size, "grads": _trainable_gradients(model)}, output)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True) -> dict:
+    output = tmp_path / f"ddp-{cross_device}-{len(rows_per_rank[0])}.pt"
+    init_file = tmp_path / f"init-{cross_device}-{len(rows_per_rank[0])}"
+    args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, str(output))
+    mp.spawn(_ddp_step, args=args, nprocs=len(rows_per_rank), join=True)
+    return torch.load(output)
+
+
+def _single_process(text_model, rows) -> dict:
+    model = _model(text_model, cross_device=True)
+    batch = StreamingPairDataModule(text_model).batches.training_batch(rows)
+    loss = model.training_loss(batch)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": _trainable_gradients(model)}
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5)], ids=["equal-shards", "unequal-shards"])
+def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batch(
+    tmp_path, tiny_text_model, sizes
+):
+    rows = _rows(sum(sizes))
+    rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
+    ddp = _run_ddp(tmp_path, str(tiny_text_model), rows_per_rank)
+    reference = _single_process(str(tiny_text_model), rows)
+    assert torch.allclose(ddp["loss"], reference["loss"], atol=1e-5, rtol=0)
+    assert ddp["grads"].keys() == reference["grads"].keys() and len(reference["grads"]) > 0
+    for name, gradient in reference["grads"].items():
+        assert gradient.abs().max() > 1e-6, f"{name}: the reference gradient is zero, the test proves nothing"
+        assert torch.allclose(ddp["grads"][name], gradient, atol=1e-5, rtol=0), (
+            f"{name}: max diff {(ddp['grads'][name] - gradient).abs().max():.2e}"
+        )
+
+
+def test_without_cross_device_negatives_each_rank_only_contrasts_its_own_batch(tmp_path, tiny_text_model):
+    rows = _rows(8)
+    ddp = _run_ddp(tmp_path, str(tiny_text_model), [rows[:4], rows[4:]], cross_device=False)
+    global_batch = _single_process(str(tiny_text_model), rows)
+    per_rank = [_single_process(str(tiny_text_model), part) for part in (rows[:4], rows[4:])]
+    # Fewer negatives: the mean of the two local losses, not the global-batch loss.
+    assert torch.allclose(ddp["loss"], (per_rank[0]["loss"] + per_rank[1]["loss"]) / 2, atol=1e-5)
+    assert not torch.allclose(ddp["loss"], global_batch["loss"], atol=1e-3)
