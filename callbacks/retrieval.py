@@ -5,6 +5,11 @@ and returns the embeddings with their positions; this callback gathers them per 
 ranks the corpus with an exact chunked top-k, and logs one scalar per (eval set, metric, dim),
 e.g. ``val/demo/ndcg@10/d256``. The assembled embeddings stay available to other analyses as
 ``last_embeddings`` so nothing is encoded twice.
+
+Under DDP each rank encodes its share of every eval set (Lightning's distributed sampler); the
+shares are gathered on rank 0, which scores the full set once and broadcasts the numbers, so
+every rank logs (and ModelCheckpoint monitors) the same values. ``last_embeddings`` is filled
+on rank 0 only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.metrics import metrics_from_ranking, top_k_search
@@ -81,12 +87,37 @@ class RetrievalEvaluator(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate(trainer, pl_module, "test")
 
+    def _chunks_of_all_ranks(self, trainer: Trainer) -> dict[tuple[str, str], list] | None:
+        """Every rank's encoded batches on rank 0 (None on the other ranks)."""
+        if trainer.world_size == 1:
+            return self._chunks
+        shares = [None] * trainer.world_size if trainer.is_global_zero else None
+        dist.gather_object(dict(self._chunks), shares, dst=0)
+        if not trainer.is_global_zero:
+            return None
+        merged = defaultdict(list)
+        for share in shares:
+            for key, chunks in share.items():
+                merged[key].extend(chunks)
+        return merged
+
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
         self.last_embeddings, self.last_metrics = {}, {}
+        chunks = self._chunks_of_all_ranks(trainer)
+        if chunks is not None:
+            self._score(trainer, chunks, stage)
+        if trainer.world_size > 1:
+            self.last_metrics = trainer.strategy.broadcast(self.last_metrics, src=0)
+        for tag, value in self.last_metrics.items():
+            # Identical on every rank after the broadcast; sync_dist keeps Lightning's DDP check quiet.
+            pl_module.log(tag, value, add_dataloader_idx=False, batch_size=1, sync_dist=True)
+        self._chunks = defaultdict(list)
+
+    def _score(self, trainer: Trainer, chunks: dict[tuple[str, str], list], stage: str) -> None:
+        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
         for name, eval_set in eval_sets.items():
-            queries = assemble(self._chunks.get((name, "queries"), []), len(eval_set.queries))
-            corpus = assemble(self._chunks.get((name, "corpus"), []), len(eval_set.corpus))
+            queries = assemble(chunks.get((name, "queries"), []), len(eval_set.queries))
+            corpus = assemble(chunks.get((name, "corpus"), []), len(eval_set.corpus))
             if queries is None or corpus is None:
                 log.warning(
                     "eval set %s was not fully encoded (limit_%s_batches?): no metrics this time.",
@@ -103,6 +134,3 @@ class RetrievalEvaluator(Callback):
                 for metric in (f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in self.ks):
                     self.last_metrics[f"{stage}/{name}/{metric}/d{dim}"] = results[metric]
             self.last_metrics[f"{stage}/{name}/num_queries_evaluated"] = results["num_queries"]
-        for tag, value in self.last_metrics.items():
-            pl_module.log(tag, value, add_dataloader_idx=False, batch_size=1)
-        self._chunks = defaultdict(list)

@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader
 
 from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
+from datamodules.loader import STATE_KEY, ConsumedPositionLoader
 from datamodules.sources import load_stream, looks_local
 from datamodules.speech_batches import SpeechBatchBuilder
-from datamodules.streaming import EpochStream
+from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules.components.errors import ConfigError
 
@@ -41,8 +42,8 @@ class StreamingPairDataModule(LightningDataModule):
     each row's task prompt and, when the data has it, the transcription as ``query_text``, so
     one datamodule serves text-only, late-fusion and dual-encoder models alike.
 
-    Training data is read with ``streaming=True``, shuffled through a buffer, split per rank and
-    served by a stateful loader, so a checkpoint resumes mid-epoch. Each eval set yields two
+    Training data is read with ``streaming=True``, shuffled by shard and by block, split per rank
+    and served by a stateful loader, so a checkpoint resumes at the exact next row. Each eval set yields two
     loaders (queries, corpus), sorted by length so padding stays small; batches carry each row's
     position so evaluation callbacks can reassemble them.
     """
@@ -65,7 +66,7 @@ class StreamingPairDataModule(LightningDataModule):
         eval_batch_size: int = 64,
         max_query_length: int = 512,
         max_document_length: int = 2048,
-        shuffle_buffer_size: int = 10_000,
+        shuffle_block_size: int = 10_000,
         passes: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -88,8 +89,10 @@ class StreamingPairDataModule(LightningDataModule):
             eval_batch_size: Queries or documents per evaluation forward pass.
             max_query_length: Token limit of a query including its prompt.
             max_document_length: Token limit of a document.
-            shuffle_buffer_size: Rows held in the streaming shuffle buffer.
+            shuffle_block_size: Consecutive rows shuffled together (held in memory); shards are
+                also read in a new random order every epoch.
             passes: Passes over the training data (None: repeat forever; stop with trainer.max_steps).
+                Must be None under DDP, where ranks may hold different numbers of rows.
             num_workers: DataLoader worker processes.
             seed: Shuffle seed.
         """
@@ -120,6 +123,7 @@ class StreamingPairDataModule(LightningDataModule):
         self.eval_sets: dict[str, EvalSet] = {}
         self.eval_queries_dropped: dict[str, list[str]] = {}
         self._batches: TextBatchBuilder | SpeechBatchBuilder | None = None
+        self._train_loader: ConsumedPositionLoader | None = None
 
     @property
     def batches(self) -> TextBatchBuilder | SpeechBatchBuilder:
@@ -177,28 +181,40 @@ class StreamingPairDataModule(LightningDataModule):
             )
 
     # ----- training -----------------------------------------------------------------------
-    def _training_stream(self):
+    def _training_stream(self) -> ShuffledEpochStream:
         hp = self.hparams
-        dataset = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
-        dataset = dataset.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer_size)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            dataset = split_dataset_by_node(
-                dataset, rank=self.trainer.global_rank, world_size=self.trainer.world_size
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if world_size > 1 and hp.passes is not None:
+            # A rank that runs out of rows first would leave the others waiting in a collective.
+            raise ConfigError(
+                f"data.passes={hp.passes} under DDP ({world_size} ranks): ranks can hold different "
+                "numbers of rows; set data.passes: null and stop with trainer.max_steps."
             )
-        return EpochStream(dataset, passes=hp.passes)
+        dataset = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
+        return ShuffledEpochStream(
+            dataset, hp.seed, hp.shuffle_block_size, hp.passes, rank=rank, world_size=world_size
+        )
 
-    def train_dataloader(self):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
+    def train_dataloader(self) -> ConsumedPositionLoader:
         hp = self.hparams
-        return StatefulDataLoader(
+        self._train_loader = ConsumedPositionLoader(
             self._training_stream(),
             batch_size=hp.batch_size,
             collate_fn=self.batches.training_batch,
             num_workers=hp.num_workers,
         )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Called when the training loop takes a batch (fetching ran one ahead): from here on a
+        # checkpoint resumes after this batch.
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            if self._train_loader is not None:
+                self._train_loader.mark_consumed(batch)
+            else:
+                batch.pop(STATE_KEY)
+        return batch
 
     # ----- evaluation ---------------------------------------------------------------------
     def _eval_loaders(self) -> list[DataLoader]:

@@ -1,35 +1,109 @@
-"""A resumable, epoch-reshuffling view of a streaming ``datasets.IterableDataset``."""
+"""Epochs of a streaming ``datasets.IterableDataset`` in a seeded random order that resumes exactly."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
-from itertools import count
+from itertools import count, islice
 
-from torch.utils.data import IterableDataset
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
 
 
-class EpochStream(IterableDataset):
-    """Iterates ``passes`` epochs of a streaming dataset (``None``: forever), reshuffling each epoch.
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
 
-    Lightning calls ``set_epoch`` only on samplers, which an iterable dataset has none of, so the
-    epoch is advanced here. ``state_dict`` is the dataset's own (it records the epoch), which
-    torchdata's ``StatefulDataLoader`` saves and restores: a resumed run continues mid-epoch.
+
+class ShuffledEpochStream(IterableDataset):
+    """Iterates ``passes`` epochs (``None``: forever), each in a new seeded order, resumable mid-epoch.
+
+    Order of an epoch: the dataset's shards in a seeded permutation, then its rows shuffled
+    within consecutive blocks of ``block_size``. Why not ``datasets``' shuffle buffer: its state
+    leaves the buffer out, so a resumed run silently drops or reorders up to a buffer of rows.
+    Here the state is the source's own position at the start of the current block (``datasets``
+    restores that exactly, skipping whole shards) plus how many of the block's rows were served:
+    a resume re-reads one block (rows, not decoded audio) and reshuffles it identically.
+
+    ``rank``/``world_size`` split every epoch's shards (or rows) across DDP ranks; DataLoader
+    workers split a rank's shards further. ``state_dict`` / ``load_state_dict`` are what
+    torchdata's ``StatefulDataLoader`` saves into Lightning checkpoints.
     """
 
-    def __init__(self, dataset, passes: int | None = None):
+    def __init__(
+        self,
+        dataset,
+        seed: int = 0,
+        block_size: int = 10_000,
+        passes: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}.")
         self.dataset = dataset
+        self.seed = seed
+        self.block_size = block_size
         self.passes = passes
-        self._start_epoch = 0
+        self.rank = rank
+        self.world_size = world_size
+        self._state = {"epoch": 0, "block": 0, "block_start": None, "served": 0}
+        self._resume: dict | None = None
+
+    def source(self, epoch: int):
+        """This rank's rows of ``epoch`` in reading order (shards permuted per epoch)."""
+        from datasets import concatenate_datasets
+        from datasets.distributed import split_dataset_by_node
+
+        shards = self.dataset.num_shards
+        # A fresh object every epoch: a state loaded into a datasets IterableDataset stays its
+        # starting point for every later iteration too.
+        source = copy.deepcopy(self.dataset)
+        if shards > 1:
+            order = np.random.default_rng([self.seed, epoch]).permutation(shards)
+            source = concatenate_datasets([self.dataset.shard(shards, int(i)) for i in order])
+        if self.world_size > 1:
+            source = split_dataset_by_node(source, rank=self.rank, world_size=self.world_size)
+        return source
+
+    def _block_order(self, epoch: int, block: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, block, self.rank, _worker_id()]).permutation(size)
 
     def __iter__(self) -> Iterator[dict]:
-        epochs = count(self._start_epoch) if self.passes is None else range(self._start_epoch, self.passes)
+        resume, self._resume = self._resume, None
+        start = resume["epoch"] if resume else 0
+        epochs = count(start) if self.passes is None else range(start, self.passes)
         for epoch in epochs:
-            self.dataset.set_epoch(epoch)
-            yield from self.dataset
+            source = self.source(epoch)
+            block, served = 0, 0
+            if resume and resume["block_start"] is not None:
+                source.load_state_dict(resume["block_start"])
+            if resume:
+                block, served = resume["block"], resume["served"]
+            block_start = resume["block_start"] if resume else None
+            resume = None
+            rows = iter(source)
+            while True:
+                rows_of_block = list(islice(rows, self.block_size))
+                if not rows_of_block:
+                    break
+                for position, index in enumerate(self._block_order(epoch, block, len(rows_of_block))):
+                    if position < served:
+                        continue
+                    self._state = {
+                        "epoch": epoch,
+                        "block": block,
+                        "block_start": block_start,
+                        "served": position + 1,
+                    }
+                    yield rows_of_block[index]
+                # The source now stands at the next block's first row: that is where it resumes.
+                block, served, block_start = block + 1, 0, copy.deepcopy(source.state_dict())
+            self._state = {"epoch": epoch + 1, "block": 0, "block_start": None, "served": 0}
 
     def state_dict(self) -> dict:
-        return self.dataset.state_dict()
+        return copy.deepcopy(self._state)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.dataset.load_state_dict(state_dict)
-        self._start_epoch = state_dict["epoch"]
+        self._state = copy.deepcopy(state_dict)
+        self._resume = copy.deepcopy(state_dict)

@@ -7,6 +7,7 @@ parameters only, trainable-only checkpoints) lives here once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +19,7 @@ from lightning_modules import distributed
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.losses import matryoshka_info_nce
+from lightning_modules.random_state import collect_random_states, restore_random_states
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class MatryoshkaEmbedder(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # Plain data in checkpoints: torch.load(weights_only=True), the default, refuses our
+        # classes; the configs' ``coerce`` rebuilds them from these dicts.
+        for key, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                self.hparams[key] = dataclasses.asdict(value)
         self.matryoshka_dims = validate_matryoshka_dims(matryoshka_dims)
         if temperature <= 0:
             raise ConfigError(f"model.temperature must be > 0, got {temperature}.")
@@ -64,6 +71,7 @@ class MatryoshkaEmbedder(LightningModule):
         self.nonfinite_losses = 0
         self.frozen_towers: list[str] = []  # attribute names of submodules kept in eval mode
         self._consecutive_nonfinite = 0
+        self._rng_states_to_restore: dict | None = None
         # Frozen backbones are left out of checkpoints (see on_save_checkpoint), so loading must
         # accept their absence; on_load_checkpoint checks that every trainable weight is there.
         self.strict_loading = False
@@ -193,6 +201,9 @@ class MatryoshkaEmbedder(LightningModule):
             "skipped_rows": self.skipped_rows,
             "nonfinite_losses": self.nonfinite_losses,
         }
+        # Lightning restores weights, optimizer, loops and data position but not the random
+        # generators (dropout, LoRA dropout): without them a resumed run is not the same run.
+        checkpoint["rng_states_per_rank"] = distributed.gather_objects(collect_random_states())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -205,3 +216,19 @@ class MatryoshkaEmbedder(LightningModule):
         counters = checkpoint.get("embedder_counters", {})
         self.skipped_rows = counters.get("skipped_rows", 0)
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
+        states = checkpoint.get("rng_states_per_rank") or []
+        if len(states) == distributed.world_size():
+            self._rng_states_to_restore = states[distributed.rank()]
+        elif states:
+            log.warning(
+                "The checkpoint holds random states of %d ranks, this run has %d: not restoring them "
+                "(dropout draws will differ from the original run).",
+                len(states),
+                distributed.world_size(),
+            )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored just before the first resumed step: loading and loop set-up may draw numbers.
+        if self._rng_states_to_restore is not None:
+            restore_random_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None

@@ -70,3 +70,12 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0)
+
+
+def gather_objects(local: object) -> list:
+    """Every rank's picklable ``local``, in rank order (a collective under DDP)."""
+    if world_size() == 1:
+        return [local]
+    everything = [None] * world_size()
+    dist.all_gather_object(everything, local)
+    return everything

@@ -75,7 +75,7 @@ def test_demo_corpus_is_deterministic_and_needs_a_vocabulary_mapping():
 
 # ----- the streaming datamodule ---------------------------------------------------------------
 def _datamodule(tokenizer, train_data, **kwargs) -> StreamingPairDataModule:
-    defaults = dict(batch_size=4, shuffle_buffer_size=8, max_query_length=32, max_document_length=32)
+    defaults = dict(batch_size=4, shuffle_block_size=8, max_query_length=32, max_document_length=32)
     return StreamingPairDataModule(str(tokenizer), train_data=str(train_data), **{**defaults, **kwargs})
 
 
@@ -134,7 +134,7 @@ def test_stream_repeats_passes_and_reshuffles_each_epoch(tiny_text_model, tmp_pa
 def test_loader_state_resumes_at_the_next_row(tiny_text_model, tmp_path):
     rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(40)]
     train = _write_jsonl(tmp_path / "train.jsonl", rows)
-    datamodule = _datamodule(tiny_text_model, train, passes=1, shuffle_buffer_size=1)
+    datamodule = _datamodule(tiny_text_model, train, passes=1, shuffle_block_size=1)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     iterator = iter(loader)

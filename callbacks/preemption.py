@@ -1,0 +1,90 @@
+"""Preemption: on SIGTERM / SIGUSR1, finish the current step, save a resumable checkpoint, stop.
+
+Clusters announce preemption with a signal and a grace period (SLURM: ``#SBATCH
+--signal=SIGUSR1@120``, SIGTERM before a kill). Lightning's own SIGTERM handler stops without a
+checkpoint (and, with its DDP launcher, kills the other ranks at once), and its SLURM handler
+saves from inside the signal handler, i.e. possibly halfway through an optimizer step. This
+callback only raises a flag in the handler; at the end of the current training step, where
+weights, optimizer, loop counters and dataloader position agree, all ranks learn of the flag
+(one rank receiving the signal is enough), the checkpoint is written, and training stops.
+
+The file is named ``last-preempted.ckpt`` in the checkpoint folder, so ``fit --ckpt_path last``
+(the newest ``last*.ckpt``) resumes from it. It is written to a temporary name and renamed, so a
+kill during the write never replaces a good checkpoint with half a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last-preempted.ckpt"
+
+
+class PreemptionCheckpoint(Callback):
+    """Saves ``<dirpath>/last-preempted.ckpt`` and stops when one of ``signals`` arrives."""
+
+    def __init__(self, dirpath: str | None = None, signals: Sequence[str] = ("SIGTERM", "SIGUSR1")):
+        """
+        Args:
+            dirpath: Checkpoint folder (default: the first ModelCheckpoint's, else
+                ``<default_root_dir>/checkpoints``), so ``--ckpt_path last`` finds the file.
+            signals: Signal names that mean "save and stop" (e.g. SLURM's ``--signal``).
+        """
+        unknown = [name for name in signals if not hasattr(signal, name)]
+        if unknown:
+            raise ValueError(f"PreemptionCheckpoint.signals: unknown signal names {unknown}.")
+        self.dirpath = dirpath
+        self.signals = tuple(signals)
+        self.received: str | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    # Installed at train start: Lightning registers its own SIGTERM handler just before, in fit.
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.received = None
+        for name in self.signals:
+            number = getattr(signal, name)
+            self._previous_handlers[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame) -> None:
+        # Only a flag: the handler runs between two bytecodes, anywhere in the step.
+        self.received = signal.Signals(number).name
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        # Every rank takes part in the decision every step, whichever rank got the signal.
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        path = self.checkpoint_path(trainer)
+        partial = path.with_name(path.name + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+        trainer.strategy.barrier("preemption_checkpoint")
+        log.warning(
+            "%s received: saved %s at step %d; resume with `fit --ckpt_path last`.",
+            self.received or "a preemption signal (on another rank)",
+            path,
+            trainer.global_step,
+        )
+        trainer.should_stop = True
+
+    def checkpoint_path(self, trainer: Trainer) -> Path:
+        if self.dirpath is not None:
+            folder = Path(self.dirpath)
+        elif trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            folder = Path(trainer.checkpoint_callback.dirpath)
+        else:
+            folder = Path(trainer.default_root_dir) / "checkpoints"
+        return folder / CHECKPOINT_NAME
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers = {}

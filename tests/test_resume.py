@@ -1,0 +1,132 @@
+"""Exact mid-epoch resume and preemption, with the streaming datamodule and a real Trainer (CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.preemption import CHECKPOINT_NAME, PreemptionCheckpoint
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import TextOnly
+from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+from lightning_modules.schedules import WarmupCosine
+
+TOTAL_STEPS = 7  # the corpus holds 96 rows: 7 batches of 6 stay inside the first epoch (mid-epoch)
+
+
+class RecordBatchIds(Callback):
+    def __init__(self):
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.append(list(batch["ids"]))
+
+
+class SignalAtStep(Callback):
+    """Sends this process a real signal during step ``step`` (as a cluster would, mid-step)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, corpus_dir):
+    # 96 rows of the demo corpus: small enough for seconds per run, several blocks per epoch.
+    lines = (corpus_dir / "train.jsonl").read_text().splitlines()[:96]
+    path = tmp_path_factory.mktemp("resume") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=()):
+    seed_everything(0)
+    model = TextOnly(
+        # LoRA dropout draws random numbers every step, so the run is only reproduced if the
+        # random generators are restored too.
+        TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=0.2)),
+        matryoshka_dims=[32, 256],
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        lr_scheduler=lambda optimizer: WarmupCosine(optimizer, warmup_steps=3, total_steps=TOTAL_STEPS),
+    )
+    data = StreamingPairDataModule(
+        str(text_model),
+        train_data=str(train_file),
+        batch_size=6,
+        shuffle_block_size=20,
+        max_query_length=32,
+        max_document_length=48,
+    )
+    recorder = RecordBatchIds()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[recorder, *callbacks],
+    )
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return trainer, recorder.ids, trainable
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), (
+            f"{name}: max diff {(a[name] - b[name]).abs().max():.2e}"
+        )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_text_model, train_file):
+    _, ids, weights = _fit(tmp_path_factory.mktemp("straight"), tiny_text_model, train_file, TOTAL_STEPS)
+    assert len(ids) == TOTAL_STEPS and len({i for batch in ids for i in batch}) == 6 * TOTAL_STEPS
+    return ids, weights
+
+
+@pytest.mark.parametrize("stop_at", [3, 5])
+def test_k_steps_then_resume_to_n_is_the_same_run(
+    tmp_path, tiny_text_model, train_file, uninterrupted, stop_at
+):
+    """Stops mid-epoch with a step checkpoint, resumes with ``ckpt_path``: same ids, same weights."""
+    every_step = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    _, first_ids, _ = _fit(tmp_path / "first", tiny_text_model, train_file, stop_at, callbacks=[every_step])
+    checkpoint = tmp_path / "checkpoints" / f"epoch=0-step={stop_at}.ckpt"
+    _, resumed_ids, weights = _fit(tmp_path / "second", tiny_text_model, train_file, TOTAL_STEPS, checkpoint)
+    expected_ids, expected_weights = uninterrupted
+    assert first_ids + resumed_ids == expected_ids
+    _assert_same_weights(weights, expected_weights)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_mid_epoch_leaves_a_checkpoint_that_resumes_the_same_run(
+    tmp_path, tiny_text_model, train_file, uninterrupted, signum
+):
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    trainer, first_ids, _ = _fit(
+        tmp_path / "first",
+        tiny_text_model,
+        train_file,
+        TOTAL_STEPS,
+        callbacks=[preemption, SignalAtStep(4, signum)],
+    )
+    checkpoint = tmp_path / "checkpoints" / CHECKPOINT_NAME
+    assert checkpoint.exists() and not list((tmp_path / "checkpoints").glob("*.partial"))
+    assert trainer.global_step == 4 and len(first_ids) == 4  # the step in flight finished, then it stopped
+    assert signal.getsignal(signal.SIGTERM) is not preemption._handle  # handlers given back
+    _, resumed_ids, weights = _fit(tmp_path / "second", tiny_text_model, train_file, TOTAL_STEPS, checkpoint)
+    expected_ids, expected_weights = uninterrupted
+    assert first_ids + resumed_ids == expected_ids
+    _assert_same_weights(weights, expected_weights)
