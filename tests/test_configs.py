@@ -10,7 +10,11 @@ from cli import cli_main
 from lightning_modules.base import MatryoshkaEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(
+    p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer"
+)
+# Trainer overlays (configs/trainer/) are not recipes: they are composed after one.
+TRAINER_OVERLAYS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs" / "trainer").glob("*.yaml"))
 
 
 def _stand_ins(
@@ -45,3 +49,21 @@ def test_config_instantiates(
     batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
     assert sorted(embeddings) == cli.model.matryoshka_dims
+
+
+@pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=str)
+def test_trainer_overlay_composes_with_a_recipe(
+    overlay, wide_tiny_text_model, corpus_dir, tmp_path, monkeypatch
+):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.chdir(ROOT)
+    recipe = Path("configs/text_only.yaml")
+    args = ["--config", str(recipe), "--config", str(overlay)]
+    args += _stand_ins(recipe, wide_tiny_text_model, corpus_dir, Path(), Path())
+    # This machine has no GPU: the overlay's accelerator and device count are swapped for CPU ones.
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    cli = cli_main(args, run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.trainer.precision == "bf16-mixed"
+    assert cli.model.cross_device_negatives

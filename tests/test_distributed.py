@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from demo_recipes import ROOT
 from torch.nn.parallel import DistributedDataParallel
 
 from datamodules.pairs import StreamingPairDataModule
@@ -114,3 +118,40 @@ def test_without_cross_device_negatives_each_rank_only_contrasts_its_own_batch(t
     # Fewer negatives: the mean of the two local losses, not the global-batch loss.
     assert torch.allclose(ddp["loss"], (per_rank[0]["loss"] + per_rank[1]["loss"]) / 2, atol=1e-5)
     assert not torch.allclose(ddp["loss"], global_batch["loss"], atol=1e-3)
+
+
+def _scalar_tags(run_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in run_dir.glob("tensorboard/*/events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_demo_under_ddp_logs_the_same_metric_tags_as_one_process(demo_dir, tmp_path):
+    """The demo late-fusion command with ``--trainer.devices=2 --trainer.strategy=ddp`` (shortened)."""
+    short = [
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=1",
+        "--data.init_args.batch_size=8",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=1",
+    ]
+    runs = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"devices-{devices}"
+        command = [sys.executable, "cli.py", "fit", "--config", "configs/demo/late_fusion.yaml", *short]
+        command += [f"--trainer.default_root_dir={run_dir}", "--trainer.accelerator=cpu"]
+        command += [
+            f"--trainer.devices={devices}",
+            "--trainer.strategy=" + ("ddp" if devices > 1 else "auto"),
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = _scalar_tags(run_dir)
+    assert "val/demo/ndcg@10/d256" in runs[1] and "train/loss" in runs[1]
+    assert runs[2] == runs[1]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from demo_recipes import DEMO_MODELS, ROOT, model_section, recipe_without_model
 from speech_inputs import (
     DIMS,
     assert_first_query_embeds_alone_as_batched,
@@ -21,8 +20,6 @@ from lightning_modules import DualEncoder
 from lightning_modules.components.matryoshka import MatryoshkaHeads
 from lightning_modules.components.pooling import AttentionPooling
 from lightning_modules.losses import matryoshka_alignment_loss
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(text_model, speech_model, **kwargs) -> DualEncoder:
@@ -119,31 +116,14 @@ def test_text_tower_stays_frozen_and_out_of_the_checkpoint(tiny_text_model, tiny
     assert set(checkpoint["state_dict"]) == trainable
 
 
-def _model_section(config: str, path: Path, max_steps: int) -> Path:
-    """The ``model:`` block of a demo recipe, alone in a file (what ``--model FILE`` reads).
-
-    A file given to ``--model`` is resolved on its own, so the schedule's ``${trainer.max_steps}``
-    is written out as the number it stands for, and its warmup shortened to fit this short run.
-    """
-    text = (ROOT / "configs" / "demo" / config).read_text().replace("${trainer.max_steps}", str(max_steps))
-    section = yaml.safe_load(text)["model"]
-    section["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] = 1
-    path.write_text(yaml.safe_dump(section))
-    return path
-
-
 def test_models_swap_by_config_on_one_datamodule_and_one_callback_list(demo_dir, tmp_path, monkeypatch):
     """Every demo model runs on the late-fusion recipe's data and callbacks; only ``--model`` changes."""
     monkeypatch.chdir(ROOT)
-    # The late-fusion recipe's trainer, callbacks and data, without its model.
-    shared = yaml.safe_load((ROOT / "configs" / "demo" / "late_fusion.yaml").read_text())
-    del shared["model"]
-    shared_file = tmp_path / "trainer-and-data.yaml"
-    shared_file.write_text(yaml.safe_dump(shared))
+    shared_file = recipe_without_model("late_fusion.yaml", tmp_path / "trainer-and-data.yaml")
     tags = {}
-    for recipe in ("text_only.yaml", "late_fusion.yaml", "dual_retrieval.yaml", "dual_alignment.yaml"):
+    for recipe in DEMO_MODELS:
         run_dir = tmp_path / recipe.removesuffix(".yaml")
-        model_file = _model_section(recipe, tmp_path / f"model-{recipe}", max_steps=2)
+        model_file = model_section(recipe, tmp_path / f"model-{recipe}", max_steps=2)
         cli = cli_main(
             [
                 "fit",
