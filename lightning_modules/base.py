@@ -105,7 +105,7 @@ class MatryoshkaEmbedder(LightningModule):
         needed = 1 if self.cross_device_negatives and distributed.world_size() > 1 else 2
         if not distributed.all_ranks_agree(batch_size >= needed, self.device):
             log.warning("Skipping a training batch with %d usable rows (on some rank).", batch_size)
-            return None
+            return self._skipped_step()
         loss = self.training_loss(batch)
         if not distributed.all_ranks_agree(bool(torch.isfinite(loss)), self.device):
             return self._skip_nonfinite(batch)
@@ -151,7 +151,19 @@ class MatryoshkaEmbedder(LightningModule):
             )
         log.warning("Non-finite loss on batch %s...: step skipped, weights untouched.", batch["ids"][:8])
         self.log("train/nonfinite_losses", float(self.nonfinite_losses), batch_size=1)
-        return None
+        return self._skipped_step()
+
+    def _skipped_step(self) -> torch.Tensor | None:
+        """What training_step returns for a step that must not change the weights.
+
+        One process: None (Lightning skips backward and the optimizer step). Under DDP Lightning
+        refuses None, so every rank returns a zero that is connected to no parameter: backward
+        gives no parameter a gradient, and the optimizer leaves parameters without gradients
+        (and their state) untouched.
+        """
+        if distributed.world_size() == 1:
+            return None
+        return torch.zeros((), device=self.device, requires_grad=True)
 
     # ----- evaluation: embeddings out, analysis in callbacks -------------------------------
     def _embed_eval_batch(self, batch: Mapping) -> dict:

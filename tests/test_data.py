@@ -164,3 +164,13 @@ def test_eval_batches_keep_positions_and_sides(tiny_text_model, corpus_dir):
     assert sorted(positions) == list(range(len(datamodule.eval_sets["demo"].queries)))
     first = next(iter(corpus_loader))
     assert first["side"] == "corpus" and "document" in first and first["eval_set"] == "demo"
+
+
+def test_finite_passes_under_ddp_is_a_clear_error(tiny_text_model, tmp_path):
+    from types import SimpleNamespace
+
+    rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(8)]
+    datamodule = _datamodule(tiny_text_model, _write_jsonl(tmp_path / "train.jsonl", rows), passes=1)
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="data.passes"):
+        datamodule.train_dataloader()

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from demo_recipes import ROOT
+from lightning.pytorch import Callback
 from torch.nn.parallel import DistributedDataParallel
 
 from datamodules.pairs import StreamingPairDataModule
@@ -155,3 +156,77 @@ def test_demo_under_ddp_logs_the_same_metric_tags_as_one_process(demo_dir, tmp_p
         runs[devices] = _scalar_tags(run_dir)
     assert "val/demo/ndcg@10/d256" in runs[1] and "train/loss" in runs[1]
     assert runs[2] == runs[1]
+
+
+class _NanOnRankOneAtStep(Callback):
+    """Makes rank 1's loss non-finite at one step (every embedding NaN), then heals it; records
+    whether rank 0's weights moved during that step."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.saved = None
+        self.before = None
+        self.unchanged_at_skipped_step = None
+
+    def _weights(self, pl_module):
+        return [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
+
+    def _same_as_before(self, pl_module) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(self.before, self._weights(pl_module), strict=True))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        embeddings = pl_module.text_encoder.model.get_input_embeddings().weight
+        if batch_idx == self.step:
+            self.before = self._weights(pl_module)
+            if trainer.global_rank == 1:
+                self.saved = embeddings.detach().clone()
+                with torch.no_grad():
+                    embeddings.fill_(float("nan"))
+        elif self.saved is not None:
+            with torch.no_grad():
+                embeddings.copy_(self.saved)
+            self.saved = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.step and trainer.global_rank == 0:
+            self.unchanged_at_skipped_step = self._same_as_before(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            result = {
+                "steps": trainer.global_step,
+                "nonfinite": pl_module.nonfinite_losses,
+                "unchanged": self.unchanged_at_skipped_step,
+                "moved_later": not self._same_as_before(pl_module),
+            }
+            torch.save(result, trainer.default_root_dir + "/result.pt")
+
+
+def test_a_step_skipped_on_one_rank_is_skipped_on_all_without_hanging(tmp_path, tiny_text_model, corpus_dir):
+    from lightning.pytorch import Trainer
+
+    rows = (corpus_dir / "train.jsonl").read_text().splitlines()[:64]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(rows) + "\n")
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    data = StreamingPairDataModule(
+        str(tiny_text_model), train_data=str(train), batch_size=4, max_query_length=32, max_document_length=48
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[_NanOnRankOneAtStep(step=1)],
+    )
+    trainer.fit(model, data)  # a hang here would be the failure
+    result = torch.load(tmp_path / "result.pt")
+    # Rank 0 had a finite loss at batch 1, yet skipped it with rank 1: its weights did not move
+    # (the step still counts in global_step); training went on afterwards.
+    assert result == {"steps": 4, "nonfinite": 1, "unchanged": True, "moved_later": True}
