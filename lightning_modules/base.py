@@ -210,7 +210,8 @@ class MatryoshkaEmbedder(LightningModule):
         frozen = self._frozen_parameter_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["embedder_counters"] = {
-            "skipped_rows": self.skipped_rows,
+            # Per rank: each rank counts the bad rows of its own share of the stream.
+            "skipped_rows_per_rank": distributed.gather_objects(self.skipped_rows),
             "nonfinite_losses": self.nonfinite_losses,
         }
         # Lightning restores weights, optimizer, loops and data position but not the random
@@ -226,7 +227,11 @@ class MatryoshkaEmbedder(LightningModule):
                 f"(e.g. {missing[:3]}): it was written by a different model or freezing config."
             )
         counters = checkpoint.get("embedder_counters", {})
-        self.skipped_rows = counters.get("skipped_rows", 0)
+        per_rank = counters.get("skipped_rows_per_rank") or [counters.get("skipped_rows", 0)]
+        if len(per_rank) == distributed.world_size():
+            self.skipped_rows = per_rank[distributed.rank()]
+        else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
+            self.skipped_rows = sum(per_rank) if distributed.rank() == 0 else 0
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
         states = checkpoint.get("rng_states_per_rank") or []
         if len(states) == distributed.world_size():
