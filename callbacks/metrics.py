@@ -113,3 +113,28 @@ def retrieval_metrics(
     indices = torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
     _, ranked = _stable_top_k(scores, indices, k)
     return metrics_from_ranking(ranked, qrels, ks)
+
+
+def classification_metrics(predicted: Sequence[int], gold: Sequence[int], labels: Sequence[int]) -> dict:
+    """Accuracy, macro recall and macro F1 of single-label predictions (nearest label document).
+
+    Macro averages run over ``labels`` (every class that has at least one gold example), so a
+    class the model never predicts counts with F1 0 rather than being dropped.
+    """
+    if len(predicted) != len(gold) or not gold:
+        raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold labels.")
+    recalls, f1s = [], []
+    for label in labels:
+        true_positive = sum(1 for p, g in zip(predicted, gold, strict=True) if p == g == label)
+        predicted_count = sum(1 for p in predicted if p == label)
+        gold_count = sum(1 for g in gold if g == label)
+        recall = true_positive / gold_count if gold_count else 0.0
+        precision = true_positive / predicted_count if predicted_count else 0.0
+        recalls.append(recall)
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    correct = sum(1 for p, g in zip(predicted, gold, strict=True) if p == g)
+    return {
+        "accuracy": correct / len(gold),
+        "macro_recall": sum(recalls) / len(recalls),
+        "macro_f1": sum(f1s) / len(f1s),
+    }

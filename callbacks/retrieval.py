@@ -1,10 +1,17 @@
-"""Retrieval evaluation at every validation/test: nDCG, Recall and MRR per eval set and Matryoshka dim.
+"""Evaluation at every validation/test: metrics per eval set and Matryoshka dim, analyses, dashboards.
 
 The LightningModule's ``validation_step`` embeds each eval batch once (every dim from one pass)
-and returns the embeddings with their positions; this callback gathers them per eval set,
-ranks the corpus with an exact chunked top-k, and logs one scalar per (eval set, metric, dim),
-e.g. ``val/demo/ndcg@10/d256``. The assembled embeddings stay available to other analyses as
-``last_embeddings`` so nothing is encoded twice.
+and returns the embeddings with their positions; this callback gathers them per eval set and
+logs one scalar per (eval set, metric, dim), e.g. ``val/demo/ndcg@10/d256``:
+- retrieval sets: the corpus ranked with an exact chunked top-k; nDCG, recall and MRR at k;
+- classification sets (keyword spotting, zero-shot intent): each query takes its nearest class
+  text; accuracy, macro recall and macro F1;
+- then every configured analysis (effective rank, cost per dim, ...) on the same embeddings,
+  so nothing is encoded twice. The assembled embeddings stay available as ``last_embeddings``.
+
+With a TensorBoard logger it also writes a custom-scalars layout (one chart per eval set and
+metric, every dim on it), image summaries each validation (the metrics and costs against the
+dim; each analysis's figures) and, at the end of fit, the hyperparameters with the final metrics.
 
 Under DDP each rank encodes its share of every eval set (Lightning's distributed sampler); the
 shares are gathered on rank 0, which scores the full set once and broadcasts the numbers, so
@@ -21,8 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.metrics import metrics_from_ranking, top_k_search
+from callbacks.analysis import EmbeddingAnalysis
+from callbacks.metrics import classification_metrics, metrics_from_ranking, top_k_search
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +57,30 @@ class RetrievalEvaluator(Callback):
     """Logs ``{stage}/{eval_set}/{metric}@{k}/d{dim}`` for every eval set of the datamodule."""
 
     def __init__(
-        self, ks: Sequence[int] = (5, 10), query_chunk_size: int = 1024, document_chunk_size: int = 16384
+        self,
+        ks: Sequence[int] = (5, 10),
+        query_chunk_size: int = 1024,
+        document_chunk_size: int = 16384,
+        analyses: list[EmbeddingAnalysis] | None = None,
+        dashboards: bool = True,
     ):
         """
         Args:
             ks: Cut-offs of nDCG, Recall and MRR.
             query_chunk_size: Queries scored at once (memory ~ query_chunk x document_chunk floats).
             document_chunk_size: Documents scored at once.
+            analyses: Further analyses of the same embeddings (e.g. callbacks.effective_rank.EffectiveRank,
+                callbacks.cost.CostPerDimension).
+            dashboards: With a TensorBoard logger: the custom-scalars layout, image summaries, and
+                the hyperparameters with the final metrics.
         """
         self.ks = tuple(sorted(ks))
         self.query_chunk_size = query_chunk_size
         self.document_chunk_size = document_chunk_size
+        self.analyses = list(analyses or [])
+        self.dashboards = dashboards
         self._chunks: dict[tuple[str, str], list] = defaultdict(list)
+        self._layout_written = False
         self.last_embeddings: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         self.last_metrics: dict[str, float] = {}
 
@@ -106,6 +127,8 @@ class RetrievalEvaluator(Callback):
         chunks = self._chunks_of_all_ranks(trainer)
         if chunks is not None:
             self._score(trainer, chunks, stage)
+            if self.dashboards and not self._layout_written and stage == "val":
+                self._write_layout(trainer)
         if trainer.world_size > 1:
             self.last_metrics = trainer.strategy.broadcast(self.last_metrics, src=0)
         for tag, value in self.last_metrics.items():
@@ -125,12 +148,105 @@ class RetrievalEvaluator(Callback):
                     stage,
                 )
                 continue
-            self.last_embeddings[name] = {"queries": queries, "corpus": corpus}
-            for dim in sorted(queries):
-                _, ranked = top_k_search(
-                    queries[dim], corpus[dim], max(self.ks), self.query_chunk_size, self.document_chunk_size
-                )
-                results = metrics_from_ranking(ranked, eval_set.qrels, self.ks)
-                for metric in (f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in self.ks):
-                    self.last_metrics[f"{stage}/{name}/{metric}/d{dim}"] = results[metric]
-            self.last_metrics[f"{stage}/{name}/num_queries_evaluated"] = results["num_queries"]
+            embeddings = {"queries": queries, "corpus": corpus}
+            self.last_embeddings[name] = embeddings
+            prefix = f"{stage}/{name}/"
+            if eval_set.kind == "classification":
+                scores = self._classification_scores(eval_set, queries, corpus)
+            else:
+                scores = self._retrieval_scores(eval_set, queries, corpus)
+            for analysis in self.analyses:
+                scores |= analysis.analyze(eval_set, embeddings)
+            self.last_metrics |= {prefix + tag: value for tag, value in scores.items()}
+            if self.dashboards and stage == "val":
+                self._write_figures(trainer, eval_set, scores)
+
+    def _retrieval_scores(self, eval_set, queries, corpus) -> dict[str, float]:
+        scores = {}
+        for dim in sorted(queries):
+            _, ranked = top_k_search(
+                queries[dim], corpus[dim], max(self.ks), self.query_chunk_size, self.document_chunk_size
+            )
+            results = metrics_from_ranking(ranked, eval_set.qrels, self.ks)
+            for metric in (f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in self.ks):
+                scores[f"{metric}/d{dim}"] = results[metric]
+        scores["num_queries_evaluated"] = results["num_queries"]
+        return scores
+
+    def _classification_scores(self, eval_set, queries, corpus) -> dict[str, float]:
+        gold = eval_set.gold_labels()
+        classes = sorted(set(gold))
+        scores = {}
+        for dim in sorted(queries):
+            _, nearest = top_k_search(
+                queries[dim], corpus[dim], 1, self.query_chunk_size, self.document_chunk_size
+            )
+            results = classification_metrics(nearest[:, 0].tolist(), gold, classes)
+            scores |= {f"{metric}/d{dim}": value for metric, value in results.items()}
+        scores["num_queries_evaluated"] = len(gold)
+        return scores
+
+    # ----- TensorBoard dashboards -----------------------------------------------------------
+    def _writer(self, trainer: Trainer):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def _write_figures(self, trainer: Trainer, eval_set, scores: dict[str, float]) -> None:
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        from callbacks.figures import metric_vs_dimension_figure
+
+        main = ("accuracy", "macro_f1") if eval_set.kind == "classification" else (f"ndcg@{self.ks[-1]}",)
+        dims = sorted({int(tag.rsplit("/d", 1)[1]) for tag in scores if tag.startswith(main[0] + "/d")})
+        metrics = {m: [scores[f"{m}/d{d}"] for d in dims] for m in main}
+        costs = {
+            family: [scores[f"{family}/d{d}"] for d in dims]
+            for family in sorted({tag.split("/")[0] for tag in scores if tag.startswith("query_ms_")})
+        }
+        title = f"{eval_set.name}, step {trainer.global_step}"
+        figures = {"metrics_vs_dim": metric_vs_dimension_figure(dims, metrics, costs, title)}
+        for analysis in self.analyses:
+            figures |= analysis.figures(eval_set)
+        for key, figure in figures.items():
+            writer.add_figure(
+                f"val/{eval_set.name}/{key}", figure, global_step=trainer.global_step, close=True
+            )
+
+    def _write_layout(self, trainer: Trainer) -> None:
+        writer = self._writer(trainer)
+        if writer is not None and self.last_metrics:
+            writer.add_custom_scalars(custom_scalars_layout(self.last_metrics))
+            self._layout_written = True
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The hparams tab: this run's settings next to its final numbers, comparable across runs.
+        if not self.dashboards or not self.last_metrics:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                final = {tag: value for tag, value in self.last_metrics.items() if tag.startswith("val/")}
+                logger.log_hyperparams(pl_module.hparams, metrics=final)
+
+
+def custom_scalars_layout(tags) -> dict:
+    """TensorBoard custom-scalars layout: a category per (stage, eval set), a chart per metric
+    holding every dim (``<stage>/<set>/<metric>/d<dim>`` tags, matched by a regex)."""
+    import re
+
+    layout: dict[str, dict[str, list]] = {}
+    for tag in sorted(tags):
+        match = re.fullmatch(r"(?P<stage>[^/]+)/(?P<set>[^/]+)/(?P<metric>.+)/d\d+", tag)
+        if match is None:
+            continue
+        category = f"{match['stage']}/{match['set']}"
+        pattern = f"{re.escape(category)}/{re.escape(match['metric'])}/d\\d+"
+        layout.setdefault(category, {})[match["metric"]] = ["Multiline", [pattern]]
+    return layout

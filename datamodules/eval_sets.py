@@ -32,6 +32,20 @@ class EvalSet:
     root: Path | None = None
     """Local folder of the set (relative audio paths in queries resolve against it)."""
 
+    kind: str = "retrieval"
+    """``retrieval`` (rank the corpus: nDCG, recall, MRR) or ``classification`` (the corpus is
+    one text per class, the qrels give each query's class: accuracy and macro recall/F1 of the
+    nearest class, e.g. keyword spotting or zero-shot intent)."""
+
+    def gold_labels(self) -> list[int]:
+        """Each query's class (its highest-graded document), for a classification set."""
+        missing = [self.queries[i]["id"] for i in range(len(self.queries)) if not self.qrels.get(i)]
+        if missing:
+            raise DataError(
+                f"classification set {self.name!r}: queries without a class in qrels: {missing[:5]}"
+            )
+        return [max(self.qrels[i], key=self.qrels[i].get) for i in range(len(self.queries))]
+
     @property
     def num_queries_without_relevant(self) -> int:
         return sum(1 for i in range(len(self.queries)) if not self.qrels.get(i))
@@ -44,7 +58,7 @@ class EvalSet:
             for new, row in enumerate(queries)
             if old_position[row["id"]] in self.qrels
         }
-        return EvalSet(self.name, queries, self.corpus, qrels, self.root)
+        return EvalSet(self.name, queries, self.corpus, qrels, self.root, self.kind)
 
 
 def build_eval_set(name: str, queries: list[dict], corpus: list[dict], qrel_rows, source: str) -> EvalSet:

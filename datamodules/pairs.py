@@ -53,6 +53,7 @@ class StreamingPairDataModule(LightningDataModule):
         tokenizer: str,
         train_data: str | None = None,
         eval_sets: dict[str, str] | None = None,
+        classification_sets: dict[str, str] | None = None,
         train_split: str = "train",
         train_config_name: str | None = None,
         eval_split: str = "test",
@@ -76,6 +77,9 @@ class StreamingPairDataModule(LightningDataModule):
             tokenizer: Tokenizer name or folder; linked from the model's text encoder by the CLI.
             train_data: Training pairs: a .jsonl/.json/.parquet/.csv file, a folder, or a hub dataset name.
             eval_sets: Eval set name -> BEIR folder or hub name; names appear in metric tags.
+            classification_sets: Name -> BEIR folder whose corpus holds one text per class (keyword
+                transcriptions, intent names) and whose qrels give each query's class; scored by
+                the nearest class: accuracy, macro recall and macro F1 per dim.
             train_split: Split of a folder/hub training dataset.
             train_config_name: Config (subset) name of a hub training dataset.
             eval_split: Qrels split of the eval sets (qrels/<split>.tsv).
@@ -110,6 +114,7 @@ class StreamingPairDataModule(LightningDataModule):
             {
                 "data.train_data": train_data,
                 **{f"data.eval_sets.{k}": v for k, v in (eval_sets or {}).items()},
+                **{f"data.classification_sets.{k}": v for k, v in (classification_sets or {}).items()},
             }
         )
         self.prompts = prompts or PromptConfig()
@@ -161,8 +166,21 @@ class StreamingPairDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if not self.eval_sets:
-            for name, location in (self.hparams.eval_sets or {}).items():
-                eval_set = load_beir_eval_set(name, location, self.hparams.eval_split)
+            hp = self.hparams
+            overlap = set(hp.eval_sets or {}) & set(hp.classification_sets or {})
+            if overlap:
+                raise ConfigError(
+                    f"data.eval_sets and data.classification_sets both name {sorted(overlap)}: "
+                    "names become metric tags, so they must differ."
+                )
+            kinds = {name: "retrieval" for name in hp.eval_sets or {}}
+            kinds |= {name: "classification" for name in hp.classification_sets or {}}
+            locations = {**(hp.eval_sets or {}), **(hp.classification_sets or {})}
+            for name, location in locations.items():
+                eval_set = load_beir_eval_set(name, location, hp.eval_split)
+                eval_set.kind = kinds[name]
+                if eval_set.kind == "classification":
+                    eval_set.gold_labels()  # a query without a class fails now, not at the first validation
                 for row in eval_set.queries:
                     self.prompts.instruction(row.get("task"))  # unknown tasks fail now, not mid-run
                 if self.audio is not None:

@@ -123,3 +123,29 @@ def test_chunked_search_of_a_large_corpus_is_exact_and_never_dense():
         block = q[start : start + 250] @ d.T
         reference = torch.sort(block, dim=1, descending=True, stable=True)[1][:, :10]
         assert torch.equal(result["indices"][start : start + 250], reference)
+
+
+def test_classification_metrics_match_a_confusion_matrix_computation():
+    import numpy as np
+
+    from callbacks.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 5, size=200)
+    predicted = np.where(rng.random(200) < 0.6, gold, rng.integers(0, 6, size=200))  # 5 = never gold
+    confusion = np.zeros((6, 6))
+    np.add.at(confusion, (gold, predicted), 1)
+    labels = [0, 1, 2, 3, 4]
+    true_positive = np.diag(confusion)[labels]
+    recall = true_positive / confusion[labels].sum(axis=1)
+    precision = true_positive / np.maximum(confusion[:, labels].sum(axis=0), 1)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0)
+    metrics = classification_metrics(predicted.tolist(), gold.tolist(), labels)
+    assert metrics["accuracy"] == pytest.approx((predicted == gold).mean())
+    assert metrics["macro_recall"] == pytest.approx(recall.mean())
+    assert metrics["macro_f1"] == pytest.approx(f1.mean())
+    assert classification_metrics([1, 1], [0, 1], [0, 1]) == {
+        "accuracy": 0.5,
+        "macro_recall": 0.5,
+        "macro_f1": pytest.approx(1 / 3),
+    }

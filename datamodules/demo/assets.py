@@ -240,6 +240,13 @@ def speech_corpus_dir() -> Path:
     return _build_atomically(demo_root() / "speech", write_demo_speech_corpus)
 
 
+def speech_tasks_dir() -> Path:
+    """Spoken keyword-spotting and zero-shot intent sets: keywords/ and intents/ (BEIR + audio)."""
+    from datamodules.demo.speech_tasks import write_demo_speech_tasks
+
+    return _build_atomically(demo_root() / "speech-tasks", write_demo_speech_tasks)
+
+
 def text_stage_dir() -> Path:
     """The text-only demo stage, trained once: the frozen text tower of the late-fusion demo.
 
@@ -271,6 +278,7 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "corpus": corpus_dir,
     "text_model": text_model_dir,
     "speech_corpus": speech_corpus_dir,
+    "speech_tasks": speech_tasks_dir,
     "speech_model": speech_model_dir,
     "text_stage": text_stage_dir,
 }
