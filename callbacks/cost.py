@@ -14,7 +14,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class CostPerDimension(EmbeddingAnalysis):
-    """Logs ``index_mb_<dtype>/d<dim>`` (the eval corpus stored at that dim and dtype) and
+    """Logs ``index_bytes_<dtype>/d<dim>`` (the eval corpus stored at that dim and dtype) and
     ``query_ms_<dtype>/d<dim>`` (exact top-k search of the eval queries against it, per query,
     median of ``repeats`` timed runs on the device the embeddings are on), next to nDCG so
     accuracy against cost is one look."""
@@ -43,7 +43,7 @@ class CostPerDimension(EmbeddingAnalysis):
             for name in self.dtypes:
                 documents = embeddings["corpus"][dim].to(DTYPES[name])
                 queries = embeddings["queries"][dim].to(DTYPES[name])
-                metrics[f"index_mb_{name}/d{dim}"] = documents.numel() * documents.element_size() / 2**20
+                metrics[f"index_bytes_{name}/d{dim}"] = float(documents.numel() * documents.element_size())
                 top_k_search(queries, documents, self.k)  # warm-up: first-call allocations are not search
                 timings = []
                 for _ in range(self.repeats):

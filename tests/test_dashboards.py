@@ -81,7 +81,7 @@ def test_tensorboard_holds_every_dashboard_piece(demo_run):
         for side in ("queries", "documents"):
             for stat in ("entropy_rank", "components@90", "fraction@95", "components@99"):
                 assert f"val/demo/{side}_{stat}/d{dim}" in scalars
-        for cost in ("index_mb_float32", "index_mb_float16", "query_ms_float32", "query_ms_float16"):
+        for cost in ("index_bytes_float32", "index_bytes_float16", "query_ms_float32", "query_ms_float16"):
             assert f"val/demo/{cost}/d{dim}" in scalars
         for task in ("keywords", "intents"):
             for metric in ("accuracy", "macro_recall", "macro_f1"):
@@ -89,7 +89,9 @@ def test_tensorboard_holds_every_dashboard_piece(demo_run):
     assert "val/demo/queries_samples" in scalars and "val/demo/documents_samples" in scalars
     assert "custom_scalars__config__" in raw_tags
     images = set(accumulator.Tags()["images"])
-    assert {"val/demo/metrics_vs_dim", "val/demo/energy_curves", "val/keywords/metrics_vs_dim"} <= images
+    expected_images = {"val/demo/metrics_vs_dim", "val/demo/energy_curves"}
+    expected_images |= {"val/keywords/metrics_vs_dim", "val/intents/metrics_vs_dim"}
+    assert expected_images <= images
     assert "hparams" in plugin_tags
 
 
@@ -105,3 +107,19 @@ def test_custom_scalars_layout_puts_every_dim_of_a_metric_on_one_chart():
     assert kind == "Multiline"
     assert all(re.fullmatch(pattern, f"val/demo/ndcg@10/d{d}") for d in DIMS)
     assert not re.fullmatch(pattern, "val/demo/ndcg@100/d32")
+
+
+def test_cost_per_dimension_prices_the_index_and_times_the_search():
+    import torch
+
+    from callbacks.cost import CostPerDimension
+
+    embeddings = {
+        "queries": {d: torch.randn(30, d) for d in (8, 64)},
+        "corpus": {d: torch.randn(500, d) for d in (8, 64)},
+    }
+    costs = CostPerDimension(repeats=2).analyze(None, embeddings)
+    for dim in (8, 64):
+        assert costs[f"index_bytes_float32/d{dim}"] == 500 * dim * 4
+        assert costs[f"index_bytes_float16/d{dim}"] == 500 * dim * 2
+        assert costs[f"query_ms_float32/d{dim}"] > 0 and costs[f"query_ms_float16/d{dim}"] > 0
