@@ -29,12 +29,13 @@ def metric_vs_dimension_figure(
     handles, labels = axis.get_legend_handles_labels()
     if costs:
         cost_axis = axis.twinx()
-        for label, values in costs.items():
-            cost_axis.plot(dims, values, linestyle="--", marker="s", color="gray", label=label)
-        cost_axis.set_ylabel("cost")
+        colors = ("tab:gray", "tab:brown", "tab:olive", "tab:pink")
+        for (label, values), color in zip(costs.items(), colors, strict=False):
+            cost_axis.plot(dims, values, linestyle="--", marker="s", color=color, label=label)
+        cost_axis.set_ylabel("search time per query (ms)")
         more_handles, more_labels = cost_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    axis.legend(handles, labels, loc="lower right", fontsize=8)
+    axis.legend(handles, labels, loc="upper left", fontsize=8)
     axis.set_title(title)
     figure.tight_layout()
     return figure
