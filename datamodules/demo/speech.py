@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,11 +177,31 @@ def _recordings(train: list[DemoExample], config: DemoSpeechConfig, rng: np.rand
     return [recordings[i] for i in rng.permutation(len(recordings))]
 
 
+def _write_train_shard(
+    path: Path, recordings: list, config: DemoSpeechConfig, chords: dict, seed: list[int]
+) -> None:
+    """One parquet shard; its voices come from its own seeded generator (shards render in parallel)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows = [
+        {
+            "id": row_id,
+            "task": example.task,
+            "query": example.query,
+            "document": example.document,
+            "audio": _spoken(row_id, example, DemoVoice(config, chords, rng)),
+        }
+        for row_id, example in recordings
+    ]
+    pq.write_table(_audio_table(rows), path)
+
+
 def write_demo_speech_corpus(
     root: Path, corpus_config: DemoCorpusConfig | None = None, config: DemoSpeechConfig | None = None
 ) -> Path:
     """Writes ``train/`` (parquet shards) and ``eval/demo/`` (BEIR + audio/) under root."""
-    import pyarrow.parquet as pq
+    from concurrent.futures import ProcessPoolExecutor
 
     corpus_config = corpus_config or DemoCorpusConfig()
     config = config or DemoSpeechConfig()
@@ -193,20 +214,21 @@ def write_demo_speech_corpus(
     train_dir.mkdir(parents=True, exist_ok=True)
     recordings = _recordings(train, config, rng)
     shards = np.array_split(np.arange(len(recordings)), config.train_shards)
-    for number, indices in enumerate(shards):
-        rows = []
-        for i in indices:
-            row_id, example = recordings[i]
-            rows.append(
-                {
-                    "id": row_id,
-                    "task": example.task,
-                    "query": example.query,
-                    "document": example.document,
-                    "audio": _spoken(row_id, example, DemoVoice(config, chords, rng)),
-                }
+    # Rendering and encoding ~18k clips is the slow part of the demo's first run: one process per core.
+    with ProcessPoolExecutor(max_workers=max(1, min(len(shards), os.cpu_count() or 1))) as pool:
+        jobs = [
+            pool.submit(
+                _write_train_shard,
+                train_dir / f"train-{number:05d}-of-{len(shards):05d}.parquet",
+                [recordings[i] for i in indices],
+                config,
+                chords,
+                [config.seed, number],
             )
-        pq.write_table(_audio_table(rows), train_dir / f"train-{number:05d}-of-{len(shards):05d}.parquet")
+            for number, indices in enumerate(shards)
+        ]
+        for job in jobs:
+            job.result()  # re-raises a worker's error here
 
     eval_root = root / "eval" / "demo"
     (eval_root / "audio").mkdir(parents=True, exist_ok=True)
