@@ -16,8 +16,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class CostPerDimension(EmbeddingAnalysis):
     """Logs ``index_bytes_<dtype>/d<dim>`` (the eval corpus stored at that dim and dtype) and
     ``query_ms_<dtype>/d<dim>`` (exact top-k search of the eval queries against it, per query,
-    median of ``repeats`` timed runs on the device the embeddings are on), next to nDCG so
-    accuracy against cost is one look."""
+    median of ``repeats`` timed runs), next to nDCG so accuracy against cost is one look.
+    The evaluator keeps embeddings on the CPU, so the times are CPU search times (float16 matmul
+    is slow on most CPUs; GPU serving would need its own measurement)."""
 
     def __init__(self, dtypes: tuple[str, ...] = ("float32", "float16"), k: int = 10, repeats: int = 3):
         """
