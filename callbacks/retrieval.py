@@ -233,7 +233,7 @@ class RetrievalEvaluator(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 final = {tag: value for tag, value in self.last_metrics.items() if tag.startswith("val/")}
-                logger.log_hyperparams(pl_module.hparams, metrics=final)
+                logger.log_hyperparams(pl_module.hparams, metrics=final, step=trainer.global_step)
 
 
 def custom_scalars_layout(tags) -> dict:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from itertools import count, islice
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
 
 
 def _worker_id() -> int:
@@ -83,6 +86,7 @@ class ShuffledEpochStream(IterableDataset):
             block_start = resume["block_start"] if resume else None
             resume = None
             rows = iter(source)
+            served_any = False
             while True:
                 rows_of_block = list(islice(rows, self.block_size))
                 if not rows_of_block:
@@ -96,10 +100,21 @@ class ShuffledEpochStream(IterableDataset):
                         "block_start": block_start,
                         "served": position + 1,
                     }
+                    served_any = True
                     yield rows_of_block[index]
                 # The source now stands at the next block's first row: that is where it resumes.
                 block, served, block_start = block + 1, 0, copy.deepcopy(source.state_dict())
             self._state = {"epoch": epoch + 1, "block": 0, "block_start": None, "served": 0}
+            if not served_any and not (block or served):
+                # Nothing to read (e.g. a DataLoader worker given no shard): repeating the epoch
+                # forever would never yield, so this stream ends here.
+                log.warning(
+                    "Training stream (rank %d, worker %d) holds no rows; with more DataLoader workers "
+                    "than shards, lower data.num_workers.",
+                    self.rank,
+                    _worker_id(),
+                )
+                return
 
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)

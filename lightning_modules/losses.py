@@ -56,13 +56,17 @@ def matryoshka_info_nce(
         documents = dict(zip(dims, gathered.split(dims, dim=1), strict=True))
         offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
         scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
-    targets = torch.arange(offset, offset + local_rows, device=documents[dims[0]].device)
+    device = documents[dims[0]].device
+    targets = torch.arange(offset, offset + local_rows, device=device)
     total = None
-    for dim in dims:
-        queries = F.normalize(query_embeddings[dim].float(), dim=-1)
-        logits = queries @ documents[dim].T / temperature
-        term = weights.get(dim, 1.0) * F.cross_entropy(logits, targets)
-        total = term if total is None else total + term
+    # Autocast would run the matmul in bf16 despite .float(): at temperature 0.05 that rounds
+    # logits by ~0.06, so the similarities are computed with autocast off.
+    with torch.autocast(device_type=device.type, enabled=False):
+        for dim in dims:
+            queries = F.normalize(query_embeddings[dim].float(), dim=-1)
+            logits = queries @ documents[dim].float().T / temperature
+            term = weights.get(dim, 1.0) * F.cross_entropy(logits, targets)
+            total = term if total is None else total + term
     return total * scale if scale != 1.0 else total
 
 

@@ -76,3 +76,10 @@ def test_ranks_split_every_epoch_without_overlap(tmp_path):
 def test_block_size_must_be_positive(source):
     with pytest.raises(ValueError, match="block_size"):
         ShuffledEpochStream(load_stream(source), block_size=0)
+
+
+def test_a_stream_without_rows_ends_instead_of_spinning():
+    import datasets
+
+    empty = datasets.Dataset.from_list([{"id": "a"}]).to_iterable_dataset().filter(lambda row: False)
+    assert _ids(ShuffledEpochStream(empty, passes=None)) == []  # passes=None: forever, if it had rows
