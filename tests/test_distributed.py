@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -62,7 +64,13 @@ def _trainable_gradients(model: TextOnly) -> dict[str, torch.Tensor]:
 
 
 def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_device, output):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
     try:
         model = _model(text_model, cross_device)
         ddp = DistributedDataParallel(_TrainingLoss(model))
@@ -79,11 +87,23 @@ def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_devi
 
 
 def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True) -> dict:
-    output = tmp_path / f"ddp-{cross_device}-{len(rows_per_rank[0])}.pt"
-    init_file = tmp_path / f"init-{cross_device}-{len(rows_per_rank[0])}"
-    args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, str(output))
-    mp.spawn(_ddp_step, args=args, nprocs=len(rows_per_rank), join=True)
-    return torch.load(output)
+    # A full-suite run once hung here (a 2-process gloo step, not reproduced in 7 isolated runs):
+    # collectives time out after 60 s and the step is started afresh once, so CI fails or passes
+    # in minutes instead of hanging. The cause is still open (see the closing note).
+    for attempt in range(2):
+        tag = f"{cross_device}-{len(rows_per_rank[0])}-{attempt}"
+        output, init_file = tmp_path / f"ddp-{tag}.pt", tmp_path / f"init-{tag}"
+        args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, str(output))
+        context = mp.start_processes(_ddp_step, args=args, nprocs=len(rows_per_rank), join=False)
+        deadline = time.monotonic() + 150
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                break
+        if output.exists():
+            return torch.load(output)
+    raise TimeoutError("the 2-process DDP step did not finish twice in a row")
 
 
 def _single_process(text_model, rows) -> dict:
