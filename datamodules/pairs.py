@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from datamodules.loader import STATE_KEY, ConsumedPositionLoader
 from datamodules.sources import load_stream, looks_local
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
-from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
 from lightning_modules.components.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -233,6 +236,33 @@ class StreamingPairDataModule(LightningDataModule):
             else:
                 batch.pop(STATE_KEY)
         return batch
+
+    # ----- documents, for a frozen-document cache -----------------------------------------
+    def distinct_documents(self, include_training: bool = True) -> Iterator[str]:
+        """Each distinct document text: the training data (one pass, file order), then the eval corpora."""
+        sources = []
+        if include_training and self.hparams.train_data:
+            hp = self.hparams
+            stream = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
+            column = self.columns["document"]
+            # Only the document column is read: no audio is fetched or decoded.
+            sources.append(row.get(column) for row in stream.select_columns([column]))
+        if not self.eval_sets:
+            self.setup("validate")
+        sources += [(row.get("text") for row in eval_set.corpus) for eval_set in self.eval_sets.values()]
+        seen: set[bytes] = set()
+        for text in itertools.chain.from_iterable(sources):
+            if not usable_text(text):
+                continue
+            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if digest not in seen:
+                seen.add(digest)
+                yield text
+
+    def tokenize_documents(self, texts: list[str]) -> dict:
+        """Documents tokenized exactly as training and evaluation batches tokenize them."""
+        batches = self.batches
+        return getattr(batches, "text", batches).documents(texts)
 
     # ----- evaluation ---------------------------------------------------------------------
     def _eval_loaders(self) -> list[DataLoader]:

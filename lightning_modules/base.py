@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning_modules import distributed
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
+from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings
 from lightning_modules.losses import matryoshka_info_nce
 from lightning_modules.random_state import collect_random_states, restore_random_states
 
@@ -38,6 +39,7 @@ class MatryoshkaEmbedder(LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
+        gradient_chunk_size: int | None = None,
     ):
         """
         Args:
@@ -48,6 +50,9 @@ class MatryoshkaEmbedder(LightningModule):
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
             cross_device_negatives: Under DDP, every rank's documents are negatives for every
                 query (global batch); false: each rank contrasts its own batch only.
+            gradient_chunk_size: GradCache: embed this many rows at a time, compute the loss on the
+                whole batch, then backpropagate chunk by chunk; activation memory of one chunk,
+                same gradients (None: the whole batch in one pass).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -65,6 +70,11 @@ class MatryoshkaEmbedder(LightningModule):
         self.temperature = temperature
         self.loss_weights = dict(loss_weights or {})
         self.cross_device_negatives = cross_device_negatives
+        if gradient_chunk_size is not None and gradient_chunk_size < 1:
+            raise ConfigError(f"model.gradient_chunk_size must be >= 1 or null, got {gradient_chunk_size}.")
+        self.gradient_chunk_size = gradient_chunk_size
+        # Attached by callbacks.document_cache.CacheFrozenDocuments when the document tower is frozen.
+        self.document_cache = None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.skipped_rows = 0
@@ -96,6 +106,28 @@ class MatryoshkaEmbedder(LightningModule):
     def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def document_tower_frozen(self) -> bool:
+        """True when no trainable weight shapes a document's embedding (it can then be cached)."""
+        return False
+
+    def document_tower(self) -> torch.nn.Module | None:
+        """The module whose frozen weights make the document embeddings (for cache fingerprints)."""
+        return None
+
+    @property
+    def contrasts_documents(self) -> bool:
+        """Whether the training loss needs the batch's documents (not for pure alignment objectives)."""
+        return True
+
+    def document_embeddings(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        """``embed_documents``, read from the frozen-document cache when one is attached."""
+        if self.document_cache is None:
+            return self.embed_documents(batch)
+        return self.document_cache.lookup(
+            batch["document"], lambda document: self.embed_documents({"document": document})
+        )
+
     # ----- training -----------------------------------------------------------------------
     def training_step(self, batch: Mapping, batch_idx: int):
         self._count_skipped_rows(batch)
@@ -114,8 +146,30 @@ class MatryoshkaEmbedder(LightningModule):
         return loss
 
     def training_loss(self, batch: Mapping) -> torch.Tensor:
+        """The batch's embeddings (whole, or GradCache chunks) scored by ``loss_from_embeddings``."""
+        chunk = self.gradient_chunk_size
+        rows = len(batch["ids"]) if chunk is not None else 0
+        if chunk is None or chunk >= rows:
+            queries = self.embed_queries(batch)
+            documents = self.document_embeddings(batch) if self.contrasts_documents else None
+            return self.loss_from_embeddings(batch, queries, documents)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        queries = grad_cached_embeddings(self.embed_queries, batch, rows, chunk, trainable)
+        documents = None
+        if self.contrasts_documents and self.document_tower_frozen:
+            documents = chunked_no_grad(self.document_embeddings, batch, rows, chunk)
+        elif self.contrasts_documents:
+            documents = grad_cached_embeddings(self.embed_documents, batch, rows, chunk, trainable)
+        return self.loss_from_embeddings(batch, queries, documents)
+
+    def loss_from_embeddings(
+        self,
+        batch: Mapping,
+        queries: Mapping[int, torch.Tensor],
+        documents: Mapping[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
         """Matryoshka InfoNCE of the batch's queries against its documents (in-batch negatives)."""
-        return self.contrastive_loss(self.embed_queries(batch), self.embed_documents(batch))
+        return self.contrastive_loss(queries, documents)
 
     def contrastive_loss(
         self, queries: Mapping[int, torch.Tensor], documents: Mapping[int, torch.Tensor]
@@ -168,7 +222,7 @@ class MatryoshkaEmbedder(LightningModule):
     # ----- evaluation: embeddings out, analysis in callbacks -------------------------------
     def _embed_eval_batch(self, batch: Mapping) -> dict:
         side = batch["side"]
-        embed = self.embed_documents if side == "corpus" else self.embed_queries
+        embed = self.document_embeddings if side == "corpus" else self.embed_queries
         embeddings = {dim: value.detach().float().cpu() for dim, value in embed(batch).items()}
         return {
             "eval_set": batch["eval_set"],

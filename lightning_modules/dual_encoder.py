@@ -54,6 +54,7 @@ class DualEncoder(MatryoshkaEmbedder):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
+        gradient_chunk_size: int | None = None,
     ):
         """
         Args:
@@ -72,9 +73,17 @@ class DualEncoder(MatryoshkaEmbedder):
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
             cross_device_negatives: Under DDP, every rank's documents are negatives for every
                 query (global batch); false: each rank contrasts its own batch only.
+            gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
+                of one chunk); None: the whole batch in one pass.
         """
         super().__init__(
-            matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler, cross_device_negatives
+            matryoshka_dims,
+            temperature,
+            loss_weights,
+            optimizer,
+            lr_scheduler,
+            cross_device_negatives,
+            gradient_chunk_size,
         )
         if objective not in OBJECTIVES:
             raise ConfigError(f"model.objective={objective!r} is unknown; choose one of {list(OBJECTIVES)}.")
@@ -110,8 +119,19 @@ class DualEncoder(MatryoshkaEmbedder):
     def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
         return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
 
-    def training_loss(self, batch: Mapping) -> torch.Tensor:
+    @property
+    def document_tower_frozen(self) -> bool:
+        return True
+
+    def document_tower(self) -> nn.Module:
+        return self.text_encoder
+
+    @property
+    def contrasts_documents(self) -> bool:
+        return self.objective == "retrieval"
+
+    def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
         if self.objective == "retrieval":
-            return super().training_loss(batch)
+            return super().loss_from_embeddings(batch, queries, documents)
         targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
-        return matryoshka_alignment_loss(self.embed_queries(batch), targets, self.loss_weights)
+        return matryoshka_alignment_loss(queries, targets, self.loss_weights)

@@ -8,6 +8,7 @@ the same text model as text. By default only the downsampler and projector train
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -38,6 +39,7 @@ class LateFusion(MatryoshkaEmbedder):
         speech_encoder: SpeechEncoderConfig,
         adapter: AdapterConfig | None = None,
         freeze_text_encoder: bool = True,
+        adapt_documents: bool = True,
         alignment_weight: float = 0.0,
         matryoshka_dims: Sequence[int] = (128, 256, 512, 1024),
         temperature: float = 0.05,
@@ -45,6 +47,7 @@ class LateFusion(MatryoshkaEmbedder):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
+        gradient_chunk_size: int | None = None,
     ):
         """
         Args:
@@ -53,6 +56,10 @@ class LateFusion(MatryoshkaEmbedder):
             speech_encoder: The speech model (HuBERT / wav2vec2 family) and the layers fed to the adapter.
             adapter: Layer fusion, downsampling convolution and projector (the trainable part).
             freeze_text_encoder: Keep the text model frozen (with LoRA the base is frozen anyway).
+            adapt_documents: With LoRA, whether documents also go through the adapters. False:
+                documents (and alignment targets) keep the text model's own embeddings while
+                only speech queries are adapted, so a document index built with the text model
+                stays valid and the frozen document embeddings can be cached.
             alignment_weight: Weight of an added alignment term (0: the paper's InfoNCE only): the
                 speech query's embedding is pulled towards the same LLM's embedding of its
                 transcription (cosine + L1 per dim, target without gradient). Needs the
@@ -64,9 +71,17 @@ class LateFusion(MatryoshkaEmbedder):
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
             cross_device_negatives: Under DDP, every rank's documents are negatives for every
                 query (global batch); false: each rank contrasts its own batch only.
+            gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
+                of one chunk); None: the whole batch in one pass.
         """
         super().__init__(
-            matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler, cross_device_negatives
+            matryoshka_dims,
+            temperature,
+            loss_weights,
+            optimizer,
+            lr_scheduler,
+            cross_device_negatives,
+            gradient_chunk_size,
         )
         from transformers import AutoTokenizer
 
@@ -79,6 +94,7 @@ class LateFusion(MatryoshkaEmbedder):
         validate_matryoshka_dims(self.matryoshka_dims, max_dim=pretrained_hidden_size(name))
         self.text_encoder = TextEncoder(text_config)
         self.text_frozen = freeze_text_encoder and text_config.lora is None
+        self.adapt_documents = adapt_documents
         if self.text_frozen:
             self.freeze_tower("text_encoder")
         self.speech_encoder = SpeechEncoder(SpeechEncoderConfig.coerce(speech_encoder))
@@ -118,17 +134,29 @@ class LateFusion(MatryoshkaEmbedder):
         pooled = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         return matryoshka_slices(pooled, self.matryoshka_dims)
 
-    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
-        return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
+    def _document_path(self):
+        """Documents (and alignment targets) skip the LoRA adapters unless ``adapt_documents``."""
+        return contextlib.nullcontext() if self.adapt_documents else self.text_encoder.base_model_only()
 
-    def training_loss(self, batch: Mapping) -> torch.Tensor:
-        queries = self.embed_queries(batch)
-        loss = self.contrastive_loss(queries, self.embed_documents(batch))
+    @property
+    def document_tower_frozen(self) -> bool:
+        return self.text_frozen or not self.adapt_documents
+
+    def document_tower(self) -> torch.nn.Module:
+        return self.text_encoder
+
+    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        with self._document_path():
+            return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
+
+    def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
+        loss = self.contrastive_loss(queries, documents)
         if self.alignment_weight == 0:
             return loss
         # Why: the text path already embeds the transcription where the speech path must land;
         # distilling it gives every query a dense target on top of the in-batch contrast.
-        targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
+        with self._document_path():
+            targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
         alignment = matryoshka_alignment_loss(queries, targets, self.loss_weights)
         self.log("train/alignment_loss", alignment, batch_size=len(batch["ids"]))
         return loss + self.alignment_weight * alignment

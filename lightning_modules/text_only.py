@@ -25,6 +25,7 @@ class TextOnly(MatryoshkaEmbedder):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
+        gradient_chunk_size: int | None = None,
     ):
         """
         Args:
@@ -36,9 +37,17 @@ class TextOnly(MatryoshkaEmbedder):
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
             cross_device_negatives: Under DDP, every rank's documents are negatives for every
                 query (global batch); false: each rank contrasts its own batch only.
+            gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
+                of one chunk); None: the whole batch in one pass.
         """
         super().__init__(
-            matryoshka_dims, temperature, loss_weights, optimizer, lr_scheduler, cross_device_negatives
+            matryoshka_dims,
+            temperature,
+            loss_weights,
+            optimizer,
+            lr_scheduler,
+            cross_device_negatives,
+            gradient_chunk_size,
         )
         text_encoder = TextEncoderConfig.coerce(text_encoder)
         validate_matryoshka_dims(

@@ -7,6 +7,7 @@ fusion uses to splice speech frames between text tokens).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,12 @@ class TextEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    def base_model_only(self):
+        """Context with the LoRA adapters off (the base model alone); a no-op without LoRA."""
+        if self.config.lora is None:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""

@@ -1,0 +1,124 @@
+"""Gradient-cached embeddings (GradCache, Gao et al. 2021): contrastive batches larger than memory.
+
+1. Embed the batch chunk by chunk without a graph.
+2. The caller computes the loss on the full batch (every negative, cross-device ones included);
+   its backward stops at the embeddings and hands their gradient to step 3.
+3. Per chunk, the forward runs again with a graph and that chunk's slice of the embedding
+   gradient is backpropagated into the trainable parameters.
+
+Peak activation memory is one chunk's instead of the whole batch's, and the parameter gradients
+equal the full-batch ones: each chunk's random state is replayed, so dropout draws the same masks,
+and the autocast state of the step is re-entered (backward runs outside Lightning's autocast).
+The parameters receive their gradient once, from this function's backward, so DDP's hooks fire
+once per parameter as in a plain step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+
+def batch_rows(batch, start: int, stop: int, rows: int):
+    """Rows ``start:stop`` of every tensor of a (nested) batch whose first dim is ``rows``.
+
+    Non-tensor values (ids, names) are kept whole: the embedding functions read tensors only.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() and batch.shape[0] == rows else batch
+    if isinstance(batch, Mapping):
+        return {key: batch_rows(value, start, stop, rows) for key, value in batch.items()}
+    return batch
+
+
+def _flatten(embeddings: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([embeddings[dim] for dim in sorted(embeddings)], dim=1)
+
+
+def _unflatten(flat: torch.Tensor, dims: list[int]) -> dict[int, torch.Tensor]:
+    return dict(zip(dims, flat.split(dims, dim=1), strict=True))
+
+
+class _ChunkState:
+    """What re-running one chunk needs: its rows and the random state its first run started from."""
+
+    def __init__(self, start: int, stop: int, device: torch.device):
+        self.start, self.stop = start, stop
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+class _ReplayChunks(torch.autograd.Function):
+    """Identity on the no-graph embeddings; backward turns their gradient into parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, replay: Callable, embeddings: torch.Tensor, *parameters: torch.Tensor):
+        ctx.replay = replay
+        ctx.parameters = parameters
+        return embeddings.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None, *ctx.replay(grad, ctx.parameters))
+
+
+def grad_cached_embeddings(
+    embed: Callable[[Mapping], Mapping[int, torch.Tensor]],
+    batch: Mapping,
+    rows: int,
+    chunk_size: int,
+    parameters: list[torch.Tensor],
+) -> dict[int, torch.Tensor]:
+    """``embed(batch)`` computed ``chunk_size`` rows at a time, with GradCache's chunked backward.
+
+    ``parameters``: the trainable parameters ``embed`` may use (those that get gradients).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    device = next((p.device for p in parameters), torch.device("cpu"))
+    autocast_device = device.type if device.type in ("cuda", "cpu") else "cpu"
+    autocast = {
+        "device_type": autocast_device,
+        "enabled": torch.is_autocast_enabled(autocast_device),
+        "dtype": torch.get_autocast_dtype(autocast_device),
+    }
+    chunks, outputs = [], []
+    with torch.no_grad():
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            chunks.append(_ChunkState(start, stop, device))
+            outputs.append(embed(batch_rows(batch, start, stop, rows)))
+    dims = sorted(outputs[0])
+    flat = torch.cat([_flatten(output) for output in outputs], dim=0)
+
+    def replay(grad: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+        totals: list[torch.Tensor | None] = [None] * len(params)
+        devices = [device] if device.type == "cuda" else []
+        for chunk in chunks:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**autocast):
+                torch.set_rng_state(chunk.cpu_rng)
+                if chunk.cuda_rng is not None:
+                    torch.cuda.set_rng_state(chunk.cuda_rng, device)
+                output = _flatten(embed(batch_rows(batch, chunk.start, chunk.stop, rows)))
+                grads = torch.autograd.grad(
+                    output, params, grad_outputs=grad[chunk.start : chunk.stop], allow_unused=True
+                )
+            for i, value in enumerate(grads):
+                if value is not None:
+                    totals[i] = value if totals[i] is None else totals[i] + value
+        return totals
+
+    return _unflatten(_ReplayChunks.apply(replay, flat, *parameters), dims)
+
+
+def chunked_no_grad(
+    embed: Callable[[Mapping], Mapping[int, torch.Tensor]], batch: Mapping, rows: int, chunk_size: int
+) -> dict[int, torch.Tensor]:
+    """``embed(batch)`` without a graph, ``chunk_size`` rows at a time (a frozen tower's side)."""
+    with torch.no_grad():
+        outputs = [
+            embed(batch_rows(batch, start, min(start + chunk_size, rows), rows))
+            for start in range(0, rows, chunk_size)
+        ]
+    return {dim: torch.cat([output[dim] for output in outputs]) for dim in outputs[0]}

@@ -1,0 +1,184 @@
+"""Frozen-document cache: exact (same loss, same eval embeddings), reused, and invalidated by changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from speech_inputs import DIMS
+
+from callbacks.document_cache import CacheFrozenDocuments
+from callbacks.retrieval import RetrievalEvaluator
+from datamodules.audio import AudioSettings
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import LateFusion, TextOnly
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+from lightning_modules.document_cache import DocumentEmbeddingCache, token_keys, tower_fingerprint
+
+
+class CompareWithoutCache(Callback):
+    """Before each step and each corpus batch: the model's numbers with and without the cache."""
+
+    def __init__(self):
+        self.loss_diffs, self.embedding_diffs, self.rows = [], [], 0
+
+    def _without_cache(self, pl_module, compute):
+        cache, pl_module.document_cache = pl_module.document_cache, None
+        try:
+            return compute()
+        finally:
+            pl_module.document_cache = cache
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert pl_module.document_cache is not None
+        with torch.no_grad():
+            cached = pl_module.training_loss(batch)
+            computed = self._without_cache(pl_module, lambda: pl_module.training_loss(batch))
+        self.loss_diffs.append(float((cached - computed).abs()))
+        self.rows += len(batch["ids"])
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch["side"] != "corpus":
+            return
+        with torch.no_grad():
+            cached = pl_module.document_embeddings(batch)
+            computed = self._without_cache(pl_module, lambda: pl_module.document_embeddings(batch))
+        self.embedding_diffs += [float((cached[d] - computed[d]).abs().max()) for d in DIMS]
+
+
+def _late_fusion(text_model, speech_model) -> LateFusion:
+    seed_everything(0)
+    return LateFusion(
+        TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=0.0)),
+        {"pretrained_model_name_or_path": str(speech_model)},
+        adapt_documents=False,  # LoRA adapts the speech queries; documents keep the text model's embeddings
+        alignment_weight=0.5,
+        matryoshka_dims=DIMS,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+
+
+def _fit(root, model, speech_corpus_dir, text_model, speech_model, cache_dir, steps=3):
+    data = StreamingPairDataModule(
+        str(text_model),
+        train_data=str(speech_corpus_dir / "train"),
+        eval_sets={"demo": str(speech_corpus_dir / "eval" / "demo")},
+        audio=AudioSettings(feature_extractor=str(speech_model), min_duration=0.5),
+        batch_size=8,
+        max_query_length=64,
+        max_document_length=64,
+    )
+    compare = CompareWithoutCache()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        val_check_interval=steps,
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[CacheFrozenDocuments(str(cache_dir)), compare, RetrievalEvaluator(dashboards=False)],
+    )
+    trainer.fit(model, data)
+    return compare, data
+
+
+def _parts(cache_dir) -> list:
+    return sorted(cache_dir.glob("*/*.keys.npy"))
+
+
+def test_training_and_evaluation_read_the_cache_with_the_numbers_of_the_model(
+    tmp_path, tiny_text_model, tiny_speech_model, speech_corpus_dir
+):
+    cache_dir = tmp_path / "cache"
+    model = _late_fusion(tiny_text_model, tiny_speech_model)
+    compare, data = _fit(tmp_path, model, speech_corpus_dir, tiny_text_model, tiny_speech_model, cache_dir)
+    # The loss read from the cache is the loss computed by the model (all dims, alignment included).
+    assert len(compare.loss_diffs) == 3 and max(compare.loss_diffs) < 1e-5
+    # Every corpus batch of the validation too, every dim.
+    assert compare.embedding_diffs and max(compare.embedding_diffs) < 1e-5
+    # Every training and corpus document came from the cache, none was computed on the way.
+    cache = model.document_cache
+    assert cache.misses == 0 and cache.hits >= compare.rows
+    distinct = list(data.distinct_documents())
+    assert len(cache) == len(distinct)
+
+    # A second run of the same frozen model reuses the folder: nothing new is written.
+    parts = _parts(cache_dir)
+    assert len(parts) == 1
+    _fit(
+        tmp_path,
+        _late_fusion(tiny_text_model, tiny_speech_model),
+        speech_corpus_dir,
+        tiny_text_model,
+        tiny_speech_model,
+        cache_dir,
+        steps=1,
+    )
+    assert _parts(cache_dir) == parts
+
+
+def test_a_changed_frozen_weight_gets_a_new_fingerprint_and_trained_weights_do_not(
+    tiny_text_model, tiny_speech_model
+):
+    model = _late_fusion(tiny_text_model, tiny_speech_model)
+    tower = model.document_tower()
+    settings = ["LateFusion", "dims=[32, 64, 128, 256]"]
+    before = tower_fingerprint(tower, settings)
+    with torch.no_grad():
+        next(p for n, p in tower.named_parameters() if "lora_A" in n).add_(1.0)  # trains: not part of it
+    assert tower_fingerprint(tower, settings) == before
+    assert tower_fingerprint(tower, [*settings, "precision=bf16-mixed"]) != before
+    with torch.no_grad():
+        next(p for n, p in tower.named_parameters() if not p.requires_grad).add_(1e-3)
+    assert tower_fingerprint(tower, settings) != before
+
+
+def test_a_document_the_cache_lacks_is_computed_and_counted(tmp_path, tiny_text_model):
+    data = StreamingPairDataModule(str(tiny_text_model))
+    documents = data.tokenize_documents(["kër gi", "ndox mi tàng na", "xale yi dem nañu"])
+    keys = token_keys(documents["input_ids"], documents["attention_mask"])
+    # The same text alone (other padding) has the same key; a different text does not.
+    alone = data.tokenize_documents(["kër gi"])
+    assert token_keys(alone["input_ids"], alone["attention_mask"])[0] == keys[0]
+    assert len(set(keys.tolist())) == 3
+
+    cache = DocumentEmbeddingCache(tmp_path, [2, 4])
+    stored = np.arange(12, dtype=np.float32).reshape(2, 6)
+    cache.add(keys[:2], stored)
+    asked = []
+
+    def compute(document):
+        asked.append(document["input_ids"].shape[0])
+        return {
+            2: torch.full((len(document["input_ids"]), 2), -1.0),
+            4: torch.full((len(document["input_ids"]), 4), -2.0),
+        }
+
+    out = cache.lookup(documents, compute)
+    assert asked == [1] and (cache.hits, cache.misses) == (2, 1)
+    assert torch.equal(out[2][:2], torch.from_numpy(stored[:, :2]))
+    assert torch.equal(out[4][:2], torch.from_numpy(stored[:, 2:]))
+    assert torch.equal(out[2][2], torch.tensor([-1.0, -1.0]))
+    # A part whose keys file never got written (a writer killed between renames) is ignored.
+    (tmp_path / "orphan.embeddings.npy").write_bytes(b"")
+    assert len(DocumentEmbeddingCache(tmp_path, [2, 4])) == 2
+
+
+def test_a_trainable_document_tower_is_refused(tmp_path, tiny_text_model, corpus_dir):
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    data = StreamingPairDataModule(str(tiny_text_model), train_data=str(corpus_dir / "train.jsonl"))
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[CacheFrozenDocuments(str(tmp_path))],
+    )
+    with pytest.raises(ConfigError, match="change while it trains"):
+        trainer.fit(model, data)

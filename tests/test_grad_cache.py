@@ -1,0 +1,135 @@
+"""GradCache: chunked embedding + full-batch loss + chunk-wise backward gives the full-batch gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from speech_inputs import DIMS, speech_text_batch
+from test_distributed import _rows
+
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import DualEncoder, LateFusion, TextOnly
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+from lightning_modules.grad_cache import batch_rows
+
+
+def _randomize_lora_b(model) -> None:
+    # LoRA's B starts at zero, which would make most gradients trivially zero.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+
+
+def _loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model.training_loss(batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(reference, chunked) -> None:
+    (loss, grads), (chunked_loss, chunked_grads) = reference, chunked
+    assert torch.allclose(chunked_loss, loss, atol=1e-5, rtol=0)
+    trainable = {n for n, p in reference[1].items()}
+    assert chunked_grads.keys() == trainable and trainable
+    for name, gradient in grads.items():
+        assert gradient.abs().max() > 1e-7, f"{name}: zero reference gradient, the test proves nothing"
+        assert torch.allclose(chunked_grads[name], gradient, atol=1e-5, rtol=0), (
+            f"{name}: max diff {(chunked_grads[name] - gradient).abs().max():.2e}"
+        )
+
+
+def _text_only(text_model, chunk, dropout=0.0) -> TextOnly:
+    torch.manual_seed(0)
+    model = TextOnly(
+        TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=dropout)),
+        matryoshka_dims=[32, 128, 256],
+        temperature=1.0,
+        gradient_chunk_size=chunk,
+    )
+    _randomize_lora_b(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_text_only_chunks_give_the_full_batch_gradients(tiny_text_model, chunk):
+    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(_rows(10))
+    reference = _loss_and_gradients(_text_only(tiny_text_model, None), batch)
+    _assert_same(reference, _loss_and_gradients(_text_only(tiny_text_model, chunk), batch))
+
+
+def test_dropout_masks_are_replayed_in_the_chunked_backward(tiny_text_model):
+    """With dropout, the reference embeds the same chunks in the same order, keeping every graph:
+    the same draws, so GradCache must give exactly its gradients (a backward that drew new masks
+    would not)."""
+    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(_rows(9))
+    reference_model = _text_only(tiny_text_model, None, dropout=0.3)
+    reference_model.zero_grad()
+    torch.manual_seed(1)
+    parts = [reference_model.embed_queries(batch_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
+    parts_d = [reference_model.embed_documents(batch_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
+    queries = {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
+    documents = {d: torch.cat([p[d] for p in parts_d]) for d in parts_d[0]}
+    loss = reference_model.contrastive_loss(queries, documents)
+    loss.backward()
+    reference = (
+        loss.detach(),
+        {n: p.grad.clone() for n, p in reference_model.named_parameters() if p.grad is not None},
+    )
+    chunked_model = _text_only(tiny_text_model, 3, dropout=0.3)
+    torch.manual_seed(1)
+    _assert_same(reference, _loss_and_gradients(chunked_model, batch))
+
+
+def _late_fusion(text_model, speech_model, chunk, **kwargs) -> LateFusion:
+    torch.manual_seed(0)
+    model = LateFusion(
+        TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=0.0)),
+        {"pretrained_model_name_or_path": str(speech_model)},
+        matryoshka_dims=DIMS,
+        temperature=1.0,
+        gradient_chunk_size=chunk,
+        **kwargs,
+    )
+    _randomize_lora_b(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("adapt_documents", [True, False])
+def test_late_fusion_chunks_give_the_full_batch_gradients(
+    tiny_text_model, tiny_speech_model, adapt_documents
+):
+    """Alignment term included; with ``adapt_documents=false`` documents take the frozen path."""
+    batch = speech_text_batch(tiny_text_model, tiny_speech_model)
+    text = StreamingPairDataModule(str(tiny_text_model)).batches
+    batch["document"] = text.documents(["kër gi", "ndox mi tàng na", "xale yi dem nañu"])
+    batch["ids"] = ["a", "b", "c"]
+    settings = {"alignment_weight": 0.5, "adapt_documents": adapt_documents}
+    reference = _loss_and_gradients(_late_fusion(tiny_text_model, tiny_speech_model, None, **settings), batch)
+    chunked = _loss_and_gradients(_late_fusion(tiny_text_model, tiny_speech_model, 2, **settings), batch)
+    _assert_same(reference, chunked)
+    lora_gradients = [g for n, g in reference[1].items() if "lora_" in n]
+    assert lora_gradients  # the adapters train through the queries in both settings
+
+
+def test_dual_encoder_alignment_objective_in_chunks(tiny_text_model, tiny_speech_model):
+    batch = speech_text_batch(tiny_text_model, tiny_speech_model)
+    batch["ids"] = ["a", "b", "c"]
+
+    def model(chunk):
+        torch.manual_seed(0)
+        text = TextEncoderConfig(str(tiny_text_model))
+        speech = {"pretrained_model_name_or_path": str(tiny_speech_model)}
+        return DualEncoder(
+            text, speech, objective="alignment", matryoshka_dims=DIMS, gradient_chunk_size=chunk
+        )
+
+    _assert_same(_loss_and_gradients(model(None), batch), _loss_and_gradients(model(1), batch))
+
+
+def test_a_chunk_size_below_one_is_refused(tiny_text_model):
+    with pytest.raises(ConfigError, match="gradient_chunk_size"):
+        _text_only(tiny_text_model, 0)
