@@ -10,9 +10,11 @@ one without the cache; ``train/document_cache_misses`` counts them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +81,15 @@ class CacheFrozenDocuments(Callback):
         )
         texts = list(datamodule.distinct_documents(include_training))
         mine = texts[trainer.global_rank :: trainer.world_size]
-        computed = self._fill(trainer, pl_module, datamodule, cache, mine)
+        computed = fill_cache(
+            cache,
+            pl_module,
+            datamodule.tokenize_documents,
+            mine,
+            self.batch_size,
+            trainer.precision_plugin.forward_context,
+            part_prefix=f"rank{trainer.global_rank}",
+        )
         trainer.strategy.barrier("document_cache_filled")
         cache.reload()
         cache.hits = cache.misses = 0
@@ -92,35 +102,45 @@ class CacheFrozenDocuments(Callback):
             time.perf_counter() - started,
         )
 
-    @torch.no_grad()
-    def _fill(self, trainer, pl_module, datamodule, cache, texts: list[str]) -> int:
-        # Longest first: similar lengths share a batch, so padding stays small.
-        texts = sorted(texts, key=len, reverse=True)
-        pending_keys, pending_rows, seen, computed = [], [], set(), 0
-        for start in range(0, len(texts), self.batch_size):
-            tokens = datamodule.tokenize_documents(texts[start : start + self.batch_size])
-            keys = token_keys(tokens["input_ids"], tokens["attention_mask"])
-            # New to the cache and to this pass (two texts can tokenize alike after truncation).
-            new = (cache.find(keys) < 0) & np.array([key not in seen for key in keys.tolist()])
-            seen.update(keys[new].tolist())
-            if not new.any():
-                continue
-            selected = torch.from_numpy(new)
-            document = {name: value[selected].to(pl_module.device) for name, value in tokens.items()}
-            with trainer.precision_plugin.forward_context():
-                embeddings = pl_module.embed_documents({"document": document})
-            flat = torch.cat([embeddings[d].float() for d in pl_module.matryoshka_dims], dim=1)
-            pending_keys.append(keys[new])
-            pending_rows.append(flat.cpu().numpy())
-            computed += int(new.sum())
-            if sum(len(k) for k in pending_keys) >= FLUSH_ROWS:
-                self._write(cache, trainer, pending_keys, pending_rows)
-                pending_keys, pending_rows = [], []
-        if pending_keys:
-            self._write(cache, trainer, pending_keys, pending_rows)
-        return computed
 
-    @staticmethod
-    def _write(cache, trainer, keys: list[np.ndarray], rows: list[np.ndarray]) -> None:
-        name = f"rank{trainer.global_rank}-{uuid.uuid4().hex[:12]}"
-        cache.add(np.concatenate(keys), np.concatenate(rows), name=name)
+@torch.no_grad()
+def fill_cache(
+    cache: DocumentEmbeddingCache,
+    model,
+    tokenize: Callable[[list[str]], dict],
+    texts: list[str],
+    batch_size: int = 64,
+    forward_context: Callable = contextlib.nullcontext,
+    part_prefix: str = "rank0",
+) -> int:
+    """Embeds the ``texts`` the cache lacks with ``model.embed_documents``; returns how many."""
+    # Longest first: similar lengths share a batch, so padding stays small.
+    texts = sorted(texts, key=len, reverse=True)
+    pending_keys, pending_rows, seen, computed = [], [], set(), 0
+
+    def write():
+        name = f"{part_prefix}-{uuid.uuid4().hex[:12]}"
+        cache.add(np.concatenate(pending_keys), np.concatenate(pending_rows), name=name)
+        pending_keys.clear()
+        pending_rows.clear()
+
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[start : start + batch_size])
+        keys = token_keys(tokens["input_ids"], tokens["attention_mask"])
+        # New to the cache and to this pass (two texts can tokenize alike after truncation).
+        new = (cache.find(keys) < 0) & np.array([key not in seen for key in keys.tolist()])
+        seen.update(keys[new].tolist())
+        if not new.any():
+            continue
+        selected = torch.from_numpy(new)
+        document = {name: value[selected].to(model.device) for name, value in tokens.items()}
+        with forward_context():
+            embeddings = model.embed_documents({"document": document})
+        pending_keys.append(keys[new])
+        pending_rows.append(torch.cat([embeddings[d].float() for d in cache.dims], dim=1).cpu().numpy())
+        computed += int(new.sum())
+        if sum(len(k) for k in pending_keys) >= FLUSH_ROWS:
+            write()
+    if pending_keys:
+        write()
+    return computed

@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: the project's tiny models, synthetic data, timing and printing.
+
+Everything is built locally (no download): the demo's tokenizer and tiny random-init models
+(``datamodules.demo.assets``, built into ``$DEMO_DATA_DIR`` or ``data/demo`` on first use).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # scripts run as `python benchmarks/x.py` from the project root
+    sys.path.insert(0, str(ROOT))
+
+from datamodules.demo import assets  # noqa: E402
+
+DIMS = [32, 64, 128, 256]
+
+
+def tiny_text_model() -> str:
+    return str(assets.text_model_dir())
+
+
+def tiny_speech_model() -> str:
+    return str(assets.speech_model_dir())
+
+
+def vocabulary(tokenizer, size: int = 400) -> list[str]:
+    """Whole words of the demo tokenizer's vocabulary (so texts tokenize to predictable lengths)."""
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2]
+    return sorted(words)[:size]
+
+
+def text_of_tokens(tokenizer, words: list[str], tokens: int, rng: random.Random) -> str:
+    """A random text of at least ``tokens`` tokens (truncation then cuts it to the exact length)."""
+    text = ""
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += " " + " ".join(rng.choice(words) for _ in range(max(8, tokens // 4)))
+    return text.strip()
+
+
+def wav_bytes(seconds: float, rng: np.random.Generator, rate: int = 16000) -> bytes:
+    """A tone-plus-noise clip as WAV bytes (what an audio column holds)."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * rng.uniform(150, 900) * t) + 0.05 * rng.standard_normal(t.shape)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave.astype(np.float32), rate, format="WAV")
+    return buffer.getvalue()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(function, repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_child(script: Path, arguments: list[str]) -> dict:
+    """Runs ``script --child ...`` in a fresh process (its own peak memory) and reads its JSON line."""
+    result = subprocess.run(
+        [sys.executable, str(script), "--child", *arguments], capture_output=True, text=True, cwd=ROOT
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{script.name} {arguments} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def sentence_transformer(text_model: str, max_length: int):
+    """The tiny Qwen3 as a SentenceTransformer: last-token pooling, normalized (as Qwen3-Embedding)."""
+    from sentence_transformers import SentenceTransformer, models
+
+    transformer = models.Transformer(text_model, max_seq_length=max_length)
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken")
+    return SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+
+
+def synthetic_pairs(
+    tokenizer, count: int, query_tokens: int, document_tokens: int, seed: int = 0
+) -> list[dict]:
+    words, rng = vocabulary(tokenizer), random.Random(seed)
+    return [
+        {
+            "id": f"row{i}",
+            "query": text_of_tokens(tokenizer, words, query_tokens, rng),
+            "document": text_of_tokens(tokenizer, words, document_tokens, rng),
+        }
+        for i in range(count)
+    ]

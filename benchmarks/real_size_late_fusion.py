@@ -1,0 +1,161 @@
+"""(e) Real-size late fusion on a GPU: Qwen3-0.6B and HuBERT-base shapes, random weights, bf16.
+
+The paper's recipe at its real sizes (nothing downloaded: the published configurations with random
+weights): frozen 28-layer Qwen3 text tower, frozen HuBERT-base speech tower, the adapter trains.
+Prints examples/s, peak GPU memory and model FLOPs utilization (FLOPs of one step counted with
+``torch.utils.flop_counter``, divided by the step time and the GPU's peak dense bf16 rate), with
+documents computed every step and read from the frozen-document cache, side by side.
+
+    python benchmarks/real_size_late_fusion.py [--batch-size 64] [--document-tokens 512] [--peak-tflops 989]
+
+``--layers 2 --device cpu`` runs the same code small, as a check without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import machine, print_table, text_of_tokens, tiny_text_model, vocabulary
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoTokenizer,
+    HubertConfig,
+    Qwen3Config,
+    Wav2Vec2FeatureExtractor,
+)
+
+from callbacks.document_cache import fill_cache
+from datamodules.audio import pad_waveforms
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from lightning_modules import LateFusion
+from lightning_modules.document_cache import DocumentEmbeddingCache
+
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+)  # fmt: skip
+REAL_DIMS = [128, 256, 512, 1024]
+
+
+def build_models(directory: Path, layers: int | None) -> tuple[str, str]:
+    torch.manual_seed(0)
+    text_dir, speech_dir = directory / "qwen3-0.6b-random", directory / "hubert-base-random"
+    config = dict(QWEN3_06B, num_hidden_layers=layers or QWEN3_06B["num_hidden_layers"])
+    AutoModel.from_config(Qwen3Config(**config)).save_pretrained(text_dir)
+    AutoTokenizer.from_pretrained(tiny_text_model()).save_pretrained(text_dir)  # its ids fit the vocab
+    AutoModel.from_config(HubertConfig(num_hidden_layers=layers or 12)).save_pretrained(speech_dir)
+    # HuBERT-base's feature extractor: 16 kHz waveform, no attention mask (GroupNorm encoder).
+    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(speech_dir)
+    return str(text_dir), str(speech_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--document-tokens", type=int, default=512)
+    parser.add_argument("--seconds", type=float, default=10.0, help="speech query length")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200: 989)")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers, for a small check run")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = "bfloat16"
+
+    with tempfile.TemporaryDirectory() as directory:
+        text_dir, speech_dir = build_models(Path(directory), args.layers)
+        model = LateFusion(
+            text_encoder={"pretrained_model_name_or_path": text_dir, "dtype": dtype},
+            speech_encoder={"pretrained_model_name_or_path": speech_dir, "dtype": dtype},
+            adapter={"fusion": "concat", "conv_channels": 1024, "kernel_size": 3, "stride": 2},
+            matryoshka_dims=REAL_DIMS,
+        ).to(device)
+        model.train()
+        tokenizer = AutoTokenizer.from_pretrained(text_dir)
+        text = TextBatchBuilder(tokenizer, PromptConfig(), 128, args.document_tokens, {})
+        words, rng, wave_rng = vocabulary(tokenizer), random.Random(0), np.random.default_rng(0)
+        extractor = AutoFeatureExtractor.from_pretrained(speech_dir)
+        documents = [
+            text_of_tokens(tokenizer, words, args.document_tokens, rng) for _ in range(args.batch_size)
+        ]
+        clips = [
+            (wave_rng.standard_normal(int(args.seconds * 16000)) * 0.1).astype(np.float32)
+            for _ in range(args.batch_size)
+        ]
+        batch = {
+            "ids": [str(i) for i in range(args.batch_size)],
+            "query_audio": pad_waveforms(extractor, clips),
+            "prompt": text.prompt_tokens(["document_retrieval"] * args.batch_size),
+            "document": text.documents(documents),
+        }
+        batch = {
+            k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v)
+            for k, v in batch.items()
+        }
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        cache = DocumentEmbeddingCache(Path(directory) / "cache", REAL_DIMS)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+        fill_cache(cache, model, text.documents, documents, 32, autocast)
+
+        def step():
+            optimizer.zero_grad()
+            with autocast():
+                loss = model.training_loss(batch)
+            loss.backward()
+            optimizer.step()
+
+        results = {}
+        for name, use_cache in (("documents computed", False), ("document cache", True)):
+            model.document_cache = cache if use_cache else None
+            step()  # warm-up
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.steps):
+                started = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            seconds = statistics.median(times)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            results[name] = (seconds, peak, flops)
+
+    print(f"machine: {torch.cuda.get_device_name() if device.type == 'cuda' else machine()}")
+    print(
+        f"batch {args.batch_size}, speech {args.seconds:.0f} s, documents {args.document_tokens} tokens, "
+        f"bf16 weights + autocast, layers {args.layers or 'real'}"
+    )
+    print_table(
+        "Real-size late fusion training step",
+        ["setting", "step (s)", "examples/s", "peak GPU memory (GiB)", "model TFLOPs/step", "MFU"],
+        [
+            [
+                name,
+                f"{s:.3f}",
+                f"{args.batch_size / s:.1f}",
+                f"{peak:.1f}",
+                f"{flops / 1e12:.2f}",
+                f"{flops / s / (args.peak_tflops * 1e12):.1%}",
+            ]
+            for name, (s, peak, flops) in results.items()
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

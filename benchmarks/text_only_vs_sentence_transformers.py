@@ -1,0 +1,172 @@
+"""(a) Text-only training throughput: this project vs sentence-transformers, same model, data, batch.
+
+Both sides fine-tune the same tiny Qwen3 (every weight trains) on the same pairs with Matryoshka
+InfoNCE over dims 32/64/128/256: here ``TextOnly`` in a Lightning ``Trainer`` reading the pairs
+with the streaming datamodule; there ``MatryoshkaLoss(MultipleNegativesRankingLoss)`` (scale 20 =
+temperature 0.05) in ``SentenceTransformerTrainer``, as the paper's code. Same AdamW (lr 2e-5, no
+weight decay, constant rate, no clipping), no prompts, same token limit, one CPU process each.
+Examples/s is timed over the steps after ``--warmup``; each side runs ``--rounds`` times,
+alternating, and its best round is kept.
+
+    python benchmarks/text_only_vs_sentence_transformers.py [--batch-size 32] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from common import DIMS, machine, print_table, sentence_transformer, synthetic_pairs, tiny_text_model
+from lightning.pytorch import Callback, Trainer, seed_everything
+from transformers import AutoTokenizer, TrainerCallback
+
+from datamodules.pairs import StreamingPairDataModule
+from datamodules.text_batches import PromptConfig
+from lightning_modules import TextOnly
+from lightning_modules.components.text_encoder import TextEncoderConfig
+
+
+class _LightningClock(Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = time.perf_counter()
+
+
+class _HuggingFaceClock(TrainerCallback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+
+def this_project(text_model, train_file, args) -> tuple[float, float]:
+    seed_everything(0)
+    model = TextOnly(
+        TextEncoderConfig(text_model),
+        matryoshka_dims=DIMS,
+        temperature=0.05,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0),
+    )
+    data = StreamingPairDataModule(
+        text_model,
+        train_data=str(train_file),
+        prompts=PromptConfig(query_template="{query}"),
+        batch_size=args.batch_size,
+        max_query_length=args.max_length,
+        max_document_length=args.max_length,
+        shuffle_block_size=1000,
+    )
+    clock = _LightningClock(args.warmup)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[clock],
+    )
+    trainer.fit(model, data)
+    return args.batch_size * (args.steps - args.warmup) / (clock.end - clock.start), float(
+        trainer.callback_metrics.get("train/loss", float("nan"))
+    )
+
+
+def sentence_transformers_side(text_model, pairs, args, output_dir) -> tuple[float, float]:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    torch.manual_seed(0)
+    model = sentence_transformer(text_model, args.max_length)
+    loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=20.0), matryoshka_dims=DIMS[::-1])
+    dataset = Dataset.from_list([{"anchor": p["query"], "positive": p["document"]} for p in pairs])
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=2e-5,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        logging_steps=args.steps,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_drop_last=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    clock = _HuggingFaceClock(args.warmup)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=dataset, loss=loss, callbacks=[clock]
+    )
+    result = trainer.train()
+    return args.batch_size * (args.steps - args.warmup) / (clock.end - clock.start), result.training_loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    text_model = tiny_text_model()
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    pairs = synthetic_pairs(tokenizer, args.batch_size * args.steps, 16, args.max_length)
+    rates = {"this project (Lightning)": [], "sentence-transformers": []}
+    losses = {}
+    with tempfile.TemporaryDirectory() as directory:
+        train_file = Path(directory) / "pairs.jsonl"
+        train_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        for _ in range(args.rounds):
+            rate, losses["this project (Lightning)"] = this_project(text_model, train_file, args)
+            rates["this project (Lightning)"].append(rate)
+            rate, losses["sentence-transformers"] = sentence_transformers_side(
+                text_model, pairs, args, str(Path(directory) / "st")
+            )
+            rates["sentence-transformers"].append(rate)
+    best = {name: max(values) for name, values in rates.items()}
+    print(f"machine: {machine()}")
+    print(
+        f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), pairs of 16 / "
+        f"{args.max_length} tokens, dims {DIMS}, rounds {args.rounds}"
+    )
+    print_table(
+        "Text-only training throughput (CPU)",
+        ["stack", "examples/s (best round)", "all rounds", "final loss"],
+        [
+            [name, f"{best[name]:.1f}", ", ".join(f"{r:.1f}" for r in rates[name]), f"{losses[name]:.3f}"]
+            for name in rates
+        ],
+    )
+    ratio = best["this project (Lightning)"] / best["sentence-transformers"]
+    print(f"\nthroughput ratio this project / sentence-transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
