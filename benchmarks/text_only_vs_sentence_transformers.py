@@ -3,7 +3,7 @@
 Both sides fine-tune the same tiny Qwen3 (every weight trains) on the same pairs with Matryoshka
 InfoNCE over dims 32/64/128/256: here ``TextOnly`` in a Lightning ``Trainer`` reading the pairs
 with the streaming datamodule; there ``MatryoshkaLoss(MultipleNegativesRankingLoss)`` (scale 20 =
-temperature 0.05) in ``SentenceTransformerTrainer``, as the paper's code. Same AdamW (lr 2e-5, no
+temperature 0.05) in ``SentenceTransformerTrainer``, as the paper's code. Same fused AdamW (lr 2e-5, no
 weight decay, constant rate, no clipping), no prompts, same token limit, one CPU process each.
 Examples/s is timed over the steps after ``--warmup``; each side runs ``--rounds`` times,
 alternating, and its best round is kept.
@@ -62,7 +62,8 @@ def this_project(text_model, train_file, args) -> tuple[float, float]:
         TextEncoderConfig(text_model),
         matryoshka_dims=DIMS,
         temperature=0.05,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0),
+        # Fused, as the HF Trainer's default (adamw_torch_fused): the same optimizer on both sides.
+        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True),
     )
     data = StreamingPairDataModule(
         text_model,
