@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.matryoshka import dims_side_by_side
 from lightning_modules.document_cache import DocumentEmbeddingCache, token_keys, tower_fingerprint
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def fill_cache(
         with forward_context():
             embeddings = model.embed_documents({"document": document})
         pending_keys.append(keys[new])
-        pending_rows.append(torch.cat([embeddings[d].float() for d in cache.dims], dim=1).cpu().numpy())
+        pending_rows.append(dims_side_by_side(embeddings).float().cpu().numpy())
         computed += int(new.sum())
         if sum(len(k) for k in pending_keys) >= FLUSH_ROWS:
             write()

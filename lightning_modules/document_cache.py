@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
+
 # 64-bit keys: the chance that two of n documents collide is about n**2 / 2**65 (1e6 documents:
 # 3e-8; 1e8 documents: 3e-4), and a collision would hand one document the other's embedding.
 KEY_BYTES = 8
@@ -138,7 +140,7 @@ class DocumentEmbeddingCache:
         if not hit.all():
             missing = torch.from_numpy(~hit).to(device)
             computed = compute({key: value[missing] for key, value in document.items()})
-            flat[missing] = torch.cat([computed[d].float() for d in self.dims], dim=1)
+            flat[missing] = dims_side_by_side(computed).float()
         self.hits += int(hit.sum())
         self.misses += int((~hit).sum())
-        return dict(zip(self.dims, flat.split(self.dims, dim=1), strict=True))
+        return split_dims(flat, self.dims)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
+
 
 def batch_rows(batch, start: int, stop: int, rows: int):
     """Rows ``start:stop`` of every tensor of a (nested) batch whose first dim is ``rows``.
@@ -30,14 +32,6 @@ def batch_rows(batch, start: int, stop: int, rows: int):
     if isinstance(batch, Mapping):
         return {key: batch_rows(value, start, stop, rows) for key, value in batch.items()}
     return batch
-
-
-def _flatten(embeddings: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([embeddings[dim] for dim in sorted(embeddings)], dim=1)
-
-
-def _unflatten(flat: torch.Tensor, dims: list[int]) -> dict[int, torch.Tensor]:
-    return dict(zip(dims, flat.split(dims, dim=1), strict=True))
 
 
 class _ChunkState:
@@ -90,7 +84,7 @@ def grad_cached_embeddings(
             chunks.append(_ChunkState(start, stop, device))
             outputs.append(embed(batch_rows(batch, start, stop, rows)))
     dims = sorted(outputs[0])
-    flat = torch.cat([_flatten(output) for output in outputs], dim=0)
+    flat = torch.cat([dims_side_by_side(output) for output in outputs], dim=0)
 
     def replay(grad: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
         totals: list[torch.Tensor | None] = [None] * len(params)
@@ -100,7 +94,7 @@ def grad_cached_embeddings(
                 torch.set_rng_state(chunk.cpu_rng)
                 if chunk.cuda_rng is not None:
                     torch.cuda.set_rng_state(chunk.cuda_rng, device)
-                output = _flatten(embed(batch_rows(batch, chunk.start, chunk.stop, rows)))
+                output = dims_side_by_side(embed(batch_rows(batch, chunk.start, chunk.stop, rows)))
                 grads = torch.autograd.grad(
                     output, params, grad_outputs=grad[chunk.start : chunk.stop], allow_unused=True
                 )
@@ -109,7 +103,7 @@ def grad_cached_embeddings(
                     totals[i] = value if totals[i] is None else totals[i] + value
         return totals
 
-    return _unflatten(_ReplayChunks.apply(replay, flat, *parameters), dims)
+    return split_dims(_ReplayChunks.apply(replay, flat, *parameters), dims)
 
 
 def chunked_no_grad(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules import distributed
+from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
 
 
 def matryoshka_info_nce(
@@ -52,8 +53,7 @@ def matryoshka_info_nce(
     if cross_device and distributed.world_size() > 1:
         sizes = distributed.gathered_sizes(local_rows, documents[dims[0]].device)
         # One collective for all dims: the dims' columns side by side, split again after.
-        gathered = distributed.gather_with_grad(torch.cat([documents[d] for d in dims], dim=1), sizes)
-        documents = dict(zip(dims, gathered.split(dims, dim=1), strict=True))
+        documents = split_dims(distributed.gather_with_grad(dims_side_by_side(documents), sizes), dims)
         offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
         scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
     device = documents[dims[0]].device

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,16 @@ def matryoshka_slices(embedding: torch.Tensor, dims: Sequence[int]) -> dict[int,
     """``{d: normalize(embedding[:, :d])}``: each prefix re-normalized to unit length, in float32."""
     embedding = embedding.float()
     return {d: F.normalize(embedding[:, :d], dim=-1) for d in dims}
+
+
+def dims_side_by_side(embeddings: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``{d: [B, d]}`` as one ``[B, sum(dims)]`` tensor, dims ascending: one collective, copy or row."""
+    return torch.cat([embeddings[d] for d in sorted(embeddings)], dim=1)
+
+
+def split_dims(side_by_side: torch.Tensor, dims: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The inverse of ``dims_side_by_side`` for ascending ``dims``."""
+    return dict(zip(dims, side_by_side.split(list(dims), dim=1), strict=True))
 
 
 class MatryoshkaHeads(nn.Module):
