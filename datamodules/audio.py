@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datamodules.fast_features import clip_inputs
 from lightning_modules.components.errors import ConfigError
 
 
@@ -111,14 +112,11 @@ def pad_waveforms(feature_extractor, waveforms: list[np.ndarray]) -> dict[str, t
     Waveform models (HuBERT, wav2vec2) take ``input_values [B, samples]``; filterbank models
     (w2v-BERT 2.0) take ``input_features [B, frames, features]``: whichever the feature extractor
     names first. Each clip goes through the feature extractor alone, so its normalization (zero
-    mean, unit variance over its own samples or frames) does not depend on the batch.
+    mean, unit variance over its own samples or frames) does not depend on the batch;
+    ``clip_inputs`` computes w2v-BERT's filterbanks vectorized (the extractor loops over frames).
     """
-    rate = feature_extractor.sampling_rate
     key = feature_extractor.model_input_names[0]
-    rows = [
-        torch.as_tensor(np.asarray(feature_extractor(wave, sampling_rate=rate)[key][0]), dtype=torch.float32)
-        for wave in waveforms
-    ]
+    rows = [torch.as_tensor(row, dtype=torch.float32) for row in clip_inputs(feature_extractor, waveforms)]
     longest = max(row.shape[0] for row in rows)
     values = torch.zeros(len(rows), longest, *rows[0].shape[1:])
     mask = torch.zeros(len(rows), longest, dtype=torch.long)
