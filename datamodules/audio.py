@@ -79,10 +79,18 @@ def decode_audio(value, base_dir: Path | None = None) -> tuple[np.ndarray, int]:
 class AudioLoader:
     """Decoded, mono, resampled, checked waveforms at the speech model's sample rate."""
 
-    def __init__(self, sampling_rate: int, min_duration: float = 0.0, max_duration: float | None = None):
+    def __init__(
+        self,
+        sampling_rate: int,
+        min_duration: float = 0.0,
+        max_duration: float | None = None,
+        min_samples: int = 1,
+    ):
         self.sampling_rate = sampling_rate
         self.min_duration = min_duration
         self.max_duration = max_duration
+        self.min_samples = min_samples
+        """Fewest samples (after resampling) the speech model encodes; shorter clips are bad audio."""
 
     def load(self, value, base_dir: Path | None = None, check_duration: bool = True) -> np.ndarray:
         samples, rate = decode_audio(value, base_dir)
@@ -103,6 +111,9 @@ class AudioLoader:
             import torchaudio
 
             mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, self.sampling_rate).numpy()
+        if mono.shape[0] < self.min_samples:
+            minimum = self.min_samples
+            raise BadAudio(f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}")
         return mono
 
 

@@ -1,8 +1,9 @@
 """Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
 
 A training row needs a document and usable audio; bad audio (undecodable, empty, silent,
-NaN/inf, wrong type, missing, outside the duration limits) is dropped and named with its reason
-in ``skipped_ids`` / ``skip_reasons``, which the training step counts and logs.
+NaN/inf, wrong type, missing, outside the duration limits, too short for the speech model to
+encode) is dropped and named with its reason in ``skipped_ids`` / ``skip_reasons``, which the
+training step counts and logs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.audio import AudioLoader, AudioSettings, BadAudio, pad_waveforms
+from datamodules.fast_features import minimum_samples
 from datamodules.text_batches import TextBatchBuilder, usable_text
 
 
@@ -24,7 +26,10 @@ class SpeechBatchBuilder:
         self.settings = settings
         self.feature_extractor = feature_extractor
         self.loader = AudioLoader(
-            feature_extractor.sampling_rate, settings.min_duration, settings.max_duration
+            feature_extractor.sampling_rate,
+            settings.min_duration,
+            settings.max_duration,
+            min_samples=minimum_samples(feature_extractor),
         )
 
     def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:

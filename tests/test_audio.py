@@ -136,6 +136,18 @@ def test_training_batch_skips_bad_rows_names_them_and_keeps_the_rest(tiny_text_m
     assert not any(p.endswith("<|endoftext|>") for p in prompts)
 
 
+def test_a_clip_too_short_for_the_speech_model_is_skipped_not_crashing(tiny_text_model, tiny_speech_model):
+    # No duration floor: 20 ms (320 samples at 16 kHz) is under w2v-BERT's two filterbank frames.
+    builder = _speech_builder(tiny_text_model, tiny_speech_model, min_duration=0.0)
+    rows = [
+        {"id": "blip", "query": "baki", "document": "fêlo", "audio": _wav_bytes(_tone(0.02))},
+        {"id": "ok", "query": "baki", "document": "fêlo", "audio": _wav_bytes(_tone(1.0))},
+    ]
+    batch = builder.training_batch(rows)
+    assert batch["ids"] == ["ok"] and batch["skipped_ids"] == ["blip"]
+    assert "320 samples, fewer than the speech model's minimum 560" in batch["skip_reasons"][0]
+
+
 def test_unusable_eval_queries_are_left_out_counted_and_qrels_follow(
     tiny_text_model, tiny_speech_model, speech_corpus_dir, tmp_path
 ):
