@@ -103,6 +103,7 @@ class LateFusion(MatryoshkaEmbedder):
             num_layers=self.speech_encoder.num_layers,
             speech_hidden=self.speech_encoder.hidden_size,
             llm_hidden=self.text_encoder.hidden_size,
+            vocabulary_size=self.text_encoder.embedding_table().shape[0],
         )
         opening, closing = special_token_affixes(AutoTokenizer.from_pretrained(name))
         self.register_buffer("opening_ids", torch.tensor(opening, dtype=torch.long), persistent=False)
@@ -116,7 +117,7 @@ class LateFusion(MatryoshkaEmbedder):
     def speech_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's output for the batch's audio: ``[B, S, llm_hidden]`` and its mask."""
         states = self.speech_encoder(**batch["query_audio"])
-        return self.adapter(states.hidden_states, states.frame_mask)
+        return self.adapter(states.hidden_states, states.frame_mask, self.text_encoder.embedding_table())
 
     def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
         speech, speech_mask = self.speech_tokens(batch)

@@ -16,6 +16,7 @@ from transformers import AutoFeatureExtractor, AutoTokenizer
 from datamodules.audio import pad_waveforms
 from lightning_modules import LateFusion
 from lightning_modules.components.adapters import ConvDownsampler
+from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import special_token_affixes
@@ -157,3 +158,50 @@ def test_alignment_term_adds_the_distance_to_the_transcription_embedding(tiny_te
             queries, documents, model.temperature
         ) + 0.5 * matryoshka_alignment_loss(queries, targets)
         assert torch.allclose(model.training_loss(batch), expected, atol=1e-5)
+
+
+MIXTURE_ADAPTER = {"conv_channels": 32, "kernel_size": 5, "stride": 2, "output": "token_mixture"}
+
+
+def test_token_mixture_speech_tokens_are_mixtures_of_the_llm_token_embeddings(
+    tiny_text_model, tiny_speech_model
+):
+    model = _model(tiny_text_model, tiny_speech_model, adapter=MIXTURE_ADAPTER).eval()
+    table = model.text_encoder.model.get_input_embeddings().weight
+    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
+    with torch.no_grad():
+        tokens, mask = model.speech_tokens(batch)
+        # Reference: the same adapter stages by hand, then softmax over the vocabulary @ the table.
+        states = model.speech_encoder(**batch["query_audio"])
+        fused = model.adapter.fusion(states.hidden_states)
+        frames, reference_mask = model.adapter.downsampler(fused, states.frame_mask)
+        logits = model.adapter.projector(frames)
+    assert logits.shape[-1] == table.shape[0]  # one weight per vocabulary entry
+    assert torch.equal(mask, reference_mask)
+    assert torch.allclose(tokens, torch.softmax(logits, dim=-1) @ table, atol=1e-6)
+    # The table is the LLM's own frozen weight: not trained, not copied into the adapter.
+    assert not table.requires_grad
+    assert not any(p is table for p in model.adapter.parameters())
+    assert all(not name.startswith("adapter.") or "embed" not in name for name in model.state_dict())
+
+
+def test_token_mixture_keeps_padding_invariance_and_trains_only_the_adapter(
+    tiny_text_model, tiny_speech_model
+):
+    model = _model(tiny_text_model, tiny_speech_model, adapter=MIXTURE_ADAPTER).eval()
+    assert_first_query_embeds_alone_as_batched(
+        model, tiny_text_model, tiny_speech_model, ["document_retrieval"] * 3
+    )
+    model.train()
+    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
+    sum(e.sum() for e in model.embed_queries(batch).values()).backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("adapter."):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_an_unknown_adapter_output_is_a_config_error(tiny_text_model, tiny_speech_model):
+    with pytest.raises(ConfigError, match="adapter.output='tokens' is unknown"):
+        _model(tiny_text_model, tiny_speech_model, adapter={"output": "tokens"})

@@ -140,6 +140,10 @@ class TextEncoder(nn.Module):
             return contextlib.nullcontext()
         return self.model.disable_adapter()
 
+    def embedding_table(self) -> torch.Tensor:
+        """The input embedding weight ``[vocabulary, hidden]`` (the LLM's own tensor, not a copy)."""
+        return self.model.get_input_embeddings().weight
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""
         return self.model.get_input_embeddings()(input_ids)
