@@ -8,6 +8,7 @@ turn that into a counted, named skip instead of a crash.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,21 @@ class AudioLoader:
                     f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s"
                 )
         if rate != self.sampling_rate:
-            import torchaudio
-
-            mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, self.sampling_rate).numpy()
+            with torch.inference_mode():
+                mono = _resampler(rate, self.sampling_rate)(torch.from_numpy(mono)).numpy()
         if mono.shape[0] < self.min_samples:
             minimum = self.min_samples
             raise BadAudio(f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}")
         return mono
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(source_rate: int, target_rate: int):
+    """torchaudio's band-limited sinc resampler, its kernel built once per pair of rates
+    (``torchaudio.functional.resample`` rebuilds it for every clip)."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(source_rate, target_rate)
 
 
 def pad_waveforms(feature_extractor, waveforms: list[np.ndarray]) -> dict[str, torch.Tensor]:

@@ -59,6 +59,21 @@ def test_loader_downmixes_and_resamples_to_the_model_rate():
     assert np.abs(wave[2000:-2000]).max() == pytest.approx(0.25, rel=0.02)
 
 
+@pytest.mark.parametrize("source_rate", [8000, 22050, 44100, 48000])
+def test_resampling_equals_torchaudio_functional_resample(source_rate):
+    import torchaudio
+
+    signal = _tone(0.7, source_rate, frequency=310.0) + 0.01 * np.random.default_rng(0).standard_normal(
+        int(0.7 * source_rate)
+    ).astype(np.float32)
+    loader = AudioLoader(sampling_rate=16000)
+    for _ in range(2):  # the second call reuses the kernel built by the first
+        wave = loader.load(_wav_bytes(signal, rate=source_rate))
+        reference = torchaudio.functional.resample(torch.from_numpy(signal), source_rate, 16000).numpy()
+        assert wave.shape == reference.shape
+        assert np.abs(wave - reference).max() < 1e-5
+
+
 @pytest.mark.parametrize(
     ("cell", "reason"),
     [
