@@ -42,8 +42,8 @@ class AdapterConfig:
     input space). 'token_mixture': the projector predicts a distribution over the LLM's vocabulary
     and the speech token is that mixture of the (frozen) token embeddings, so every speech token
     starts inside the region the LLM was trained to read. It costs a ``[batch, speech tokens,
-    vocabulary]`` tensor: cheap for small vocabularies (the demo's 1.1k), ~3.6 GB in float32 at
-    batch 16 of 30 s clips with Qwen3's 152k."""
+    vocabulary]`` tensor: cheap for small vocabularies (the demo's 1.1k), 7.3 GB in float32 for
+    the real recipe's batch of 16 clips of 30 s (25 speech tokens/s) with Qwen3's 152k."""
 
     @classmethod
     def coerce(cls, value: AdapterConfig | dict | None) -> AdapterConfig:
