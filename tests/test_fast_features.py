@@ -57,7 +57,8 @@ def test_other_extractors_are_called_as_they_are(layer_norm_hubert):
 def test_padding_keeps_only_the_rows_the_extractor_marks_real(tiny_speech_model):
     # 720 samples = 3 frames: the extractor pads to 4 and masks the half-padded second row.
     extractor = AutoFeatureExtractor.from_pretrained(tiny_speech_model)
-    odd, long = _clips()[1], _clips()[5]
+    clips = _clips()
+    odd, long = clips[1], clips[5]
     batch = pad_waveforms(extractor, [odd, long])
     assert batch["attention_mask"][0].sum().item() == _reference_rows(extractor, odd).shape[0] == 1
     assert batch["attention_mask"][1].sum().item() == _reference_rows(extractor, long).shape[0]

@@ -115,18 +115,23 @@ def test_only_the_adapter_trains_and_is_checkpointed(tiny_text_model, tiny_speec
     assert set(checkpoint["state_dict"]) == trainable
 
 
-def test_gradients_reach_the_adapter_through_the_frozen_llm(tiny_text_model, tiny_speech_model):
-    model = _model(
-        tiny_text_model, tiny_speech_model, adapter={"fusion": "weighted_sum", "conv_channels": 16}
-    )
+def _assert_query_gradients_reach_only_the_adapter(model, text_model, speech_model) -> None:
+    """Backpropagates the query embeddings: every adapter weight gets a gradient, nothing else does."""
     model.train()
-    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
+    batch = query_batch(text_model, speech_model, sample_clips(), ["document_retrieval"] * 3)
     sum(e.sum() for e in model.embed_queries(batch).values()).backward()
     for name, parameter in model.named_parameters():
         if name.startswith("adapter."):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         else:
             assert parameter.grad is None, name
+
+
+def test_gradients_reach_the_adapter_through_the_frozen_llm(tiny_text_model, tiny_speech_model):
+    model = _model(
+        tiny_text_model, tiny_speech_model, adapter={"fusion": "weighted_sum", "conv_channels": 16}
+    )
+    _assert_query_gradients_reach_only_the_adapter(model, tiny_text_model, tiny_speech_model)
 
 
 def test_lora_switch_trains_adapters_on_the_llm(tiny_text_model, tiny_speech_model):
@@ -192,14 +197,7 @@ def test_token_mixture_keeps_padding_invariance_and_trains_only_the_adapter(
     assert_first_query_embeds_alone_as_batched(
         model, tiny_text_model, tiny_speech_model, ["document_retrieval"] * 3
     )
-    model.train()
-    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
-    sum(e.sum() for e in model.embed_queries(batch).values()).backward()
-    for name, parameter in model.named_parameters():
-        if name.startswith("adapter."):
-            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-        else:
-            assert parameter.grad is None, name
+    _assert_query_gradients_reach_only_the_adapter(model, tiny_text_model, tiny_speech_model)
 
 
 def test_an_unknown_adapter_output_is_a_config_error(tiny_text_model, tiny_speech_model):
