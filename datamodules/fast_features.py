@@ -45,16 +45,21 @@ def seamless_m4t_features(extractor, waveform: np.ndarray, normalize: bool = Tru
     return features[:usable].reshape(usable // stride, features.shape[1] * stride)
 
 
+def _computes_filterbanks(extractor) -> bool:
+    """Whether this is w2v-BERT's filterbank extractor, which the vectorized path replaces."""
+    return type(extractor).__name__ == "SeamlessM4TFeatureExtractor"
+
+
 def minimum_samples(extractor) -> int:
     """Shortest clip (at the extractor's rate) the speech model can encode into at least one frame."""
-    if type(extractor).__name__ == "SeamlessM4TFeatureExtractor":
+    if _computes_filterbanks(extractor):
         return 560  # two 400-sample frames 160 apart: one stacked row, and a defined variance per bin
     return 400  # the wav2vec2 / HuBERT convolutional front end's receptive field (25 ms at 16 kHz)
 
 
 def clip_inputs(extractor, waveforms: list[np.ndarray]) -> list[np.ndarray]:
     """The speech model's input for each clip alone (first model input name of the extractor), unpadded."""
-    if type(extractor).__name__ == "SeamlessM4TFeatureExtractor":
+    if _computes_filterbanks(extractor):
         return [seamless_m4t_features(extractor, wave) for wave in waveforms]
     key = extractor.model_input_names[0]
     return [np.asarray(extractor(wave, sampling_rate=extractor.sampling_rate)[key][0]) for wave in waveforms]
