@@ -63,7 +63,7 @@ def write_demo_speech_tasks(
     corpus_config = corpus_config or DemoCorpusConfig()
     config = config or DemoSpeechConfig()
     language = DemoLanguagePair(corpus_config)
-    chords = chord_table(language.query_vocabulary + language.query_fillers, config.seed)
+    chords = chord_table(language.query_vocabulary + language.query_fillers, config)
     rng = random.Random(config.seed + 7)
     audio_rng = np.random.default_rng(config.seed + 7)
     concepts = rng.sample(range(corpus_config.num_concepts), num_keywords + num_intents)
