@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile
+from demo_recipes import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import cli_main
-from tests.demo_recipes import ROOT
 
 GOOD_ROWS = 90
 BATCH = 10
