@@ -67,3 +67,20 @@ def test_trainer_overlay_composes_with_a_recipe(
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.trainer.precision == "bf16-mixed"
     assert cli.model.cross_device_negatives
+
+
+def test_real_late_fusion_recipe_prints_its_config(monkeypatch, capsys):
+    """`python cli.py fit --config configs/late_fusion.yaml --print_config` (README): the GPU
+    user's recipe prints with the models it expects, before anything is downloaded."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", "configs/late_fusion.yaml", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    model = printed["model"]["init_args"]
+    assert model["speech_encoder"]["pretrained_model_name_or_path"] == "facebook/hubert-base-ls960"
+    assert model["text_encoder"]["pretrained_model_name_or_path"] == "runs/text_only/text_encoder"
+    assert model["matryoshka_dims"] == [128, 256, 512, 1024]
