@@ -7,7 +7,7 @@ same batches, measured side by side in one process; the loss is checked equal fi
 removes the document forward; what remains is the speech query's path (speech tower, adapter,
 LLM forward and backward), which grows with the clip, so the speed-up is shown per clip length.
 
-    python benchmarks/document_cache.py [--batch-size 16] [--document-tokens 512] [--seconds 1 2 4]
+    python benchmarks/document_cache.py [--batch-size 16] [--document-tokens 512] [--seconds 1 2 3 4]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--document-tokens", type=int, default=512)
     parser.add_argument(
-        "--seconds", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="query clip lengths"
+        "--seconds", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="query clip lengths"
     )
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
