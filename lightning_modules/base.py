@@ -271,6 +271,11 @@ class MatryoshkaEmbedder(LightningModule):
         # Lightning restores weights, optimizer, loops and data position but not the random
         # generators (dropout, LoRA dropout): without them a resumed run is not the same run.
         checkpoint["rng_states_per_rank"] = distributed.gather_objects(collect_random_states())
+        # Rank 0 writes the checkpoint, so its loops hold rank 0's data position only; every rank
+        # reads its own shards and stands elsewhere in them, so each rank's position is kept.
+        checkpoint["loader_states_per_rank"] = distributed.gather_objects(
+            _fit_loop_state(checkpoint).get("combined_loader")
+        )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -287,6 +292,7 @@ class MatryoshkaEmbedder(LightningModule):
         else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
             self.skipped_rows = sum(per_rank) if distributed.rank() == 0 else 0
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
+        self._restore_own_data_position(checkpoint)
         states = checkpoint.get("rng_states_per_rank") or []
         if len(states) == distributed.world_size():
             self._rng_states_to_restore = states[distributed.rank()]
@@ -298,8 +304,34 @@ class MatryoshkaEmbedder(LightningModule):
                 distributed.world_size(),
             )
 
+    @staticmethod
+    def _restore_own_data_position(checkpoint: dict) -> None:
+        """Puts this rank's saved data position where Lightning's loop restore will read it.
+
+        Lightning restores the loops after this hook, from the same checkpoint dict.
+        """
+        positions = checkpoint.get("loader_states_per_rank")
+        loop_state = _fit_loop_state(checkpoint)
+        if not positions or "combined_loader" not in loop_state:
+            return
+        if len(positions) == distributed.world_size():
+            loop_state["combined_loader"] = positions[distributed.rank()]
+        else:
+            log.warning(
+                "The checkpoint holds the data positions of %d ranks, this run has %d: the training "
+                "stream is split differently now, so every rank starts from rank 0's position (rows "
+                "may be seen twice or skipped).",
+                len(positions),
+                distributed.world_size(),
+            )
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # Restored just before the first resumed step: loading and loop set-up may draw numbers.
         if self._rng_states_to_restore is not None:
             restore_random_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
+
+
+def _fit_loop_state(checkpoint: dict) -> dict:
+    """The fit loop's own state in a Lightning checkpoint (where the dataloader position lives)."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
