@@ -8,6 +8,7 @@ removes the document forward; what remains is the speech query's path (speech to
 LLM forward and backward), which grows with the clip, so the speed-up is shown per clip length.
 
     python benchmarks/document_cache.py [--batch-size 16] [--document-tokens 512] [--seconds 1 2 3 4]
+        [--conv-channels 1024]
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def main() -> None:
         "--seconds", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="query clip lengths"
     )
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--conv-channels",
+        type=int,
+        default=1024,
+        help="adapter width (1024: the real recipe's; the tiny LLM's hidden size is 256)",
+    )
     args = parser.parse_args()
 
     text_model, speech_model = tiny_text_model(), tiny_speech_model()
@@ -101,6 +108,7 @@ def main() -> None:
     model = LateFusion(
         TextEncoderConfig(text_model),  # frozen (the paper's recipe): the adapter trains
         {"pretrained_model_name_or_path": speech_model},
+        adapter={"conv_channels": args.conv_channels},
         matryoshka_dims=DIMS,
     ).train()
     results = {}
@@ -124,7 +132,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(
         f"batch {args.batch_size}, documents of {args.document_tokens} tokens, {args.steps} steps per "
-        f"setting, dims {DIMS}; tiny demo LLM (frozen) and speech tower (frozen), adapter stride 2"
+        f"setting, dims {DIMS}; tiny demo LLM (frozen) and speech tower (frozen), adapter stride 2, "
+        f"{args.conv_channels} channels"
     )
     print_table(
         "Late-fusion training step (forward + backward + AdamW), frozen document tower",
