@@ -40,6 +40,7 @@ class MatryoshkaEmbedder(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
         gradient_chunk_size: int | None = None,
+        symmetric_loss: bool = False,
     ):
         """
         Args:
@@ -53,6 +54,8 @@ class MatryoshkaEmbedder(LightningModule):
             gradient_chunk_size: GradCache: embed this many rows at a time, compute the loss on the
                 whole batch, then backpropagate chunk by chunk; activation memory of one chunk,
                 same gradients (None: the whole batch in one pass).
+            symmetric_loss: Also score each document against the batch's queries (CLIP-style
+                InfoNCE, the mean of both directions per dim); false: queries -> documents only.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -70,6 +73,7 @@ class MatryoshkaEmbedder(LightningModule):
         self.temperature = temperature
         self.loss_weights = dict(loss_weights or {})
         self.cross_device_negatives = cross_device_negatives
+        self.symmetric_loss = symmetric_loss
         if gradient_chunk_size is not None and gradient_chunk_size < 1:
             raise ConfigError(f"model.gradient_chunk_size must be >= 1 or null, got {gradient_chunk_size}.")
         self.gradient_chunk_size = gradient_chunk_size
@@ -176,7 +180,12 @@ class MatryoshkaEmbedder(LightningModule):
     ) -> torch.Tensor:
         """The model's InfoNCE settings (temperature, dim weights, cross-device negatives) applied."""
         return matryoshka_info_nce(
-            queries, documents, self.temperature, self.loss_weights, self.cross_device_negatives
+            queries,
+            documents,
+            self.temperature,
+            self.loss_weights,
+            self.cross_device_negatives,
+            symmetric=self.symmetric_loss,
         )
 
     def _count_skipped_rows(self, batch: Mapping) -> None:

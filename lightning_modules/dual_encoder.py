@@ -55,6 +55,7 @@ class DualEncoder(MatryoshkaEmbedder):
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
         gradient_chunk_size: int | None = None,
+        symmetric_loss: bool = False,
     ):
         """
         Args:
@@ -75,6 +76,8 @@ class DualEncoder(MatryoshkaEmbedder):
                 query (global batch); false: each rank contrasts its own batch only.
             gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
                 of one chunk); None: the whole batch in one pass.
+            symmetric_loss: Also score each document against the batch's queries (CLIP-style
+                InfoNCE, the mean of both directions per dim); false: queries -> documents only.
         """
         super().__init__(
             matryoshka_dims,
@@ -84,9 +87,15 @@ class DualEncoder(MatryoshkaEmbedder):
             lr_scheduler,
             cross_device_negatives,
             gradient_chunk_size,
+            symmetric_loss,
         )
         if objective not in OBJECTIVES:
             raise ConfigError(f"model.objective={objective!r} is unknown; choose one of {list(OBJECTIVES)}.")
+        if symmetric_loss and objective != "retrieval":
+            raise ConfigError(
+                f"model.symmetric_loss=true needs model.objective=retrieval (the {objective!r} objective "
+                "has no InfoNCE); drop symmetric_loss or switch the objective."
+            )
         validate_fusion(fusion, key="model.fusion")
         text_config = TextEncoderConfig.coerce(text_encoder)
         if text_config.lora is not None:

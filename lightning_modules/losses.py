@@ -17,6 +17,7 @@ def matryoshka_info_nce(
     temperature: float,
     weights: Mapping[int, float] | None = None,
     cross_device: bool = False,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """``sum_d w_d * CrossEntropy(cos(q_d, D_d) / temperature, arange(B))`` with in-batch negatives.
 
@@ -30,6 +31,10 @@ def matryoshka_info_nce(
     own queries against them: ``[local, global]`` logits, memory linear in the global batch.
     The local loss is scaled so that DDP's gradient averaging yields exactly the gradient of the
     mean over the global batch, even when ranks hold different numbers of rows.
+
+    ``symmetric`` (CLIP-style): each dim's term is the mean of the query -> document cross-entropy
+    and the document -> query one (each document must pick its own query among the batch's
+    queries); under ``cross_device`` the queries of every rank are gathered as well.
     """
     if set(query_embeddings) != set(document_embeddings):
         raise ValueError(
@@ -48,12 +53,19 @@ def matryoshka_info_nce(
             )
     weights = weights or {}
     local_rows = query_embeddings[dims[0]].shape[0]
+    queries = {dim: F.normalize(query_embeddings[dim].float(), dim=-1) for dim in dims}
     documents = {dim: F.normalize(document_embeddings[dim].float(), dim=-1) for dim in dims}
+    all_queries, all_documents = queries, documents  # the candidates each side is scored against
     offset, global_rows, scale = 0, local_rows, 1.0
     if cross_device and distributed.world_size() > 1:
         sizes = distributed.gathered_sizes(local_rows, documents[dims[0]].device)
-        # One collective for all dims: the dims' columns side by side, split again after.
-        documents = split_dims(distributed.gather_with_grad(dims_side_by_side(documents), sizes), dims)
+        # One collective for all dims (and both sides): columns side by side, split again after.
+        sides = [documents, queries] if symmetric else [documents]
+        gathered = distributed.gather_with_grad(torch.cat([dims_side_by_side(x) for x in sides], 1), sizes)
+        width = sum(dims)
+        all_documents = split_dims(gathered[:, :width], dims)
+        if symmetric:
+            all_queries = split_dims(gathered[:, width:], dims)
         offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
         scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
     device = documents[dims[0]].device
@@ -63,9 +75,11 @@ def matryoshka_info_nce(
     # logits by ~0.06, so the similarities are computed with autocast off.
     with torch.autocast(device_type=device.type, enabled=False):
         for dim in dims:
-            queries = F.normalize(query_embeddings[dim].float(), dim=-1)
-            logits = queries @ documents[dim].float().T / temperature
-            term = weights.get(dim, 1.0) * F.cross_entropy(logits, targets)
+            term = F.cross_entropy(queries[dim] @ all_documents[dim].T / temperature, targets)
+            if symmetric:
+                reverse = F.cross_entropy(documents[dim] @ all_queries[dim].T / temperature, targets)
+                term = (term + reverse) / 2
+            term = weights.get(dim, 1.0) * term
             total = term if total is None else total + term
     return total * scale if scale != 1.0 else total
 

@@ -26,6 +26,7 @@ class TextOnly(MatryoshkaEmbedder):
         lr_scheduler: LRSchedulerCallable | None = None,
         cross_device_negatives: bool = True,
         gradient_chunk_size: int | None = None,
+        symmetric_loss: bool = False,
     ):
         """
         Args:
@@ -39,6 +40,8 @@ class TextOnly(MatryoshkaEmbedder):
                 query (global batch); false: each rank contrasts its own batch only.
             gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
                 of one chunk); None: the whole batch in one pass.
+            symmetric_loss: Also score each document against the batch's queries (CLIP-style
+                InfoNCE, the mean of both directions per dim); false: queries -> documents only.
         """
         super().__init__(
             matryoshka_dims,
@@ -48,6 +51,7 @@ class TextOnly(MatryoshkaEmbedder):
             lr_scheduler,
             cross_device_negatives,
             gradient_chunk_size,
+            symmetric_loss,
         )
         text_encoder = TextEncoderConfig.coerce(text_encoder)
         validate_matryoshka_dims(

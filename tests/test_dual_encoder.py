@@ -14,9 +14,12 @@ from speech_inputs import (
     sample_clips,
     speech_text_batch,
 )
+from transformers import AutoTokenizer
 
 from cli import cli_main
+from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import DualEncoder
+from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import MatryoshkaHeads
 from lightning_modules.components.pooling import AttentionPooling
 from lightning_modules.losses import matryoshka_alignment_loss
@@ -105,6 +108,28 @@ def test_alignment_without_transcriptions_names_the_problem(tiny_text_model, tin
     batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
     with pytest.raises(ValueError, match="transcription"):
         model.training_loss(batch)
+
+
+def test_symmetric_retrieval_adds_the_document_to_query_direction(tiny_text_model, tiny_speech_model):
+    model = _model(tiny_text_model, tiny_speech_model, symmetric_loss=True, temperature=0.5).eval()
+    batch = speech_text_batch(tiny_text_model, tiny_speech_model)
+    text = TextBatchBuilder(AutoTokenizer.from_pretrained(tiny_text_model), PromptConfig(), 64, 64, {})
+    batch["document"] = text.documents(["teere bi", "kër gi ak ndox", "xale yi dem"])
+    batch["ids"] = ["a", "b", "c"]
+    with torch.no_grad():
+        loss = model.training_loss(batch)
+        queries, documents = model.embed_queries(batch), model.embed_documents(batch)
+    targets = torch.arange(3)
+    expected = 0.0
+    for dim in DIMS:
+        similarity = F.normalize(queries[dim], dim=-1) @ F.normalize(documents[dim], dim=-1).T / 0.5
+        expected += (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_symmetric_loss_without_infonce_is_a_config_error(tiny_text_model, tiny_speech_model):
+    with pytest.raises(ConfigError, match="symmetric_loss"):
+        _model(tiny_text_model, tiny_speech_model, objective="alignment", symmetric_loss=True)
 
 
 def test_text_tower_stays_frozen_and_out_of_the_checkpoint(tiny_text_model, tiny_speech_model):

@@ -57,3 +57,19 @@ def test_bad_inputs_are_named():
         matryoshka_info_nce(queries, {4: documents[4]}, temperature=0.1)
     with pytest.raises(ValueError, match="temperature"):
         matryoshka_info_nce(queries, documents, temperature=0.0)
+
+
+def test_symmetric_is_the_mean_of_both_directions_per_dim():
+    queries, documents = _embeddings(4)
+    weights = {8: 3.0}
+    loss = matryoshka_info_nce(queries, documents, temperature=0.1, weights=weights, symmetric=True)
+    # The document -> query direction is the same computation with the roles swapped.
+    expected = sum(
+        weights.get(d, 1.0)
+        * (_direct_info_nce(queries[d], documents[d], 0.1) + _direct_info_nce(documents[d], queries[d], 0.1))
+        / 2
+        for d in queries
+    )
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    one_way = matryoshka_info_nce(queries, documents, temperature=0.1, weights=weights)
+    assert abs(float(loss) - float(one_way)) > 1e-3  # the second direction changes the value
