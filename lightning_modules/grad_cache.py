@@ -6,6 +6,9 @@
 3. Per chunk, the forward runs again with a graph and that chunk's slice of the embedding
    gradient is backpropagated into the trainable parameters.
 
+Each chunk also drops the columns that are padding in all its rows (``trim_padding``), so a chunk
+of short rows does not pay for the batch's longest one.
+
 Peak activation memory is one chunk's instead of the whole batch's, and the parameter gradients
 equal the full-batch ones: each chunk's random state is replayed, so dropout draws the same masks,
 and the autocast state of the step is re-entered (backward runs outside Lightning's autocast).
@@ -32,6 +35,40 @@ def batch_rows(batch, start: int, stop: int, rows: int):
     if isinstance(batch, Mapping):
         return {key: batch_rows(value, start, stop, rows) for key, value in batch.items()}
     return batch
+
+
+def trim_padding(batch):
+    """Drops the columns that are padding in every row, in each (nested) dict with an attention_mask.
+
+    A chunk of short rows cut from a batch padded to its longest row keeps that padding; the
+    models ignore masked positions (padding invariance is tested per model), so computing them is
+    wasted work, and a chunk then costs what its own longest row costs. Every tensor of the dict
+    whose first two dims match the mask's ``[rows, length]`` is cut to the span of real columns
+    (left, right or no padding alike).
+    """
+    if not isinstance(batch, Mapping):
+        return batch
+    trimmed = {key: trim_padding(value) for key, value in batch.items()}
+    mask = trimmed.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[1] == 0:
+        return trimmed
+    real = torch.nonzero(mask.bool().any(dim=0)).flatten()
+    if len(real) == 0:
+        return trimmed
+    first, last = int(real[0]), int(real[-1]) + 1
+    if first == 0 and last == mask.shape[1]:
+        return trimmed
+    return {
+        key: value[:, first:last]
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == mask.shape
+        else value
+        for key, value in trimmed.items()
+    }
+
+
+def chunk_rows(batch, start: int, stop: int, rows: int):
+    """Rows ``start:stop`` of the batch, without the columns that are padding in all of them."""
+    return trim_padding(batch_rows(batch, start, stop, rows))
 
 
 class _ChunkState:
@@ -82,7 +119,7 @@ def grad_cached_embeddings(
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
             chunks.append(_ChunkState(start, stop, device))
-            outputs.append(embed(batch_rows(batch, start, stop, rows)))
+            outputs.append(embed(chunk_rows(batch, start, stop, rows)))
     dims = sorted(outputs[0])
     flat = torch.cat([dims_side_by_side(output) for output in outputs], dim=0)
 
@@ -94,7 +131,7 @@ def grad_cached_embeddings(
                 torch.set_rng_state(chunk.cpu_rng)
                 if chunk.cuda_rng is not None:
                     torch.cuda.set_rng_state(chunk.cuda_rng, device)
-                output = dims_side_by_side(embed(batch_rows(batch, chunk.start, chunk.stop, rows)))
+                output = dims_side_by_side(embed(chunk_rows(batch, chunk.start, chunk.stop, rows)))
                 grads = torch.autograd.grad(
                     output, params, grad_outputs=grad[chunk.start : chunk.stop], allow_unused=True
                 )
@@ -112,7 +149,7 @@ def chunked_no_grad(
     """``embed(batch)`` without a graph, ``chunk_size`` rows at a time (a frozen tower's side)."""
     with torch.no_grad():
         outputs = [
-            embed(batch_rows(batch, start, min(start + chunk_size, rows), rows))
+            embed(chunk_rows(batch, start, min(start + chunk_size, rows), rows))
             for start in range(0, rows, chunk_size)
         ]
     return {dim: torch.cat([output[dim] for output in outputs]) for dim in outputs[0]}

@@ -11,7 +11,7 @@ from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import DualEncoder, LateFusion, TextOnly
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
-from lightning_modules.grad_cache import batch_rows
+from lightning_modules.grad_cache import chunk_rows, trim_padding
 
 
 def _randomize_lora_b(model) -> None:
@@ -54,6 +54,57 @@ def _text_only(text_model, chunk, dropout=0.0) -> TextOnly:
     return model.train()
 
 
+def test_trim_padding_drops_the_columns_padded_in_every_row():
+    right = {
+        "input_ids": torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]),
+    }
+    left = {
+        "input_ids": torch.tensor([[0, 0, 5, 6], [0, 0, 0, 7]]),
+        "attention_mask": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]),
+    }
+    features = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
+    audio = {"input_features": features, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])}
+    batch = {
+        "document": right,
+        "prompt": left,
+        "query_audio": audio,
+        "ids": ["a", "b"],
+        "other": torch.ones(2, 4),
+    }
+    trimmed = trim_padding(batch)
+    assert trimmed["document"]["input_ids"].tolist() == [[5, 6], [7, 0]]
+    assert trimmed["document"]["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert trimmed["prompt"]["input_ids"].tolist() == [[5, 6], [0, 7]]
+    assert torch.equal(trimmed["query_audio"]["input_features"], features[:, :3])
+    assert trimmed["ids"] == ["a", "b"] and torch.equal(
+        trimmed["other"], batch["other"]
+    )  # no mask: untouched
+    full = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.tensor([[1, 1]])}
+    assert trim_padding(full)["input_ids"] is full["input_ids"]
+
+
+def test_a_chunk_of_short_rows_runs_without_the_batch_padding(tiny_text_model):
+    """The batch is padded to one long row; the other chunk embeds at its own length, same gradients."""
+    rows = _rows(8)
+    rows[7]["document"] = " ".join([rows[7]["document"]] * 12)
+    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(rows)
+    padded_length = batch["document"]["input_ids"].shape[1]
+    reference = _loss_and_gradients(_text_only(tiny_text_model, None), batch)
+    model = _text_only(tiny_text_model, 4)
+    lengths, embed_documents = [], model.embed_documents
+
+    def recording_embed_documents(chunk):
+        lengths.append(chunk["document"]["input_ids"].shape[1])
+        return embed_documents(chunk)
+
+    model.embed_documents = recording_embed_documents
+    _assert_same(reference, _loss_and_gradients(model, batch))
+    # Each chunk embedded twice (without a graph, then replayed): rows 0-3 short, rows 4-7 long.
+    assert sorted(lengths) == sorted(lengths[:2] * 2) and len(lengths) == 4
+    assert min(lengths) < padded_length // 3 and max(lengths) == padded_length
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_text_only_chunks_give_the_full_batch_gradients(tiny_text_model, chunk):
     batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(_rows(10))
@@ -69,8 +120,8 @@ def test_dropout_masks_are_replayed_in_the_chunked_backward(tiny_text_model):
     reference_model = _text_only(tiny_text_model, None, dropout=0.3)
     reference_model.zero_grad()
     torch.manual_seed(1)
-    parts = [reference_model.embed_queries(batch_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
-    parts_d = [reference_model.embed_documents(batch_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
+    parts = [reference_model.embed_queries(chunk_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
+    parts_d = [reference_model.embed_documents(chunk_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
     queries = {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
     documents = {d: torch.cat([p[d] for p in parts_d]) for d in parts_d[0]}
     loss = reference_model.contrastive_loss(queries, documents)
