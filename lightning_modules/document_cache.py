@@ -118,10 +118,12 @@ class DocumentEmbeddingCache:
         self.reload()
 
     def _rows(self, positions: np.ndarray) -> np.ndarray:
+        """The embeddings at ``positions``: one gather per part file (not one read per row)."""
         out = np.empty((len(positions), self.width), dtype=np.float32)
-        for i, position in enumerate(positions):
-            part, row = self._locations[position]
-            out[i] = self._parts[int(part)][int(row)]
+        locations = self._locations[positions]
+        for part in np.unique(locations[:, 0]):
+            selected = locations[:, 0] == part
+            out[selected] = self._parts[int(part)][locations[selected, 1]]
         return out
 
     def lookup(

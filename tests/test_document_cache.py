@@ -169,6 +169,22 @@ def test_a_document_the_cache_lacks_is_computed_and_counted(tmp_path, tiny_text_
     assert len(DocumentEmbeddingCache(tmp_path, [2, 4])) == 2
 
 
+def test_lookup_gathers_rows_from_every_part_in_the_asked_order(tmp_path, tiny_text_model):
+    """Parts as several ranks write them; documents asked interleaved, repeated and out of order."""
+    data = StreamingPairDataModule(str(tiny_text_model))
+    texts = [f"kër gi {'ak ndox ' * i}" for i in range(12)]
+    documents = data.tokenize_documents(texts)
+    keys = token_keys(documents["input_ids"], documents["attention_mask"])
+    vectors = np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32)
+    cache = DocumentEmbeddingCache(tmp_path, [2, 4])
+    for part in range(3):  # three parts of four rows, as three ranks would write them
+        cache.add(keys[part::3], vectors[part::3], name=f"rank{part}")
+    asked = [7, 0, 11, 3, 0, 5, 10]
+    out = cache.lookup(data.tokenize_documents([texts[i] for i in asked]), compute=None)
+    assert cache.misses == 0
+    assert torch.equal(torch.cat([out[2], out[4]], dim=1), torch.from_numpy(vectors[asked]))
+
+
 def test_a_trainable_document_tower_is_refused(tmp_path, tiny_text_model, corpus_dir):
     model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
     data = StreamingPairDataModule(str(tiny_text_model), train_data=str(corpus_dir / "train.jsonl"))
