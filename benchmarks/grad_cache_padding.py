@@ -88,6 +88,7 @@ def main() -> None:
                 losses[name].append(loss)
     grad_cache.chunk_rows = SETTINGS["chunks trimmed (the project)"]
     loss_diff = max(abs(a - b) for a, b in zip(*losses.values(), strict=True))
+    assert loss_diff < 1e-4, f"trimming changed the loss by {loss_diff:.1e}"
 
     print(f"machine: {machine()}")
     real = [int(b["document"]["attention_mask"].sum(dim=1).median()) for b in batches]

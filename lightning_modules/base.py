@@ -313,19 +313,22 @@ class MatryoshkaEmbedder(LightningModule):
                 distributed.world_size(),
             )
 
-    @staticmethod
-    def _restore_own_data_position(checkpoint: dict) -> None:
+    def _restore_own_data_position(self, checkpoint: dict) -> None:
         """Puts this rank's saved data position where Lightning's loop restore will read it.
 
-        Lightning restores the loops after this hook, from the same checkpoint dict.
+        Lightning restores the loops after this hook, from the same checkpoint dict. Only a
+        resumed ``fit`` reads them (not ``load_from_checkpoint``, ``validate`` or ``test``).
         """
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
         positions = checkpoint.get("loader_states_per_rank")
         loop_state = _fit_loop_state(checkpoint)
         if not positions or "combined_loader" not in loop_state:
             return
         if len(positions) == distributed.world_size():
             loop_state["combined_loader"] = positions[distributed.rank()]
-        else:
+        elif distributed.rank() == 0:
             log.warning(
                 "The checkpoint holds the data positions of %d ranks, this run has %d: the training "
                 "stream is split differently now, so every rank starts from rank 0's position (rows "

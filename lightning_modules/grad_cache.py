@@ -10,8 +10,9 @@ Each chunk also drops the columns that are padding in all its rows (``trim_paddi
 of short rows does not pay for the batch's longest one.
 
 Peak activation memory is one chunk's instead of the whole batch's, and the parameter gradients
-equal the full-batch ones: each chunk's random state is replayed, so dropout draws the same masks,
-and the autocast state of the step is re-entered (backward runs outside Lightning's autocast).
+equal the full-batch ones: each chunk's random state is replayed (torch's and NumPy's, from which
+transformers draws SpecAugment masks), so dropout and SpecAugment draw the same masks, and the
+autocast state of the step is re-entered (backward runs outside Lightning's autocast).
 The parameters receive their gradient once, from this function's backward, so DDP's hooks fire
 once per parameter as in a plain step.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
 from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
@@ -44,7 +46,8 @@ def trim_padding(batch):
     models ignore masked positions (padding invariance is tested per model), so computing them is
     wasted work, and a chunk then costs what its own longest row costs. Every tensor of the dict
     whose first two dims match the mask's ``[rows, length]`` is cut to the span of real columns
-    (left, right or no padding alike).
+    (left, right or no padding alike); other tensors are kept whole, so a layout with time
+    elsewhere (channel-first features) would need its own rule here.
     """
     if not isinstance(batch, Mapping):
         return batch
@@ -78,6 +81,8 @@ class _ChunkState:
         self.start, self.stop = start, stop
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        # transformers draws wav2vec2/HuBERT/w2v-BERT SpecAugment masks with NumPy's global generator.
+        self.numpy_rng = np.random.get_state()
 
 
 class _ReplayChunks(torch.autograd.Function):
@@ -126,11 +131,13 @@ def grad_cached_embeddings(
     def replay(grad: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
         totals: list[torch.Tensor | None] = [None] * len(params)
         devices = [device] if device.type == "cuda" else []
+        numpy_state = np.random.get_state()
         for chunk in chunks:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**autocast):
                 torch.set_rng_state(chunk.cpu_rng)
                 if chunk.cuda_rng is not None:
                     torch.cuda.set_rng_state(chunk.cuda_rng, device)
+                np.random.set_state(chunk.numpy_rng)
                 output = dims_side_by_side(embed(chunk_rows(batch, chunk.start, chunk.stop, rows)))
                 grads = torch.autograd.grad(
                     output, params, grad_outputs=grad[chunk.start : chunk.stop], allow_unused=True
@@ -138,6 +145,7 @@ def grad_cached_embeddings(
             for i, value in enumerate(grads):
                 if value is not None:
                     totals[i] = value if totals[i] is None else totals[i] + value
+        np.random.set_state(numpy_state)  # as fork_rng does for torch's generators
         return totals
 
     return split_dims(_ReplayChunks.apply(replay, flat, *parameters), dims)

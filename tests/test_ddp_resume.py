@@ -31,7 +31,8 @@ SHARD_SIZES = (30, 14, 6, 46)
 
 
 class SaveBatchIdsPerRank(Callback):
-    """Writes the ids of every batch this rank trained on to ``<root>/ids-rank<r>.json``."""
+    """Writes the ids of every batch this rank trained on to ``<root>/ids-rank<r>.json``, and
+    rank 0 the trainable weights to ``<root>/weights.pt``."""
 
     def __init__(self):
         self.ids: list[list[str]] = []
@@ -113,9 +114,7 @@ def test_ddp_resume_continues_every_rank_from_its_own_position(
     positions = [state[0]["dataset_state"]["block_start"] for state in saved["loader_states_per_rank"]]
     assert positions[0] != positions[1], "the ranks stood at the same place: the test would prove nothing"
 
-    resumed_ids, weights = _fit(
-        tmp_path / "second", tiny_text_model, sharded_train_folder, TOTAL_STEPS, checkpoint
-    )
+    resumed_ids, weights = _fit(tmp_path / "second", tiny_text_model, folder, TOTAL_STEPS, checkpoint)
     for rank in (0, 1):
         assert first_ids[rank] + resumed_ids[rank] == expected_ids[rank], f"rank {rank} resumed elsewhere"
     assert weights.keys() == expected_weights.keys()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from speech_inputs import DIMS, speech_text_batch
 from test_distributed import _rows
 
+from datamodules.demo.assets import save_tiny_hubert
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import DualEncoder, LateFusion, TextOnly
 from lightning_modules.components.errors import ConfigError
@@ -77,9 +79,8 @@ def test_trim_padding_drops_the_columns_padded_in_every_row():
     assert trimmed["document"]["attention_mask"].tolist() == [[1, 1], [1, 0]]
     assert trimmed["prompt"]["input_ids"].tolist() == [[5, 6], [0, 7]]
     assert torch.equal(trimmed["query_audio"]["input_features"], features[:, :3])
-    assert trimmed["ids"] == ["a", "b"] and torch.equal(
-        trimmed["other"], batch["other"]
-    )  # no mask: untouched
+    assert trimmed["ids"] == ["a", "b"]
+    assert torch.equal(trimmed["other"], batch["other"])  # in no dict with a mask: untouched
     full = {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.tensor([[1, 1]])}
     assert trim_padding(full)["input_ids"] is full["input_ids"]
 
@@ -149,11 +150,16 @@ def _late_fusion(text_model, speech_model, chunk, **kwargs) -> LateFusion:
     return model.train()
 
 
-@pytest.mark.parametrize("adapt_documents", [True, False])
+@pytest.mark.parametrize(
+    "speech_fixture, adapt_documents",
+    [("tiny_speech_model", True), ("tiny_speech_model", False), ("layer_norm_hubert", True)],
+)
 def test_late_fusion_chunks_give_the_full_batch_gradients(
-    tiny_text_model, tiny_speech_model, adapt_documents
+    request, tiny_text_model, speech_fixture, adapt_documents
 ):
-    """Alignment term included; with ``adapt_documents=false`` documents take the frozen path."""
+    """Alignment term included; with ``adapt_documents=false`` documents take the frozen path.
+    Filterbank (w2v-BERT) and batched waveform (LayerNorm HuBERT) inputs, each chunk trimmed."""
+    tiny_speech_model = request.getfixturevalue(speech_fixture)
     batch = speech_text_batch(tiny_text_model, tiny_speech_model)
     text = StreamingPairDataModule(str(tiny_text_model)).batches
     batch["document"] = text.documents(["kër gi", "ndox mi tàng na", "xale yi dem nañu"])
@@ -179,6 +185,45 @@ def test_dual_encoder_alignment_objective_in_chunks(tiny_text_model, tiny_speech
         )
 
     _assert_same(_loss_and_gradients(model(None), batch), _loss_and_gradients(model(1), batch))
+
+
+def test_specaugment_masks_of_a_trainable_speech_tower_are_replayed(tiny_text_model, tmp_path):
+    """HuBERT draws its SpecAugment time masks with NumPy while training: the chunked backward must
+    see the masks the chunked forward drew. Reference: the same chunks embedded in order, with graphs."""
+    speech_model = tmp_path / "hubert-specaugment"
+    save_tiny_hubert(speech_model, mask_time_prob=0.5, mask_time_length=2, mask_time_min_masks=1)
+    batch = speech_text_batch(tiny_text_model, speech_model)
+    batch["ids"] = ["a", "b", "c"]
+
+    def model(chunk):
+        torch.manual_seed(0)
+        speech = {"pretrained_model_name_or_path": str(speech_model), "freeze": False}
+        encoder = DualEncoder(
+            TextEncoderConfig(str(tiny_text_model)),
+            speech,
+            objective="alignment",
+            matryoshka_dims=DIMS,
+            gradient_chunk_size=chunk,
+        )
+        return encoder.train()
+
+    reference_model = model(None)
+    np.random.seed(1)
+    parts = [reference_model.embed_queries(chunk_rows(batch, s, s + 1, 3)) for s in range(3)]
+    loss = reference_model.loss_from_embeddings(
+        batch, {d: torch.cat([p[d] for p in parts]) for d in DIMS}, None
+    )
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in reference_model.named_parameters() if p.grad is not None}
+    np.random.seed(1)
+    chunked_loss, chunked_grads = _loss_and_gradients(model(1), batch)
+    # Not _assert_same: attention key biases get a zero gradient by construction (softmax shift).
+    assert torch.allclose(chunked_loss, loss.detach(), atol=1e-5, rtol=0)
+    assert chunked_grads.keys() == grads.keys() and max(g.abs().max() for g in grads.values()) > 1e-3
+    for name, gradient in grads.items():
+        assert torch.allclose(chunked_grads[name], gradient, atol=1e-5, rtol=0), name
+    np.random.seed(2)  # other masks: other gradients, so the masks are really drawn and matter
+    assert not torch.allclose(_loss_and_gradients(model(1), batch)[0], loss.detach(), atol=1e-5)
 
 
 def test_a_chunk_size_below_one_is_refused(tiny_text_model):
