@@ -272,19 +272,22 @@ class MatryoshkaEmbedder(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = self._frozen_parameter_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        # Rank 0 writes the checkpoint, so what differs per rank is gathered (one collective):
+        # - each rank counts the bad rows of its own share of the stream;
+        # - Lightning restores weights, optimizer, loops and data position but not the random
+        #   generators (dropout, LoRA dropout): without them a resumed run is not the same run;
+        # - the loops hold rank 0's data position only, while every rank reads its own shards
+        #   and stands elsewhere in them.
+        per_rank = distributed.gather_objects(
+            (self.skipped_rows, collect_random_states(), _fit_loop_state(checkpoint).get("combined_loader"))
+        )
+        skipped_rows, rng_states, loader_states = (list(values) for values in zip(*per_rank, strict=True))
         checkpoint["embedder_counters"] = {
-            # Per rank: each rank counts the bad rows of its own share of the stream.
-            "skipped_rows_per_rank": distributed.gather_objects(self.skipped_rows),
+            "skipped_rows_per_rank": skipped_rows,
             "nonfinite_losses": self.nonfinite_losses,
         }
-        # Lightning restores weights, optimizer, loops and data position but not the random
-        # generators (dropout, LoRA dropout): without them a resumed run is not the same run.
-        checkpoint["rng_states_per_rank"] = distributed.gather_objects(collect_random_states())
-        # Rank 0 writes the checkpoint, so its loops hold rank 0's data position only; every rank
-        # reads its own shards and stands elsewhere in them, so each rank's position is kept.
-        checkpoint["loader_states_per_rank"] = distributed.gather_objects(
-            _fit_loop_state(checkpoint).get("combined_loader")
-        )
+        checkpoint["rng_states_per_rank"] = rng_states
+        checkpoint["loader_states_per_rank"] = loader_states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

@@ -77,8 +77,11 @@ def chunk_rows(batch, start: int, stop: int, rows: int):
 class _ChunkState:
     """What re-running one chunk needs: its rows and the random state its first run started from."""
 
-    def __init__(self, start: int, stop: int, device: torch.device):
+    def __init__(self, batch: Mapping, start: int, stop: int, device: torch.device):
         self.start, self.stop = start, stop
+        # Views of the batch's rows, trimmed once for both runs (finding the real columns syncs a
+        # GPU with the host).
+        self.batch = batch
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         # transformers draws wav2vec2/HuBERT/w2v-BERT SpecAugment masks with NumPy's global generator.
@@ -123,8 +126,8 @@ def grad_cached_embeddings(
     with torch.no_grad():
         for start in range(0, rows, chunk_size):
             stop = min(start + chunk_size, rows)
-            chunks.append(_ChunkState(start, stop, device))
-            outputs.append(embed(chunk_rows(batch, start, stop, rows)))
+            chunks.append(_ChunkState(chunk_rows(batch, start, stop, rows), start, stop, device))
+            outputs.append(embed(chunks[-1].batch))
     dims = sorted(outputs[0])
     flat = torch.cat([dims_side_by_side(output) for output in outputs], dim=0)
 
@@ -138,7 +141,7 @@ def grad_cached_embeddings(
                 if chunk.cuda_rng is not None:
                     torch.cuda.set_rng_state(chunk.cuda_rng, device)
                 np.random.set_state(chunk.numpy_rng)
-                output = dims_side_by_side(embed(chunk_rows(batch, chunk.start, chunk.stop, rows)))
+                output = dims_side_by_side(embed(chunk.batch))
                 grads = torch.autograd.grad(
                     output, params, grad_outputs=grad[chunk.start : chunk.stop], allow_unused=True
                 )

@@ -60,8 +60,10 @@ def matryoshka_info_nce(
     if cross_device and distributed.world_size() > 1:
         sizes = distributed.gathered_sizes(local_rows, documents[dims[0]].device)
         # One collective for all dims (and both sides): columns side by side, split again after.
-        sides = [documents, queries] if symmetric else [documents]
-        gathered = distributed.gather_with_grad(torch.cat([dims_side_by_side(x) for x in sides], 1), sizes)
+        local = dims_side_by_side(documents)
+        if symmetric:
+            local = torch.cat([local, dims_side_by_side(queries)], dim=1)
+        gathered = distributed.gather_with_grad(local, sizes)
         width = sum(dims)
         all_documents = split_dims(gathered[:, :width], dims)
         if symmetric:
