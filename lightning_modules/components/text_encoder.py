@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices
+from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +52,9 @@ class TextEncoderConfig:
     """Train LoRA adapters instead of the full model when set."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory on long documents."""
+    pooled_final_layer: bool = True
+    """With last-token pooling, run the final decoder layer at the pooled token only (the same
+    embedding, fewer FLOPs: see ``components/pooled_final_layer.py``); Qwen2/3, Llama, Mistral."""
 
     @classmethod
     def coerce(cls, value: TextEncoderConfig | dict) -> TextEncoderConfig:
@@ -129,6 +133,10 @@ class TextEncoder(nn.Module):
         # from_pretrained returns eval mode; the owner decides (frozen towers call .eval() again).
         self.model = model.train()
         self.pool = POOLERS[config.pooling]
+        decoder = model.get_base_model() if config.lora is not None else model
+        self.pooled_final_layer = None
+        if config.pooled_final_layer and config.pooling == "last_token" and final_layer_is_prunable(decoder):
+            self.pooled_final_layer = PooledFinalLayer(decoder.layers[-1])
 
     @property
     def hidden_size(self) -> int:
@@ -161,9 +169,15 @@ class TextEncoder(nn.Module):
             # Positions count real tokens only, so a left-padded row is encoded exactly as if it
             # were alone (the default positions would shift it by its padding length).
             kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        output = self.model(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        pruning = (
+            self.pooled_final_layer.pooling_at(attention_mask)
+            if self.pooled_final_layer is not None
+            else contextlib.nullcontext()
         )
+        with pruning:
+            output = self.model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+            )
         return self.pool(output.last_hidden_state, attention_mask)
 
     def save_pretrained(self, directory: str | Path) -> None:
