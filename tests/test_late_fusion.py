@@ -53,6 +53,30 @@ def test_downsampler_output_depends_only_on_its_own_frames():
     assert torch.allclose(batched[0, :n], alone[0, :n], atol=1e-6)
 
 
+@pytest.mark.parametrize(("kernel_size", "stride", "length"), [(3, 2, 17), (5, 3, 11), (2, 1, 6), (3, 2, 1)])
+def test_downsampler_product_on_cpu_equals_the_convolution(kernel_size, stride, length):
+    """The CPU path (unfolded windows x weight) against ``F.conv1d`` with the same weights."""
+    torch.manual_seed(0)
+    conv = ConvDownsampler(input_size=6, channels=4, kernel_size=kernel_size, stride=stride)
+    frames = torch.randn(3, length, 6, requires_grad=True)
+    reference_frames = frames.detach().clone().requires_grad_(True)
+    ours = conv.convolve(frames)
+    reference = torch.nn.functional.conv1d(
+        reference_frames.transpose(1, 2), conv.conv.weight, conv.conv.bias, stride=stride, padding=conv.padding
+    ).transpose(1, 2)
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-6)
+    upstream = torch.randn(reference.shape)
+    (weight_grad, bias_grad, frames_grad) = torch.autograd.grad(
+        (ours * upstream).sum(), [conv.conv.weight, conv.conv.bias, frames]
+    )
+    expected = torch.autograd.grad(
+        (reference * upstream).sum(), [conv.conv.weight, conv.conv.bias, reference_frames]
+    )
+    for got, want in zip((weight_grad, bias_grad, frames_grad), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_special_token_affixes_of_the_demo_tokenizer(tiny_text_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
     assert special_token_affixes(tokenizer) == ([], [tokenizer.convert_tokens_to_ids("<|endoftext|>")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.errors import ConfigError
@@ -94,11 +95,24 @@ class ConvDownsampler(nn.Module):
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return (lengths + 2 * self.padding - self.kernel_size) // self.stride + 1
 
+    def convolve(self, frames: torch.Tensor) -> torch.Tensor:
+        """``self.conv`` over time, ``[B, T, C]`` -> ``[B, T', channels]``.
+
+        On CPU as one matrix product over the unfolded windows (the same weights and sums): for
+        this strided convolution oneDNN's backward was about 2x slower than the product's
+        (``benchmarks/README.md``). GPUs keep cuDNN's convolution, which needs no unfolded copy.
+        """
+        if frames.device.type != "cpu":
+            return self.conv(frames.transpose(1, 2)).transpose(1, 2)
+        padded = F.pad(frames, (0, 0, self.padding, self.padding))
+        windows = padded.unfold(1, self.kernel_size, self.stride)  # [B, T', C, kernel]
+        weight = self.conv.weight.reshape(self.conv.out_channels, -1)  # [channels, C * kernel]
+        return F.linear(windows.reshape(*windows.shape[:2], -1), weight, self.conv.bias)
+
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         real = mask.unsqueeze(-1).to(frames.dtype)
         # Zero padding frames: the conv then sees the same zeros past a clip's end as it would alone.
-        hidden = self.norm(frames) * real
-        hidden = self.activation(self.conv(hidden.transpose(1, 2))).transpose(1, 2)
+        hidden = self.activation(self.convolve(self.norm(frames) * real))
         lengths = self.output_lengths(mask.sum(dim=1)).clamp(min=1)
         new_mask = torch.arange(hidden.shape[1], device=mask.device)[None, :] < lengths[:, None]
         return hidden * new_mask.unsqueeze(-1).to(hidden.dtype), new_mask.to(torch.long)
