@@ -61,8 +61,9 @@ def test_downsampler_product_on_cpu_equals_the_convolution(kernel_size, stride, 
     frames = torch.randn(3, length, 6, requires_grad=True)
     reference_frames = frames.detach().clone().requires_grad_(True)
     ours = conv.convolve(frames)
+    weight, bias = conv.conv.weight, conv.conv.bias
     reference = torch.nn.functional.conv1d(
-        reference_frames.transpose(1, 2), conv.conv.weight, conv.conv.bias, stride=stride, padding=conv.padding
+        reference_frames.transpose(1, 2), weight, bias, stride=stride, padding=conv.padding
     ).transpose(1, 2)
     assert ours.shape == reference.shape
     assert torch.allclose(ours, reference, atol=1e-6)
