@@ -65,6 +65,18 @@ def _embeddings_and_gradients(encoder: TextEncoder, batch, from_embeds=False) ->
     return embeddings.detach(), gradients
 
 
+def _count_pooled_calls(encoder: TextEncoder) -> list:
+    """Records each pruned run of the final layer (a silent fallback would pass every equality)."""
+    calls, pooled_forward = [], encoder.pooled_final_layer._pooled_forward
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return pooled_forward(*args)
+
+    encoder.pooled_final_layer._pooled_forward = counted
+    return calls
+
+
 def _assert_same(pruned, full, tolerance=1e-5):
     (pruned_embeddings, pruned_gradients), (full_embeddings, full_gradients) = pruned, full
     scale = full_embeddings.abs().max()
@@ -79,8 +91,10 @@ def test_same_embeddings_and_gradients_as_the_full_final_layer(decoder_dir):
     pruned = TextEncoder(TextEncoderConfig(decoder_dir))
     full = TextEncoder(TextEncoderConfig(decoder_dir, pooled_final_layer=False))
     assert pruned.pooled_final_layer is not None and full.pooled_final_layer is None
+    calls = _count_pooled_calls(pruned)
     batch = _batch()
     _assert_same(_embeddings_and_gradients(pruned, batch), _embeddings_and_gradients(full, batch))
+    assert calls == [(5, 12, SHAPE["hidden_size"])]
 
 
 def test_same_from_inputs_embeds_and_under_gradient_checkpointing(tiny_text_model):
@@ -89,10 +103,12 @@ def test_same_from_inputs_embeds_and_under_gradient_checkpointing(tiny_text_mode
     full = TextEncoder(TextEncoderConfig(str(tiny_text_model), pooled_final_layer=False))
     batch = _batch()
     batch["input_ids"] = batch["input_ids"] % pruned.embedding_table().shape[0]
+    calls = _count_pooled_calls(pruned)
     _assert_same(
         _embeddings_and_gradients(pruned, batch, from_embeds=True),
         _embeddings_and_gradients(full, batch, from_embeds=True),
     )
+    assert len(calls) == 1
 
 
 def test_lora_adapters_get_the_same_gradients_and_keep_their_names(tiny_text_model, tmp_path):
@@ -106,9 +122,11 @@ def test_lora_adapters_get_the_same_gradients_and_keep_their_names(tiny_text_mod
             q.copy_(p)
     assert pruned.pooled_final_layer is not None
     assert pruned.state_dict().keys() == full.state_dict().keys()
+    calls = _count_pooled_calls(pruned)
     batch = _batch()
     batch["input_ids"] = batch["input_ids"] % pruned.embedding_table().shape[0]
     _assert_same(_embeddings_and_gradients(pruned, batch), _embeddings_and_gradients(full, batch))
+    assert len(calls) == 1
     pruned.save_pretrained(tmp_path)  # merges a deep copy of the patched model
     assert (tmp_path / "model.safetensors").exists()
 

@@ -10,7 +10,13 @@ heads): on Qwen3-Embedding-0.6B (28 layers) it removes ~3 % of the model's FLOPs
 
 The layer keeps its parameters and module path (checkpoints and ``save_pretrained`` are
 unchanged); only its ``forward`` is replaced, and it falls back to the layer's own forward
-whenever it is called outside ``TextEncoder.forward`` (e.g. a user calling the HF model).
+whenever it is called outside ``TextEncoder.forward`` (e.g. a user calling the HF model). The
+mask it reads is state on the layer, so one encoder must not run in two threads at once
+(``nn.DataParallel`` replicas would share it; DDP, one process per device, does not).
+
+Written against transformers 5 (decoder layers return a tensor, gradient checkpointing wraps
+``forward``); older versions (layers returning tuples) keep the full layer. A Mistral with a
+sliding window (its default) keeps it too.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 
 # Decoder layers written as pre-norm attention (q/k/v/o projections, optional per-head q/k
@@ -38,6 +46,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def final_layer_is_prunable(model: nn.Module) -> bool:
     """Whether ``model`` (a bare transformers decoder, not PEFT-wrapped) has a supported final layer."""
+    if Version(transformers.__version__).major < 5:
+        return False
     config = getattr(model, "config", None)
     layers = getattr(model, "layers", None)
     if config is None or layers is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:

@@ -169,6 +169,7 @@ class TextEncoder(nn.Module):
             # Positions count real tokens only, so a left-padded row is encoded exactly as if it
             # were alone (the default positions would shift it by its padding length).
             kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False  # an embedder generates nothing: no key/value cache to keep
         pruning = (
             self.pooled_final_layer.pooling_at(attention_mask)
             if self.pooled_final_layer is not None
