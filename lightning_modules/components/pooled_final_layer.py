@@ -109,18 +109,17 @@ class PooledFinalLayer:
         queries = attention.q_proj(normed[rows, pooled]).view(batch, 1, -1, head_dim)
         if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
             queries, keys = attention.q_norm(queries), attention.k_norm(keys)
-        cos, sin = position_embeddings
+        cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)  # [1, T, d] if shared
         keys = _rope(keys.transpose(1, 2), cos, sin)
         queries = _rope(queries.transpose(1, 2), cos[rows, pooled][:, None], sin[rows, pooled][:, None])
 
-        # The pooled token is its row's last real one: the causal mask for it is the padding mask.
-        visible = mask
         dropout = attention.attention_dropout if attention.training else 0.0
         attended = F.scaled_dot_product_attention(
             queries,
             keys.to(queries.dtype),
             values.to(queries.dtype),
-            attn_mask=visible[:, None, None, :],
+            # The pooled token is its row's last real one: its causal mask is the padding mask.
+            attn_mask=mask[:, None, None, :],
             dropout_p=dropout,
             scale=attention.scaling,
             enable_gqa=keys.shape[1] != queries.shape[1],
