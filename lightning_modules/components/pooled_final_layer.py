@@ -29,6 +29,8 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
+from lightning_modules.components.pooling import last_token_positions
+
 # Decoder layers written as pre-norm attention (q/k/v/o projections, optional per-head q/k
 # RMSNorm, rotate-half RoPE) + pre-norm MLP: the layout this module re-implements.
 SUPPORTED_MODEL_TYPES = frozenset({"qwen3", "qwen2", "llama", "mistral"})
@@ -98,9 +100,7 @@ class PooledFinalLayer:
         mask = self.attention_mask.to(torch.bool)
         batch, length, _ = hidden_states.shape
         rows = torch.arange(batch, device=hidden_states.device)
-        positions = torch.arange(length, device=hidden_states.device)
-        # The pooler's choice (last_token_pool): the last position whose mask is 1.
-        pooled = (mask.long() * positions).argmax(dim=1)
+        pooled = last_token_positions(mask)  # the position the pooler reads
 
         normed = layer.input_layernorm(hidden_states)
         head_dim = attention.head_dim

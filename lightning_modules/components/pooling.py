@@ -15,9 +15,14 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     input. Taking ``[:, -1]`` only works for left padding; locating the last 1 of the mask works
     for both sides and for masks built by hand (speech frames appended after a prompt).
     """
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+    last = last_token_positions(attention_mask)
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token ``[B]``: the position last-token pooling reads."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.to(torch.long) * positions).argmax(dim=1)
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
