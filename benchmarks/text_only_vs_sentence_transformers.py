@@ -189,9 +189,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     final_layer = "every position" if args.full_final_layer else "the pooled token only"
     print(
-        f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), pairs of 16 / "
-        f"{args.max_length} tokens, dims {DIMS}, rounds {args.rounds}; tiny Qwen3 of {args.layers} "
-        f"layers, this project's final layer at {final_layer}"
+        f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), queries of 16 or "
+        f"more tokens, documents of {args.max_length}, dims {DIMS}, rounds {args.rounds}; tiny Qwen3 "
+        f"of {args.layers} layers, this project's final layer at {final_layer}"
     )
     print_table(
         "Text-only training throughput (CPU)",
