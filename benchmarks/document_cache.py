@@ -18,13 +18,17 @@ import random
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from common import (
     DIMS,
+    REAL_ADAPTER,
+    REAL_DIMS,
     machine,
     print_table,
+    real_size_models,
     text_of_tokens,
     tiny_speech_model,
     tiny_text_model,
@@ -39,16 +43,33 @@ from lightning_modules import LateFusion
 from lightning_modules.components.text_encoder import TextEncoderConfig
 from lightning_modules.document_cache import DocumentEmbeddingCache
 
+SETTINGS = {  # name: (document cache, cached prompt states)
+    "without cache": (False, True),
+    "with cache": (True, True),
+    "with cache, prompts in full": (True, False),
+}
+
 
 def measure(model, data, cache, rows, batch_size: int, steps: int) -> dict:
-    """Median step time with and without the cache on the same batches, and the loss difference."""
+    """Median step time with and without the cache on the same batches, and the loss difference.
+
+    A third setting runs the task prompt through the LLM at every step (cached prompt states off,
+    ``components/prompt_states.py``), to show what that part of the query path costs.
+    """
     batches = [data.batches.training_batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     assert all(len(b["ids"]) == batch_size for b in batches)
+    prompt_states = model.prompt_state_cache
+
+    def configure(name):
+        documents, prompts = SETTINGS[name]
+        model.document_cache = cache if documents else None
+        model.prompt_state_cache = prompt_states if prompts else None
+
     with torch.no_grad():
-        computed_loss = model.training_loss(batches[0])
-        model.document_cache = cache
-        cached_loss = model.training_loss(batches[0])
-        model.document_cache = None
+        losses = {}
+        for name in SETTINGS:
+            configure(name)
+            losses[name] = model.training_loss(batches[0])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):
@@ -56,42 +77,29 @@ def measure(model, data, cache, rows, batch_size: int, steps: int) -> dict:
         model.training_loss(batch).backward()
         optimizer.step()
 
-    times = {"without cache": [], "with cache": []}
+    times = {name: [] for name in SETTINGS}
     step(batches[0])  # warm-up
-    for batch in batches[1 : steps + 1]:  # alternating, so both see the same machine state
+    for batch in batches[1 : steps + 1]:  # alternating, so all see the same machine state
         for name in times:
-            model.document_cache = cache if name == "with cache" else None
+            configure(name)
             started = time.perf_counter()
             step(batch)
             times[name].append(time.perf_counter() - started)
-    model.document_cache = None
+    configure("without cache")
     medians = {name: statistics.median(values) for name, values in times.items()}
+    reference = losses["without cache"]
     return {
         **medians,
         "speed-up": medians["without cache"] / medians["with cache"],
-        "loss diff": float((computed_loss - cached_loss).abs()),
+        "loss diff": float((losses["with cache"] - reference).abs()),
+        "prompt loss diff": float((losses["with cache, prompts in full"] - reference).abs()),
         "document tokens": int(batches[0]["document"]["attention_mask"].sum(dim=1).min()),
         "speech tokens": int(model.speech_tokens(batches[0])[1].sum(dim=1).max()),
+        "prompt tokens": int(batches[0]["prompt"]["attention_mask"].sum(dim=1).max()),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--document-tokens", type=int, default=512)
-    parser.add_argument(
-        "--seconds", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="query clip lengths"
-    )
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument(
-        "--conv-channels",
-        type=int,
-        default=1024,
-        help="adapter width (1024: the real recipe's; the tiny LLM's hidden size is 256)",
-    )
-    args = parser.parse_args()
-
-    text_model, speech_model = tiny_text_model(), tiny_speech_model()
+def run(args, text_model: str, speech_model: str, dims: list[int], adapter: dict, directory: str):
     data = StreamingPairDataModule(
         text_model,
         audio=AudioSettings(feature_extractor=speech_model, min_duration=0.5),
@@ -108,40 +116,77 @@ def main() -> None:
     model = LateFusion(
         TextEncoderConfig(text_model),  # frozen (the paper's recipe): the adapter trains
         {"pretrained_model_name_or_path": speech_model},
-        adapter={"conv_channels": args.conv_channels},
-        matryoshka_dims=DIMS,
+        adapter=adapter,
+        matryoshka_dims=dims,
     ).train()
     results = {}
+    cache = DocumentEmbeddingCache(Path(directory) / "cache", dims)
+    started = time.perf_counter()
+    filled = fill_cache(cache, model, data.tokenize_documents, documents, 64)
+    fill_seconds = time.perf_counter() - started
+    for seconds in args.seconds:
+        rows = [
+            {
+                "id": f"row{i}",
+                "query": " ".join(rng.choice(words) for _ in range(4)),
+                "document": document,
+                "audio": {"bytes": wav_bytes(seconds, wave_rng), "path": None},
+            }
+            for i, document in enumerate(documents)
+        ]
+        results[seconds] = measure(model, data, cache, rows, args.batch_size, args.steps)
+    return results, filled, fill_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--document-tokens", type=int, default=512)
+    parser.add_argument(
+        "--seconds", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0], help="query clip lengths"
+    )
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--conv-channels",
+        type=int,
+        default=1024,
+        help="adapter width (1024: the real recipe's; the tiny LLM's hidden size is 256)",
+    )
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="the real recipe's shapes instead of the demo's: Qwen3-0.6B and HuBERT-base with random "
+        "weights, float32, dims 128-1024, its adapter (--conv-channels is ignored)",
+    )
+    args = parser.parse_args()
+
     with tempfile.TemporaryDirectory() as directory:
-        cache = DocumentEmbeddingCache(directory, DIMS)
-        started = time.perf_counter()
-        filled = fill_cache(cache, model, data.tokenize_documents, documents, 64)
-        fill_seconds = time.perf_counter() - started
-        for seconds in args.seconds:
-            rows = [
-                {
-                    "id": f"row{i}",
-                    "query": " ".join(rng.choice(words) for _ in range(4)),
-                    "document": document,
-                    "audio": {"bytes": wav_bytes(seconds, wave_rng), "path": None},
-                }
-                for i, document in enumerate(documents)
-            ]
-            results[seconds] = measure(model, data, cache, rows, args.batch_size, args.steps)
+        if args.real_size:
+            text_model, speech_model = real_size_models(Path(directory))
+            dims, adapter = REAL_DIMS, REAL_ADAPTER
+        else:
+            text_model, speech_model = tiny_text_model(), tiny_speech_model()
+            dims, adapter = DIMS, {"conv_channels": args.conv_channels}
+        results, filled, fill_seconds = run(args, text_model, speech_model, dims, adapter, directory)
 
     print(f"machine: {machine()}")
     print(
         f"batch {args.batch_size}, documents of {args.document_tokens} tokens, {args.steps} steps per "
-        f"setting, dims {DIMS}; tiny demo LLM (frozen) and speech tower (frozen), adapter stride 2, "
-        f"{args.conv_channels} channels"
+        f"setting, dims {dims}; "
+        + (
+            "Qwen3-0.6B and HuBERT-base shapes, random weights, float32 (frozen); the recipe's adapter"
+            if args.real_size
+            else f"tiny demo LLM and speech tower (frozen); adapter stride 2, {args.conv_channels} channels"
+        )
     )
     print_table(
         "Late-fusion training step (forward + backward + AdamW), frozen document tower",
-        ["query clip", "speech tokens", "step without cache (s)", "step with cache (s)", "speed-up",
-         "|loss diff|"],
+        ["query clip", "prompt + speech tokens", "step without cache (s)", "step with cache (s)",
+         "speed-up", "\\|loss diff\\|", "with cache, prompts in full (s)", "\\|loss diff\\|"],
         [
-            [f"{seconds:g} s", r["speech tokens"], f"{r['without cache']:.3f}", f"{r['with cache']:.3f}",
-             f"{r['speed-up']:.2f}x", f"{r['loss diff']:.1e}"]
+            [f"{seconds:g} s", f"{r['prompt tokens']} + {r['speech tokens']}", f"{r['without cache']:.3f}",
+             f"{r['with cache']:.3f}", f"{r['speed-up']:.2f}x", f"{r['loss diff']:.1e}",
+             f"{r['with cache, prompts in full']:.3f}", f"{r['prompt loss diff']:.1e}"]
             for seconds, r in results.items()
         ],
     )  # fmt: skip

@@ -22,41 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, print_table, text_of_tokens, tiny_text_model, vocabulary
+from common import REAL_ADAPTER, REAL_DIMS, machine, print_table, real_size_models, text_of_tokens, vocabulary
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (
-    AutoFeatureExtractor,
-    AutoModel,
-    AutoTokenizer,
-    HubertConfig,
-    Qwen3Config,
-    Wav2Vec2FeatureExtractor,
-)
+from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from callbacks.document_cache import fill_cache
 from datamodules.audio import pad_waveforms
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import LateFusion
 from lightning_modules.document_cache import DocumentEmbeddingCache
-
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-)  # fmt: skip
-REAL_DIMS = [128, 256, 512, 1024]
-
-
-def build_models(directory: Path, layers: int | None) -> tuple[str, str]:
-    torch.manual_seed(0)
-    text_dir, speech_dir = directory / "qwen3-0.6b-random", directory / "hubert-base-random"
-    config = dict(QWEN3_06B, num_hidden_layers=layers or QWEN3_06B["num_hidden_layers"])
-    AutoModel.from_config(Qwen3Config(**config)).save_pretrained(text_dir)
-    AutoTokenizer.from_pretrained(tiny_text_model()).save_pretrained(text_dir)  # its ids fit the vocab
-    AutoModel.from_config(HubertConfig(num_hidden_layers=layers or 12)).save_pretrained(speech_dir)
-    # HuBERT-base's feature extractor: 16 kHz waveform, no attention mask (GroupNorm encoder).
-    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(speech_dir)
-    return str(text_dir), str(speech_dir)
 
 
 def main() -> None:
@@ -73,11 +47,11 @@ def main() -> None:
     dtype = "bfloat16"
 
     with tempfile.TemporaryDirectory() as directory:
-        text_dir, speech_dir = build_models(Path(directory), args.layers)
+        text_dir, speech_dir = real_size_models(Path(directory), args.layers)
         model = LateFusion(
             text_encoder={"pretrained_model_name_or_path": text_dir, "dtype": dtype},
             speech_encoder={"pretrained_model_name_or_path": speech_dir, "dtype": dtype},
-            adapter={"fusion": "concat", "conv_channels": 1024, "kernel_size": 3, "stride": 2},
+            adapter=REAL_ADAPTER,
             matryoshka_dims=REAL_DIMS,
         ).to(device)
         model.train()

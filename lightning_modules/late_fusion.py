@@ -18,6 +18,7 @@ from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.adapters import AdapterConfig, SpeechAdapter
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
+from lightning_modules.components.prompt_states import PromptStateCache, PromptStates
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import (
@@ -49,6 +50,7 @@ class LateFusion(MatryoshkaEmbedder):
         cross_device_negatives: bool = True,
         gradient_chunk_size: int | None = None,
         symmetric_loss: bool = False,
+        cache_prompt_states: bool = True,
     ):
         """
         Args:
@@ -76,6 +78,10 @@ class LateFusion(MatryoshkaEmbedder):
                 of one chunk); None: the whole batch in one pass.
             symmetric_loss: Also score each document against the batch's queries (CLIP-style
                 InfoNCE, the mean of both directions per dim); false: queries -> documents only.
+            cache_prompt_states: Run the frozen LLM over each task prompt once and reuse its keys
+                and values, so queries run it over the speech tokens only (the same embeddings:
+                ``components/prompt_states.py``). Applies while the text tower is frozen, without
+                LoRA or gradient checkpointing, on Qwen2/3, Llama or Mistral; otherwise ignored.
         """
         super().__init__(
             matryoshka_dims,
@@ -112,6 +118,7 @@ class LateFusion(MatryoshkaEmbedder):
         opening, closing = special_token_affixes(AutoTokenizer.from_pretrained(name))
         self.register_buffer("opening_ids", torch.tensor(opening, dtype=torch.long), persistent=False)
         self.register_buffer("closing_ids", torch.tensor(closing, dtype=torch.long), persistent=False)
+        self.prompt_state_cache = PromptStateCache() if cache_prompt_states else None
         self.train()
 
     def _fixed_tokens(self, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +130,34 @@ class LateFusion(MatryoshkaEmbedder):
         states = self.speech_encoder(**batch["query_audio"])
         return self.adapter(states.hidden_states, states.frame_mask, self.text_encoder.embedding_table())
 
+    def _cached_prompt_states(self, prompt: Mapping) -> PromptStates | None:
+        """Each row's ``opening tokens | prompt`` states from the cache (None: run them in full)."""
+        if self.prompt_state_cache is None:
+            return None
+        opening = self.opening_ids.tolist()
+        prompts = [
+            tuple(opening + [i for i, real in zip(ids, mask, strict=True) if real])
+            for ids, mask in zip(prompt["input_ids"].tolist(), prompt["attention_mask"].tolist(), strict=True)
+        ]
+        return self.prompt_state_cache.states_for(self.text_encoder, prompts, self.opening_ids.device)
+
     def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
         speech, speech_mask = self.speech_tokens(batch)
         prompt = batch["prompt"]
-        prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
         size = speech.shape[0]
+        cached = self._cached_prompt_states(prompt)
+        if cached is not None:
+            inputs_embeds, attention_mask = concat_masked_sequences(
+                [
+                    (speech.to(self.text_encoder.embedding_table().dtype), speech_mask),
+                    self._fixed_tokens(self.closing_ids, size),
+                ]
+            )
+            pooled = self.text_encoder(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, prompt_states=cached
+            )
+            return matryoshka_slices(pooled, self.matryoshka_dims)
+        prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
         inputs_embeds, attention_mask = concat_masked_sequences(
             [
                 self._fixed_tokens(self.opening_ids, size),

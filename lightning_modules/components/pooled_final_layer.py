@@ -25,15 +25,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-import transformers
-from packaging.version import Version
 from torch import nn
 
+from lightning_modules.components.decoder_support import full_attention_decoder
 from lightning_modules.components.pooling import last_token_positions
-
-# Decoder layers written as pre-norm attention (q/k/v/o projections, optional per-head q/k
-# RMSNorm, rotate-half RoPE) + pre-norm MLP: the layout this module re-implements.
-SUPPORTED_MODEL_TYPES = frozenset({"qwen3", "qwen2", "llama", "mistral"})
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,22 +43,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def final_layer_is_prunable(model: nn.Module) -> bool:
     """Whether ``model`` (a bare transformers decoder, not PEFT-wrapped) has a supported final layer."""
-    if Version(transformers.__version__).major < 5:
+    if not full_attention_decoder(model, final_layer_only=True):
         return False
-    config = getattr(model, "config", None)
-    layers = getattr(model, "layers", None)
-    if config is None or layers is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    if layer_types[-1] != "full_attention":
-        return False  # a sliding-window final layer would need the window in the key mask
-    if getattr(config, "use_sliding_window", False) or (
-        config.model_type == "mistral" and getattr(config, "sliding_window", None)
-    ):
-        return False
-    layer = layers[-1]
+    layer = model.layers[-1]
     attention = getattr(layer, "self_attn", None)
-    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
     return (
         attention is not None
         and all(hasattr(attention, name) for name in needed)
@@ -93,14 +77,16 @@ class PooledFinalLayer:
             return type(self.layer).forward(
                 self.layer, hidden_states, *args, position_embeddings=position_embeddings, **kwargs
             )
-        return self._pooled_forward(hidden_states, position_embeddings)
+        # The key/value cache is `cache` in recent transformers 5 releases, `past_key_values` before.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return self._pooled_forward(hidden_states, position_embeddings, cache)
 
-    def _pooled_forward(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    def _pooled_forward(self, hidden_states: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
         layer, attention = self.layer, self.layer.self_attn
-        mask = self.attention_mask.to(torch.bool)
+        mask = self.attention_mask.to(torch.bool)  # [B, cached + T]: cached prompt states come first
         batch, length, _ = hidden_states.shape
         rows = torch.arange(batch, device=hidden_states.device)
-        pooled = last_token_positions(mask)  # the position the pooler reads
+        pooled = last_token_positions(mask) - (mask.shape[1] - length)  # the position the pooler reads
 
         normed = layer.input_layernorm(hidden_states)
         head_dim = attention.head_dim
@@ -112,6 +98,8 @@ class PooledFinalLayer:
         cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)  # [1, T, d] if shared
         keys = _rope(keys.transpose(1, 2), cos, sin)
         queries = _rope(queries.transpose(1, 2), cos[rows, pooled][:, None], sin[rows, pooled][:, None])
+        if cache is not None:  # the cached positions' keys and values, then these
+            keys, values = cache.update(keys, values, attention.layer_idx)
 
         dropout = attention.attention_dropout if attention.training else 0.0
         attended = F.scaled_dot_product_attention(

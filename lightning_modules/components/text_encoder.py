@@ -8,16 +8,19 @@ fusion uses to splice speech frames between text tokens).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lightning_modules.components.decoder_support import full_attention_decoder
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS
+from lightning_modules.components.prompt_states import PromptStates
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,6 +137,7 @@ class TextEncoder(nn.Module):
         self.model = model.train()
         self.pool = POOLERS[config.pooling]
         decoder = model.get_base_model() if config.lora is not None else model
+        self._full_attention_decoder = full_attention_decoder(decoder)
         self.pooled_final_layer = None
         if config.pooled_final_layer and config.pooling == "last_token" and final_layer_is_prunable(decoder):
             self.pooled_final_layer = PooledFinalLayer(decoder.layers[-1])
@@ -156,28 +160,77 @@ class TextEncoder(nn.Module):
         """Input token embeddings, for callers that build ``inputs_embeds`` themselves."""
         return self.model.get_input_embeddings()(input_ids)
 
+    def supports_prompt_states(self) -> bool:
+        """Whether ``forward`` can start from cached prompt states (``components/prompt_states.py``):
+        a supported causal decoder, last-token pooled, without LoRA or activation checkpointing."""
+        return (
+            self._full_attention_decoder
+            and self.config.pooling == "last_token"
+            and self.config.lora is None
+            and not self._checkpointing_activations()
+        )
+
+    def _checkpointing_activations(self) -> bool:
+        # transformers 5 renamed `is_gradient_checkpointing` (deprecated) to `is_activation_checkpointing`.
+        renamed = hasattr(type(self.model), "is_activation_checkpointing")
+        return bool(
+            getattr(
+                self.model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False
+            )
+        )
+
+    def _cache_argument(self) -> str:
+        # The key/value cache is `cache` in recent transformers 5 releases, `past_key_values` before.
+        parameters = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
+    @torch.no_grad()
+    def key_value_states(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's keys and values over ``input_ids [1, P]`` (a prompt alone, positions 0..P-1)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        self.model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
+            use_cache=True,
+            **{self._cache_argument(): cache},
+        )
+        return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        prompt_states: PromptStates | None = None,
     ) -> torch.Tensor:
+        """Pooled embeddings ``[B, hidden]``; with ``prompt_states``, of ``prompt | these tokens``
+        (the cached prompt's keys and values stand in for running the LLM over it)."""
         if attention_mask is None:
             raise ValueError("TextEncoder needs an attention_mask to pool over real tokens only.")
         kwargs = {}
+        full_mask = attention_mask
+        if prompt_states is not None:
+            if not bool(attention_mask.any(dim=1).all()):
+                raise ValueError("after cached prompt states every row needs a real token to pool.")
+            full_mask = torch.cat([prompt_states.mask.to(attention_mask.dtype), attention_mask], dim=1)
+            kwargs[self._cache_argument()] = prompt_states.fresh_cache()
         if self.config.pooling == "last_token":
             # Positions count real tokens only, so a left-padded row is encoded exactly as if it
             # were alone (the default positions would shift it by its padding length).
-            kwargs["position_ids"] = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            positions = (full_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions[:, full_mask.shape[1] - attention_mask.shape[1] :]
             kwargs["use_cache"] = False  # an embedder generates nothing: no key/value cache to keep
         pruning = (
-            self.pooled_final_layer.pooling_at(attention_mask)
+            self.pooled_final_layer.pooling_at(full_mask)
             if self.pooled_final_layer is not None
             else contextlib.nullcontext()
         )
         with pruning:
             output = self.model(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **kwargs
             )
         return self.pool(output.last_hidden_state, attention_mask)
 
