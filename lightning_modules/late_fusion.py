@@ -130,9 +130,33 @@ class LateFusion(MatryoshkaEmbedder):
         states = self.speech_encoder(**batch["query_audio"])
         return self.adapter(states.hidden_states, states.frame_mask, self.text_encoder.embedding_table())
 
+    # The cached prompt states start afresh at each stage: a write to the LLM's weights through
+    # `.data` (some loaders and EMA helpers) escapes the fingerprint's in-place versions.
+    def _clear_prompt_states(self) -> None:
+        if self.prompt_state_cache is not None:
+            self.prompt_state_cache.clear()
+
+    def on_fit_start(self) -> None:
+        self._clear_prompt_states()
+
+    def on_validation_start(self) -> None:
+        self._clear_prompt_states()
+
+    def on_test_start(self) -> None:
+        self._clear_prompt_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._clear_prompt_states()
+
     def _cached_prompt_states(self, prompt: Mapping) -> PromptStates | None:
         """Each row's ``opening tokens | prompt`` states from the cache (None: run them in full)."""
         if self.prompt_state_cache is None:
+            return None
+        strategy = type(getattr(self._trainer, "strategy", None)).__name__
+        if strategy.startswith(("FSDP", "DeepSpeed", "ModelParallel")):
+            # Sharded weights: the LLM's forward gathers them collectively, and a rank meeting a
+            # new prompt first would run one forward more than the others (a hang).
             return None
         opening = self.opening_ids.tolist()
         prompts = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.components.decoder_support import full_attention_decoder
+from lightning_modules.components.decoder_support import full_attention_decoder, rope_is_length_independent
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
@@ -137,7 +137,9 @@ class TextEncoder(nn.Module):
         self.model = model.train()
         self.pool = POOLERS[config.pooling]
         decoder = model.get_base_model() if config.lora is not None else model
-        self._full_attention_decoder = full_attention_decoder(decoder)
+        self._prompt_states_supported = full_attention_decoder(decoder) and rope_is_length_independent(
+            decoder.config
+        )
         self.pooled_final_layer = None
         if config.pooled_final_layer and config.pooling == "last_token" and final_layer_is_prunable(decoder):
             self.pooled_final_layer = PooledFinalLayer(decoder.layers[-1])
@@ -162,12 +164,13 @@ class TextEncoder(nn.Module):
 
     def supports_prompt_states(self) -> bool:
         """Whether ``forward`` can start from cached prompt states (``components/prompt_states.py``):
-        a supported causal decoder, last-token pooled, without LoRA or activation checkpointing."""
+        a supported causal decoder with position-independent RoPE, last-token pooled, without
+        LoRA, and not checkpointing activations (transformers drops caches there in train mode)."""
         return (
-            self._full_attention_decoder
+            self._prompt_states_supported
             and self.config.pooling == "last_token"
             and self.config.lora is None
-            and not self._checkpointing_activations()
+            and not (self.model.training and self._checkpointing_activations())
         )
 
     def _checkpointing_activations(self) -> bool:
