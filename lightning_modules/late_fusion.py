@@ -80,8 +80,8 @@ class LateFusion(MatryoshkaEmbedder):
                 InfoNCE, the mean of both directions per dim); false: queries -> documents only.
             cache_prompt_states: Run the frozen LLM over each task prompt once and reuse its keys
                 and values, so queries run it over the speech tokens only (the same embeddings:
-                ``components/prompt_states.py``). Applies while the text tower is frozen, without
-                LoRA or gradient checkpointing, on Qwen2/3, Llama or Mistral; otherwise ignored.
+                ``components/prompt_states.py``). Applies while the text tower is frozen and without
+                LoRA, on Qwen2/3, Llama or Mistral (not sharded strategies); otherwise ignored.
         """
         super().__init__(
             matryoshka_dims,

@@ -5,8 +5,8 @@ prompt comes first, so under causal attention its hidden states (and the keys an
 layer derives from them) do not depend on the speech; with the LLM frozen they are the same at
 every step. Computing them once per distinct prompt and handing them to the LLM as a key/value
 cache (what generation does with a prefix) gives the same embedding while the LLM's forward and
-backward run over the speech and end tokens only. With the default prompts (~16 tokens) and 25
-speech tokens per second, that is 38 % of the LLM's tokens for a 1 s clip, 14 % at 4 s, 2 % at 30 s.
+backward run over the speech and end tokens only. With the default prompts (~14 tokens) and 25
+speech tokens per second, that is 35 % of the LLM's tokens for a 1 s clip, 12 % at 4 s, 2 % at 30 s.
 
 Exact up to float rounding: each row keeps its own positions (counting real tokens, as
 ``TextEncoder`` does), so its prompt is encoded exactly as inside the full sequence. Valid only
