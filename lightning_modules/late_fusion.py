@@ -170,27 +170,17 @@ class LateFusion(MatryoshkaEmbedder):
         prompt = batch["prompt"]
         size = speech.shape[0]
         cached = self._cached_prompt_states(prompt)
-        if cached is not None:
-            inputs_embeds, attention_mask = concat_masked_sequences(
-                [
-                    (speech.to(self.text_encoder.embedding_table().dtype), speech_mask),
-                    self._fixed_tokens(self.closing_ids, size),
-                ]
-            )
-            pooled = self.text_encoder(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, prompt_states=cached
-            )
-            return matryoshka_slices(pooled, self.matryoshka_dims)
-        prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
-        inputs_embeds, attention_mask = concat_masked_sequences(
-            [
-                self._fixed_tokens(self.opening_ids, size),
-                (prompt_embeds, prompt["attention_mask"]),
-                (speech.to(prompt_embeds.dtype), speech_mask),
-                self._fixed_tokens(self.closing_ids, size),
-            ]
+        # With cached prompt states the LLM starts after the prompt; otherwise it runs it too.
+        parts = []
+        if cached is None:
+            prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
+            parts = [self._fixed_tokens(self.opening_ids, size), (prompt_embeds, prompt["attention_mask"])]
+        speech = speech.to(self.text_encoder.embedding_table().dtype)
+        parts += [(speech, speech_mask), self._fixed_tokens(self.closing_ids, size)]
+        inputs_embeds, attention_mask = concat_masked_sequences(parts)
+        pooled = self.text_encoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, prompt_states=cached
         )
-        pooled = self.text_encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         return matryoshka_slices(pooled, self.matryoshka_dims)
 
     def _document_path(self):

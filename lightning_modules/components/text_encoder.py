@@ -140,6 +140,10 @@ class TextEncoder(nn.Module):
         self._prompt_states_supported = full_attention_decoder(decoder) and rope_is_length_independent(
             decoder.config
         )
+        # The key/value cache is `cache` in recent transformers 5 releases, `past_key_values` before.
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         self.pooled_final_layer = None
         if config.pooled_final_layer and config.pooling == "last_token" and final_layer_is_prunable(decoder):
             self.pooled_final_layer = PooledFinalLayer(decoder.layers[-1])
@@ -182,11 +186,6 @@ class TextEncoder(nn.Module):
             )
         )
 
-    def _cache_argument(self) -> str:
-        # The key/value cache is `cache` in recent transformers 5 releases, `past_key_values` before.
-        parameters = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in parameters else "past_key_values"
-
     @torch.no_grad()
     def key_value_states(self, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every layer's keys and values over ``input_ids [1, P]`` (a prompt alone, positions 0..P-1)."""
@@ -198,7 +197,7 @@ class TextEncoder(nn.Module):
             attention_mask=torch.ones_like(input_ids),
             position_ids=torch.arange(input_ids.shape[1], device=input_ids.device)[None],
             use_cache=True,
-            **{self._cache_argument(): cache},
+            **{self._cache_argument: cache},
         )
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
@@ -219,7 +218,7 @@ class TextEncoder(nn.Module):
             if not bool(attention_mask.any(dim=1).all()):
                 raise ValueError("after cached prompt states every row needs a real token to pool.")
             full_mask = torch.cat([prompt_states.mask.to(attention_mask.dtype), attention_mask], dim=1)
-            kwargs[self._cache_argument()] = prompt_states.fresh_cache()
+            kwargs[self._cache_argument] = prompt_states.fresh_cache()
         if self.config.pooling == "last_token":
             # Positions count real tokens only, so a left-padded row is encoded exactly as if it
             # were alone (the default positions would shift it by its padding length).
