@@ -68,7 +68,7 @@ def layer_norm_hubert(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def group_norm_hubert(tmp_path_factory) -> Path:
-    """A HuBERT-base-style waveform encoder (GroupNorm over time), which must run clip by clip."""
+    """A HuBERT-base-style waveform encoder (GroupNorm over time): per-clip statistics or clip by clip."""
     path = tmp_path_factory.mktemp("tiny-hubert-group-norm")
     assets.save_tiny_hubert(path, feat_extract_norm="group", do_stable_layer_norm=False)
     return path

@@ -11,14 +11,12 @@ from speech_inputs import (
     sample_clips,
     speech_text_batch,
 )
-from transformers import AutoFeatureExtractor, AutoTokenizer
+from transformers import AutoTokenizer
 
-from datamodules.audio import pad_waveforms
 from lightning_modules import LateFusion
 from lightning_modules.components.adapters import ConvDownsampler
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.sequences import concat_masked_sequences
-from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import special_token_affixes
 
 
@@ -106,23 +104,6 @@ def test_query_embedding_is_the_same_alone_or_batched_with_longer_clips(
         speech_model,
         ["document_retrieval", "translation_retrieval", "transcription_retrieval"],
     )
-
-
-def test_group_norm_encoders_run_clip_by_clip_and_others_batched(
-    tiny_speech_model, layer_norm_hubert, group_norm_hubert
-):
-    filterbank = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model)))
-    layer_norm = SpeechEncoder(SpeechEncoderConfig(str(layer_norm_hubert)))
-    group_norm = SpeechEncoder(SpeechEncoderConfig(str(group_norm_hubert)))
-    assert not filterbank.per_utterance and not layer_norm.per_utterance and group_norm.per_utterance
-    # Why: batched, a GroupNorm encoder's output for a short clip changes with its batch-mates.
-    group_norm.per_utterance = False
-    extractor = AutoFeatureExtractor.from_pretrained(group_norm_hubert)
-    clips = sample_clips()
-    with torch.no_grad():
-        alone = group_norm(**pad_waveforms(extractor, clips[:1])).hidden_states[-1][0]
-        batched = group_norm(**pad_waveforms(extractor, clips)).hidden_states[-1][0, : alone.shape[0]]
-    assert (alone - batched).abs().max() > 1e-3
 
 
 def test_only_the_adapter_trains_and_is_checkpointed(tiny_text_model, tiny_speech_model):

@@ -15,6 +15,7 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer, HubertC
 from datamodules.audio import pad_waveforms
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import LateFusion
+from lightning_modules.components.clip_group_norm import ClipGroupNorm
 from lightning_modules.losses import matryoshka_info_nce
 
 QWEN3_06B = dict(
@@ -40,7 +41,10 @@ def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model
         matryoshka_dims=[128, 256, 512, 1024],
     )
     assert model.text_encoder.model.config.num_hidden_layers == 28
-    assert model.speech_encoder.num_layers == 12 and model.speech_encoder.per_utterance
+    assert model.speech_encoder.num_layers == 12
+    # HuBERT-base's GroupNorm is found, so batches can run with per-clip statistics off CPU.
+    assert isinstance(model.speech_encoder.clip_norm, ClipGroupNorm)
+    assert model.speech_encoder.runs_clip_by_clip(torch.device("cpu"))
     assert model.adapter.fusion.output_size == 12 * 768
 
     rng = np.random.default_rng(0)

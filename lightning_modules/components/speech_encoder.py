@@ -8,9 +8,13 @@ convolutional feature encoder sets the frame rate) and filterbank models (w2v-BE
 
 Padding invariance: models whose convolutional feature encoder uses GroupNorm
 (``feat_extract_norm="group"``: HuBERT-base, wav2vec2-base) normalize every channel over the
-whole clip, padding included, so a padded clip is encoded differently from the same clip alone
-(transformers documents this). Such models are run one clip at a time; models with per-frame
-LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60, the demo model) run batched with the mask.
+whole clip, padding included, so a plainly padded clip is encoded differently from the same clip
+alone (transformers documents this). Batched, their norm takes each clip's statistics over its own
+frames (``clip_group_norm.py``), which gives what each clip gives alone. On CPU they run one clip
+at a time by default instead: there, batching saves nothing and computes the padding (measured in
+``benchmarks/speech_tower_batching.py``); on a GPU one clip at a time is a forward per clip, each
+too small to fill it. Models with per-frame LayerNorm (``"layer"``: HuBERT-large,
+wav2vec2-large-lv60, the demo model) run batched with the mask everywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_modules.components.clip_group_norm import (
+    clip_group_norm,
+    first_convolution_lengths,
+    statistics_per_clip,
+)
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import DTYPES
 
@@ -40,7 +49,7 @@ class SpeechEncoderConfig:
     freeze_feature_encoder: bool = True
     """When the model trains, keep its convolutional waveform encoder frozen (the usual practice)."""
     per_utterance: bool | None = None
-    """Encode clips one at a time; None: only for GroupNorm feature encoders (see module docstring)."""
+    """Encode clips one at a time; None: GroupNorm feature encoders on CPU only (see module docstring)."""
 
     @classmethod
     def coerce(cls, value: SpeechEncoderConfig | dict) -> SpeechEncoderConfig:
@@ -87,10 +96,11 @@ class SpeechEncoder(nn.Module):
                 f"speech_encoder.layers={config.layers}: indices must lie in 0..{available - 1} "
                 f"({model_config.num_hidden_layers} layers; 0 is the input to the first)."
             )
-        per_utterance = config.per_utterance
-        if per_utterance is None:
-            per_utterance = getattr(model_config, "feat_extract_norm", "layer") == "group"
-        self.per_utterance = per_utterance
+        # None: decided per device (runs_clip_by_clip). A GroupNorm this module cannot find would
+        # make batched outputs depend on the padding, so such a model always runs clip by clip.
+        group_norm = getattr(model_config, "feat_extract_norm", None) == "group"
+        unfound = group_norm and clip_group_norm(self.model) is None
+        self.per_utterance = True if unfound else config.per_utterance
         if config.freeze:
             self.model.requires_grad_(False)
         elif config.freeze_feature_encoder and hasattr(self.model, "feature_extractor"):
@@ -125,6 +135,18 @@ class SpeechEncoder(nn.Module):
             return lengths(input_lengths, add_adapter=False).to(torch.long)
         return lengths(input_lengths).to(torch.long)
 
+    @property
+    def clip_norm(self):
+        """The waveform encoder's GroupNorm, made per-clip (None: no GroupNorm). Not a submodule
+        of this one: registering it twice would put its weights twice in the state dict."""
+        return clip_group_norm(self.model)
+
+    def runs_clip_by_clip(self, device: torch.device) -> bool:
+        """Whether a batch on ``device`` is encoded one clip at a time (see module docstring)."""
+        if self.per_utterance is not None:
+            return self.per_utterance
+        return self.clip_norm is not None and device.type == "cpu"
+
     def _run(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
         output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True)
         return [output.hidden_states[i] for i in self.layers]
@@ -138,11 +160,15 @@ class SpeechEncoder(nn.Module):
         input_lengths = attention_mask.sum(dim=1)
         frame_lengths = self.frame_lengths(input_lengths)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            if self.per_utterance:
+            if self.runs_clip_by_clip(values.device):
                 rows = [self._run(values[i : i + 1, :n], None) for i, n in enumerate(input_lengths.tolist())]
                 hidden_states = [
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
+            elif (norm := self.clip_norm) is not None:
+                lengths = first_convolution_lengths(self.model, input_lengths.tolist())
+                with statistics_per_clip(norm, lengths):
+                    hidden_states = self._run(values, attention_mask)
             else:
                 hidden_states = self._run(values, attention_mask)
         longest = hidden_states[0].shape[1]
