@@ -4,8 +4,9 @@ HuBERT-base normalizes its first convolution's output over the whole clip, so a 
 one clip at a time (a forward per clip) or batched with that norm's statistics taken per clip
 (``lightning_modules/components/clip_group_norm.py``; the default off CPU). Both give each clip's
 own encoding; this prints their time side by side (alternating rounds), the largest difference
-between them, and the operators each dispatches per batch: on a GPU every operator is at least one
-kernel launch, so a forward per clip multiplies the launches by the batch size.
+between them, and the operators each dispatches per batch (a proxy for kernel launches on a GPU:
+most operators launch one, views none, some several), which a forward per clip multiplies by the
+batch size.
 
     python benchmarks/speech_tower_batching.py [--batch-size 16] [--seconds 3 10] [--device cuda]
 """
@@ -26,7 +27,7 @@ from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEnc
 
 
 class CountOperators(TorchDispatchMode):
-    """Counts the operators that reach the kernels (after autograd), i.e. the launches on a GPU."""
+    """Counts the operators that reach the kernels (after autograd): about the launches on a GPU."""
 
     def __init__(self):
         super().__init__()

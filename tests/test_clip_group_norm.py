@@ -1,8 +1,10 @@
-"""GroupNorm waveform encoders batched with per-clip statistics: the reference is each clip alone."""
+"""Speech towers batched exactly: each family batched (GroupNorm ones with per-clip statistics)
+against each clip run alone, and the families that cannot be batched exactly run clip by clip."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from pathlib import Path
 
@@ -10,15 +12,26 @@ import numpy as np
 import pytest
 import torch
 from speech_inputs import DIMS, assert_first_query_embeds_alone_as_batched, query_batch, sample_clips
-from transformers import AutoModel, Wav2Vec2Config, WavLMConfig
+from transformers import (
+    AutoModel,
+    Data2VecAudioConfig,
+    HubertConfig,
+    SEWConfig,
+    UniSpeechConfig,
+    UniSpeechSatConfig,
+    Wav2Vec2Config,
+    Wav2Vec2ConformerConfig,
+    WavLMConfig,
+)
 
 from lightning_modules import LateFusion
 from lightning_modules.components.clip_group_norm import ClipGroupNorm, clip_group_norm
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 
-def _tiny_group_norm_config(config_class):
-    """A wav2vec2-base-style config at test size (GroupNorm first convolution, post-norm layers)."""
+def _tiny_config(config_class, norm: str = "group"):
+    """A wav2vec2-style config at test size: base-style (GroupNorm first convolution, post-norm
+    layers) or large-style (``norm="layer"``: LayerNorm in every convolution, pre-norm layers)."""
     return config_class(
         hidden_size=64,
         num_hidden_layers=2,
@@ -27,26 +40,38 @@ def _tiny_group_norm_config(config_class):
         conv_dim=(32, 32, 32),
         conv_kernel=(10, 3, 3),
         conv_stride=(5, 4, 4),
-        feat_extract_norm="group",
-        do_stable_layer_norm=False,
+        feat_extract_norm=norm,
+        do_stable_layer_norm=norm == "layer",
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4,
         mask_time_prob=0.0,
     )
 
 
-FAMILIES = {"hubert": None, "wav2vec2": Wav2Vec2Config, "wavlm": WavLMConfig}
+BATCHED = {  # every family in speech_encoder.BATCHED_FAMILIES with a convolutional front
+    "hubert-group": None,  # the shared fixture
+    "wav2vec2-group": (Wav2Vec2Config, "group"),
+    "wavlm-group": (WavLMConfig, "group"),
+    "unispeech-group": (UniSpeechConfig, "group"),
+    "unispeech-sat-group": (UniSpeechSatConfig, "group"),
+    "hubert-layer": (HubertConfig, "layer"),
+    "wav2vec2-layer": (Wav2Vec2Config, "layer"),
+    "wavlm-layer": (WavLMConfig, "layer"),
+}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES.values()), ids=list(FAMILIES))
-def group_norm_encoder(request, tmp_path_factory) -> Path:
-    """Each GroupNorm waveform family at test size (HuBERT: the shared fixture)."""
+def _save(config, directory: Path) -> Path:
+    torch.manual_seed(1)
+    AutoModel.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=list(BATCHED.values()), ids=list(BATCHED))
+def batched_family(request, tmp_path_factory) -> Path:
     if request.param is None:
         return request.getfixturevalue("group_norm_hubert")
-    path = tmp_path_factory.mktemp(f"tiny-{request.param.model_type}-group-norm")
-    torch.manual_seed(1)
-    AutoModel.from_config(_tiny_group_norm_config(request.param)).save_pretrained(path)
-    return path
+    config_class, norm = request.param
+    return _save(_tiny_config(config_class, norm), tmp_path_factory.mktemp(f"tiny-{config_class.model_type}"))
 
 
 def _clips_with_noisy_padding() -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +93,13 @@ def _encoders(path: Path, **config) -> tuple[SpeechEncoder, SpeechEncoder]:
     return per_clip.eval(), batched.eval()
 
 
-def test_batched_with_clip_statistics_equals_each_clip_alone(group_norm_encoder):
-    per_clip, batched = _encoders(group_norm_encoder)
+def test_batched_equals_each_clip_alone(batched_family):
+    per_clip, batched = _encoders(batched_family)
+    assert batched.runs_clip_by_clip(torch.device("cpu")) is False
     values, mask = _clips_with_noisy_padding()
     with torch.no_grad():
         reference = per_clip(attention_mask=mask, input_values=values)
         states = batched(attention_mask=mask, input_values=values)
-        # Plain padding (the norm's statistics over the whole padded row) shifts the short clip.
         plain = batched.model(values, attention_mask=mask, output_hidden_states=True).hidden_states
     assert torch.equal(states.frame_mask, reference.frame_mask)
     frames = reference.frame_mask.sum(dim=1).tolist()
@@ -83,9 +108,10 @@ def test_batched_with_clip_statistics_equals_each_clip_alone(group_norm_encoder)
         for row, n in enumerate(frames):
             error = float((got[row, :n] - expected[row, :n]).abs().max()) / scale
             assert error <= 1e-4, (layer, row)  # float rounding of differently shaped products
-    last, n = batched.layers[-1], frames[0]
-    expected = reference.hidden_states[-1]
-    assert (plain[last][0, :n] - expected[0, :n]).abs().max() > 1e-2 * expected.abs().max()
+    if batched.clip_norm is not None:  # plain padding (statistics over the padded row) shifts the short clip
+        last, n = batched.layers[-1], frames[0]
+        expected = reference.hidden_states[-1]
+        assert (plain[last][0, :n] - expected[0, :n]).abs().max() > 1e-2 * expected.abs().max()
 
 
 def test_gradients_of_a_training_feature_encoder_equal_each_clip_alone(group_norm_hubert):
@@ -114,10 +140,13 @@ def test_the_same_under_bf16_autocast(group_norm_hubert):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reference = per_clip(attention_mask=mask, input_values=values).hidden_states[-1]
         got = batched(attention_mask=mask, input_values=values).hidden_states[-1]
+        plain = batched.model(values, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     assert got.dtype == reference.dtype
-    n = int(per_clip.frame_lengths(mask.sum(dim=1))[0])
-    # bf16 rounding of differently shaped products; the plain padded norm is off by > 1e-1 here.
-    assert (got[0, :n].float() - reference[0, :n].float()).abs().max() <= 3e-2 * reference.abs().max()
+    scale = reference.abs().max()
+    for row, n in enumerate(per_clip.frame_lengths(mask.sum(dim=1)).tolist()):
+        # bf16 rounding of differently shaped products, well below what plain padding changes.
+        assert (got[row, :n].float() - reference[row, :n].float()).abs().max() <= 3e-2 * scale, row
+    assert (plain[0, : got.shape[1]].float() - reference[0].float()).abs().max() > 1e-1 * scale
 
 
 def test_conversion_keeps_weights_names_and_copies(group_norm_hubert, layer_norm_hubert):
@@ -133,6 +162,54 @@ def test_conversion_keeps_weights_names_and_copies(group_norm_hubert, layer_norm
     buffer.seek(0)
     assert isinstance(torch.load(buffer, weights_only=False), ClipGroupNorm)
     assert SpeechEncoder(SpeechEncoderConfig(str(layer_norm_hubert))).clip_norm is None
+
+
+@pytest.mark.parametrize(
+    ("config_class", "norm"),
+    [(SEWConfig, "group"), (Wav2Vec2ConformerConfig, "group"), (Wav2Vec2ConformerConfig, "layer"),
+     (Data2VecAudioConfig, "layer")],
+    ids=["sew", "conformer-group", "conformer-layer", "data2vec-audio"],
+)  # fmt: skip
+def test_families_that_let_padding_in_run_clip_by_clip(config_class, norm, tmp_path):
+    """SEW pools the padding mask with its frames; the conformer's convolution module and
+    data2vec-audio's stacked positional convolutions read padded frames, mask or not."""
+    path = _save(_tiny_config(config_class, norm), tmp_path)
+    encoder = SpeechEncoder(SpeechEncoderConfig(str(path), per_utterance=False))
+    assert encoder.clip_norm is None and encoder.runs_clip_by_clip(torch.device("cuda"))
+    # Why: forced batched, the short clip's encoding moves with its padding.
+    encoder.per_utterance = False
+    per_clip = SpeechEncoder(SpeechEncoderConfig(str(path))).eval()
+    per_clip.load_state_dict(encoder.state_dict())
+    values, mask = _clips_with_noisy_padding()
+    with torch.no_grad():
+        alone = per_clip(attention_mask=mask, input_values=values).hidden_states[-1]
+        batched = encoder.eval()(attention_mask=mask, input_values=values).hidden_states[-1]
+    n = int(per_clip.frame_lengths(mask.sum(dim=1))[0])
+    assert (batched[0, :n] - alone[0, :n]).abs().max() > 1e-2 * alone.abs().max()
+
+
+def test_checkpointed_training_runs_clip_by_clip(group_norm_hubert):
+    """Checkpointed layers rerun in backward without the per-clip lengths, so they are not batched."""
+    config = SpeechEncoderConfig(str(group_norm_hubert), freeze=False, freeze_feature_encoder=False)
+    encoder = SpeechEncoder(dataclasses.replace(config, per_utterance=False))
+    encoder.model.gradient_checkpointing_enable()
+    rows = []
+    encoder.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    values, mask = _clips_with_noisy_padding()
+    encoder.train()(attention_mask=mask, input_values=values)
+    with torch.no_grad():
+        encoder(attention_mask=mask, input_values=values)
+    encoder.eval()(attention_mask=mask, input_values=values)
+    assert rows == [1, 1, 1, 3, 3]
+
+
+def test_a_clip_shorter_than_the_receptive_field_is_a_clear_error(group_norm_hubert):
+    per_clip, batched = _encoders(group_norm_hubert)
+    values, mask = _clips_with_noisy_padding()
+    mask[1, 300:] = 0  # 300 samples: the first convolution spans 400
+    for encoder in (per_clip, batched):
+        with pytest.raises(ValueError, match=r"clips \[1\] .*\[300\].*receptive field"):
+            encoder(attention_mask=mask, input_values=values)
 
 
 def test_clip_by_clip_on_cpu_only_for_group_norm_encoders(

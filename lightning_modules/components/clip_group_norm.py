@@ -9,8 +9,13 @@ norm is padding-invariant for a clip's own frames:
 - the transformer zeroes padded frames before its positional convolution (as the convolution's
   own zero padding does for a clip alone) and masks them out of attention.
 So taking that one norm's statistics over each clip's own frames makes the batched encoder
-compute what it computes for each clip alone. ``ClipGroupNorm`` runs the module's own GroupNorm
-on each clip's frames (the same kernel, dtype and autocast policy as a clip alone).
+compute what it computes for each clip alone, in eval mode (a frozen tower always is; training,
+SpecAugment would draw its spans over the padded length). ``ClipGroupNorm`` runs the module's own
+GroupNorm on each clip's frames (the same kernel, dtype and autocast policy as a clip alone).
+
+Only the families checked to be padding-invariant after that norm are converted (``FAMILIES``):
+SEW and SEW-D pool the padding mask with their frames, and Wav2Vec2-Conformer's convolution module
+reads padded frames, so those keep running one clip at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+# transformers model types whose encoder is padding-invariant after the first norm (module docstring).
+FAMILIES = {"hubert", "wav2vec2", "wavlm", "unispeech", "unispeech-sat"}
+
 
 class ClipGroupNorm(nn.GroupNorm):
     """A GroupNorm that, while ``frame_lengths`` is set, normalizes each row over its own frames."""
@@ -30,18 +38,29 @@ class ClipGroupNorm(nn.GroupNorm):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.frame_lengths is None:
             return super().forward(hidden_states)
-        norm = super().forward  # bound here: a zero-argument super() fails inside a comprehension
-        longest = hidden_states.shape[-1]
-        rows = [norm(hidden_states[i : i + 1, :, :n]) for i, n in enumerate(self.frame_lengths)]
-        return torch.cat([nn.functional.pad(row, (0, longest - row.shape[-1])) for row in rows])
+        rows, _, longest = hidden_states.shape
+        if len(self.frame_lengths) != rows or not all(0 < n <= longest for n in self.frame_lengths):
+            raise ValueError(
+                f"frame lengths {self.frame_lengths} do not fit a batch of shape {tuple(hidden_states.shape)}"
+            )
+        output = None
+        for row, n in enumerate(self.frame_lengths):
+            normalized = super().forward(hidden_states[row : row + 1, :, :n])
+            if output is None:  # the norm's output dtype (float32 under CUDA autocast, as for a clip alone)
+                output = normalized.new_zeros(hidden_states.shape)
+            output[row, :, :n] = normalized[0]
+        return output
 
 
 def clip_group_norm(model: nn.Module) -> ClipGroupNorm | None:
     """The waveform encoder's first-layer GroupNorm, turned into a ``ClipGroupNorm`` in place.
 
     The module keeps its parameters and state-dict names (only its class changes); calling again
-    returns the same module. None when the model has no such norm (LayerNorm or filterbank encoders).
+    returns the same module. None when the model has no such norm (LayerNorm or filterbank
+    encoders) or is not of a family known to be padding-invariant after it (``FAMILIES``).
     """
+    if getattr(model.config, "model_type", None) not in FAMILIES:
+        return None
     layers = getattr(getattr(model, "feature_extractor", None), "conv_layers", None)
     norm = getattr(layers[0], "layer_norm", None) if layers else None
     if not isinstance(norm, nn.GroupNorm):
@@ -56,9 +75,7 @@ def first_convolution_lengths(model: nn.Module, input_lengths: list[int]) -> lis
     conv = model.feature_extractor.conv_layers[0].conv
     (kernel,), (stride,), (padding,), (dilation,) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     span = dilation * (kernel - 1) + 1
-    # A clip shorter than one window has no frame; one is kept so the norm has statistics (the
-    # clip has no hidden-state frame either, so nothing of it is read).
-    return [max(1, (n + 2 * padding - span) // stride + 1) for n in input_lengths]
+    return [(n + 2 * padding - span) // stride + 1 for n in input_lengths]
 
 
 @contextlib.contextmanager

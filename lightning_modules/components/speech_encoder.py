@@ -7,31 +7,42 @@ convolutional feature encoder sets the frame rate) and filterbank models (w2v-BE
 ``input_features``, one hidden state per input frame).
 
 Padding invariance: models whose convolutional feature encoder uses GroupNorm
-(``feat_extract_norm="group"``: HuBERT-base, wav2vec2-base) normalize every channel over the
-whole clip, padding included, so a plainly padded clip is encoded differently from the same clip
-alone (transformers documents this). Batched, their norm takes each clip's statistics over its own
-frames (``clip_group_norm.py``), which gives what each clip gives alone. On CPU they run one clip
-at a time by default instead: there, batching saves nothing and computes the padding (measured in
-``benchmarks/speech_tower_batching.py``); on a GPU one clip at a time is a forward per clip, each
-too small to fill it. Models with per-frame LayerNorm (``"layer"``: HuBERT-large,
-wav2vec2-large-lv60, the demo model) run batched with the mask everywhere.
+(``feat_extract_norm="group"``: HuBERT-base, wav2vec2-base, WavLM-base) normalize every channel
+over the whole clip, padding included, so a plainly padded clip is encoded differently from the
+same clip alone (transformers documents this). Batched, their norm takes each clip's statistics
+over its own frames (``clip_group_norm.py``), which gives what each clip gives alone. On CPU they
+run one clip at a time by default instead: there batching saves little and computes the padding
+(``benchmarks/speech_tower_batching.py``: 1.06x on clips of equal length, 0.49x on 3-10 s). On a
+GPU one clip at a time means a forward, with its hundreds of kernel launches, per clip; batching
+is the default there (not yet measured on a GPU). Models with per-frame LayerNorm (``"layer"``:
+HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run batched with the mask
+everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let padded frames into real
+ones through their convolutions or pooling even with the mask, so they always run one clip at a time.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lightning_modules.components.clip_group_norm import (
+    FAMILIES,
     clip_group_norm,
     first_convolution_lengths,
     statistics_per_clip,
 )
 from lightning_modules.components.errors import ConfigError
-from lightning_modules.components.text_encoder import DTYPES
+from lightning_modules.components.text_encoder import DTYPES, checkpointing_activations
+
+log = logging.getLogger(__name__)
+
+# transformers model types whose batched output (with the mask) is each clip's own: checked in
+# tests/test_clip_group_norm.py against clips run alone. The GroupNorm ones need clip_group_norm.
+BATCHED_FAMILIES = FAMILIES | {"wav2vec2-bert"}
 
 
 @dataclass
@@ -49,7 +60,8 @@ class SpeechEncoderConfig:
     freeze_feature_encoder: bool = True
     """When the model trains, keep its convolutional waveform encoder frozen (the usual practice)."""
     per_utterance: bool | None = None
-    """Encode clips one at a time; None: GroupNorm feature encoders on CPU only (see module docstring)."""
+    """Encode clips one at a time (true) or batched (false); None: one at a time only for GroupNorm
+    encoders on CPU. Families that cannot batch exactly always run one at a time (module docstring)."""
 
     @classmethod
     def coerce(cls, value: SpeechEncoderConfig | dict) -> SpeechEncoderConfig:
@@ -96,11 +108,17 @@ class SpeechEncoder(nn.Module):
                 f"speech_encoder.layers={config.layers}: indices must lie in 0..{available - 1} "
                 f"({model_config.num_hidden_layers} layers; 0 is the input to the first)."
             )
-        # None: decided per device (runs_clip_by_clip). A GroupNorm this module cannot find would
-        # make batched outputs depend on the padding, so such a model always runs clip by clip.
+        # None: decided per device (runs_clip_by_clip). A family not known to batch exactly (or a
+        # GroupNorm model whose norm clip_group_norm does not find) always runs clip by clip.
         group_norm = getattr(model_config, "feat_extract_norm", None) == "group"
-        unfound = group_norm and clip_group_norm(self.model) is None
-        self.per_utterance = True if unfound else config.per_utterance
+        exact = model_config.model_type in BATCHED_FAMILIES and not (group_norm and self.clip_norm is None)
+        if not exact and config.per_utterance is False:
+            log.warning(
+                "speech_encoder.per_utterance=false ignored: %s batches are not exact (padding reaches "
+                "real frames), so clips run one at a time.",
+                model_config.model_type,
+            )
+        self.per_utterance = config.per_utterance if exact else True
         if config.freeze:
             self.model.requires_grad_(False)
         elif config.freeze_feature_encoder and hasattr(self.model, "feature_extractor"):
@@ -147,6 +165,11 @@ class SpeechEncoder(nn.Module):
             return self.per_utterance
         return self.clip_norm is not None and device.type == "cpu"
 
+    def _norm_recomputed_in_backward(self) -> bool:
+        # Checkpointed layers rerun in backward, after the per-clip lengths are gone: the norm
+        # would then see the padding, and the gradients would silently differ.
+        return torch.is_grad_enabled() and self.model.training and checkpointing_activations(self.model)
+
     def _run(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
         output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True)
         return [output.hidden_states[i] for i in self.layers]
@@ -159,13 +182,22 @@ class SpeechEncoder(nn.Module):
         values = values.to(self.model.dtype)
         input_lengths = attention_mask.sum(dim=1)
         frame_lengths = self.frame_lengths(input_lengths)
+        if (frame_lengths < 1).any():
+            short = (frame_lengths < 1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"clips {short} of the batch ({input_lengths[short].tolist()} input samples or frames) "
+                "are shorter than the speech model's receptive field: they have no frame to encode "
+                "(data.audio.min_duration keeps them out of training data)."
+            )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            if self.runs_clip_by_clip(values.device):
+            clip_by_clip = self.runs_clip_by_clip(values.device)
+            norm = self.clip_norm
+            if clip_by_clip or (norm is not None and self._norm_recomputed_in_backward()):
                 rows = [self._run(values[i : i + 1, :n], None) for i, n in enumerate(input_lengths.tolist())]
                 hidden_states = [
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
-            elif (norm := self.clip_norm) is not None:
+            elif norm is not None:
                 lengths = first_convolution_lengths(self.model, input_lengths.tolist())
                 with statistics_per_clip(norm, lengths):
                     hidden_states = self._run(values, attention_mask)

@@ -104,6 +104,15 @@ def special_token_affixes(tokenizer) -> tuple[list[int], list[int]]:
     return prefix, suffix
 
 
+def checkpointing_activations(model: nn.Module) -> bool:
+    """Whether a ``transformers`` model recomputes its layers' activations in backward."""
+    # transformers 5 renamed `is_gradient_checkpointing` (deprecated) to `is_activation_checkpointing`.
+    renamed = hasattr(type(model), "is_activation_checkpointing")
+    return bool(
+        getattr(model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False)
+    )
+
+
 class TextEncoder(nn.Module):
     """Pooled, un-normalized text embeddings ``[B, hidden]`` (slicing and normalization come after)."""
 
@@ -174,16 +183,7 @@ class TextEncoder(nn.Module):
             self._prompt_states_supported
             and self.config.pooling == "last_token"
             and self.config.lora is None
-            and not (self.model.training and self._checkpointing_activations())
-        )
-
-    def _checkpointing_activations(self) -> bool:
-        # transformers 5 renamed `is_gradient_checkpointing` (deprecated) to `is_activation_checkpointing`.
-        renamed = hasattr(type(self.model), "is_activation_checkpointing")
-        return bool(
-            getattr(
-                self.model, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False
-            )
+            and not (self.model.training and checkpointing_activations(self.model))
         )
 
     @torch.no_grad()
