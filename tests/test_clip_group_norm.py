@@ -26,6 +26,7 @@ from transformers import (
 
 from lightning_modules import LateFusion
 from lightning_modules.components.clip_group_norm import ClipGroupNorm, clip_group_norm
+from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 
@@ -176,6 +177,11 @@ def test_families_that_let_padding_in_run_clip_by_clip(config_class, norm, tmp_p
     path = _save(_tiny_config(config_class, norm), tmp_path)
     encoder = SpeechEncoder(SpeechEncoderConfig(str(path), per_utterance=False))
     assert encoder.clip_norm is None and encoder.runs_clip_by_clip(torch.device("cuda"))
+    if config_class is SEWConfig:  # its hidden states run at half its frame rate: refused
+        values, mask = _clips_with_noisy_padding()
+        with pytest.raises(ConfigError, match="not at its feature encoder's frame rate"):
+            encoder(attention_mask=mask, input_values=values)
+        return
     # Why: forced batched, the short clip's encoding moves with its padding.
     encoder.per_utterance = False
     per_clip = SpeechEncoder(SpeechEncoderConfig(str(path))).eval()

@@ -204,6 +204,13 @@ class SpeechEncoder(nn.Module):
             else:
                 hidden_states = self._run(values, attention_mask)
         longest = hidden_states[0].shape[1]
+        expected = int(frame_lengths.max())
+        if longest != expected:
+            raise ConfigError(
+                f"speech_encoder {self.config.pretrained_model_name_or_path!r} returned {longest} frames "
+                f"where its output-length formula gives {expected}: its hidden states are not at its "
+                "feature encoder's frame rate (SEW squeezes them), so no frame mask fits them."
+            )
         frame_mask = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         return SpeechStates(hidden_states, frame_mask.to(torch.long))
 
