@@ -12,9 +12,9 @@ over the whole clip, padding included, so a plainly padded clip is encoded diffe
 same clip alone (transformers documents this). Batched, their norm takes each clip's statistics
 over its own frames (``clip_group_norm.py``), which gives what each clip gives alone. On CPU they
 run one clip at a time by default instead: there batching saves little and computes the padding
-(``benchmarks/speech_tower_batching.py``: 1.06x on clips of equal length, 0.49x on 3-10 s). On a
-GPU one clip at a time means a forward, with its hundreds of kernel launches, per clip; batching
-is the default there (not yet measured on a GPU). Models with per-frame LayerNorm (``"layer"``:
+(``benchmarks/speech_tower_batching.py``: 1.02-1.06x on clips of equal length, 0.49-0.56x on
+3-10 s). On a GPU one clip at a time means a forward, with its hundreds of kernel launches, per
+clip; batching is the default there (not yet measured on a GPU). Models with per-frame LayerNorm (``"layer"``:
 HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run batched with the mask
 everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let padded frames into real
 ones through their convolutions or pooling even with the mask, so they always run one clip at a time.
