@@ -23,6 +23,7 @@ import torch
 from common import machine, print_table
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from datamodules.audio import pad_waveforms
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 
@@ -38,15 +39,6 @@ class CountOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def batch_of(lengths: list[int], rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    values = torch.zeros(len(lengths), max(lengths))
-    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        values[row, :n] = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
-        mask[row, :n] = 1
-    return {"input_values": values.to(device), "attention_mask": mask.to(device)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -56,7 +48,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="weights dtype (bfloat16 on a GPU, as the recipe)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    from transformers import AutoModel, HubertConfig
+    from transformers import AutoModel, HubertConfig, Wav2Vec2FeatureExtractor
 
     rng = np.random.default_rng(0)
     low, high = (int(s * 16000) for s in args.seconds)
@@ -81,7 +73,8 @@ def main() -> None:
 
     rows = []
     for shape, lengths in shapes.items():
-        batch = batch_of(lengths, rng, device)
+        clips = [rng.standard_normal(n).astype(np.float32) for n in lengths]
+        batch = {k: v.to(device) for k, v in pad_waveforms(Wav2Vec2FeatureExtractor(), clips).items()}
         times = {name: [] for name in encoders}
         with torch.no_grad():
             outputs = {name: run(encoder, batch) for name, encoder in encoders.items()}  # warm-up

@@ -174,22 +174,18 @@ def test_conversion_keeps_weights_names_and_copies(group_norm_hubert, layer_norm
 def test_families_that_let_padding_in_run_clip_by_clip(config_class, norm, tmp_path):
     """SEW pools the padding mask with its frames; the conformer's convolution module and
     data2vec-audio's stacked positional convolutions read padded frames, mask or not."""
-    path = _save(_tiny_config(config_class, norm), tmp_path)
-    encoder = SpeechEncoder(SpeechEncoderConfig(str(path), per_utterance=False))
+    per_clip, encoder = _encoders(_save(_tiny_config(config_class, norm), tmp_path))  # asked to batch
     assert encoder.clip_norm is None and encoder.runs_clip_by_clip(torch.device("cuda"))
+    values, mask = _clips_with_noisy_padding()
     if config_class is SEWConfig:  # its hidden states run at half its frame rate: refused
-        values, mask = _clips_with_noisy_padding()
         with pytest.raises(ConfigError, match="not at its feature encoder's frame rate"):
             encoder(attention_mask=mask, input_values=values)
         return
     # Why: forced batched, the short clip's encoding moves with its padding.
     encoder.per_utterance = False
-    per_clip = SpeechEncoder(SpeechEncoderConfig(str(path))).eval()
-    per_clip.load_state_dict(encoder.state_dict())
-    values, mask = _clips_with_noisy_padding()
     with torch.no_grad():
         alone = per_clip(attention_mask=mask, input_values=values).hidden_states[-1]
-        batched = encoder.eval()(attention_mask=mask, input_values=values).hidden_states[-1]
+        batched = encoder(attention_mask=mask, input_values=values).hidden_states[-1]
     n = int(per_clip.frame_lengths(mask.sum(dim=1))[0])
     assert (batched[0, :n] - alone[0, :n]).abs().max() > 1e-2 * alone.abs().max()
 

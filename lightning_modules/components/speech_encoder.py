@@ -14,10 +14,11 @@ over its own frames (``clip_group_norm.py``), which gives what each clip gives a
 run one clip at a time by default instead: there batching saves little and computes the padding
 (``benchmarks/speech_tower_batching.py``: 1.02-1.06x on clips of equal length, 0.49-0.56x on
 3-10 s). On a GPU one clip at a time means a forward, with its hundreds of kernel launches, per
-clip; batching is the default there (not yet measured on a GPU). Models with per-frame LayerNorm (``"layer"``:
-HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run batched with the mask
-everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let padded frames into real
-ones through their convolutions or pooling even with the mask, so they always run one clip at a time.
+clip; batching is the default there (not yet measured on a GPU). Models with per-frame
+LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run
+batched with the mask everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let
+padded frames into real ones through their convolutions or pooling even with the mask, so they
+always run one clip at a time.
 """
 
 from __future__ import annotations
@@ -182,33 +183,34 @@ class SpeechEncoder(nn.Module):
         values = values.to(self.model.dtype)
         input_lengths = attention_mask.sum(dim=1)
         frame_lengths = self.frame_lengths(input_lengths)
-        if (frame_lengths < 1).any():
-            short = (frame_lengths < 1).nonzero().flatten().tolist()
+        # One copy of the lengths to the host (a sync on a GPU) serves the checks and the paths.
+        samples, frames = input_lengths.tolist(), frame_lengths.tolist()
+        short = [row for row, n in enumerate(frames) if n < 1]
+        if short:
             raise ValueError(
-                f"clips {short} of the batch ({input_lengths[short].tolist()} input samples or frames) "
+                f"clips {short} of the batch ({[samples[row] for row in short]} input samples or frames) "
                 "are shorter than the speech model's receptive field: they have no frame to encode "
                 "(data.audio.min_duration keeps them out of training data)."
             )
+        norm = self.clip_norm
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            clip_by_clip = self.runs_clip_by_clip(values.device)
-            norm = self.clip_norm
-            if clip_by_clip or (norm is not None and self._norm_recomputed_in_backward()):
-                rows = [self._run(values[i : i + 1, :n], None) for i, n in enumerate(input_lengths.tolist())]
+            if self.runs_clip_by_clip(values.device) or (
+                norm is not None and self._norm_recomputed_in_backward()
+            ):
+                rows = [self._run(values[i : i + 1, :n], None) for i, n in enumerate(samples)]
                 hidden_states = [
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
             elif norm is not None:
-                lengths = first_convolution_lengths(self.model, input_lengths.tolist())
-                with statistics_per_clip(norm, lengths):
+                with statistics_per_clip(norm, first_convolution_lengths(self.model, samples)):
                     hidden_states = self._run(values, attention_mask)
             else:
                 hidden_states = self._run(values, attention_mask)
         longest = hidden_states[0].shape[1]
-        expected = int(frame_lengths.max())
-        if longest != expected:
+        if longest != max(frames):
             raise ConfigError(
                 f"speech_encoder {self.config.pretrained_model_name_or_path!r} returned {longest} frames "
-                f"where its output-length formula gives {expected}: its hidden states are not at its "
+                f"where its output-length formula gives {max(frames)}: its hidden states are not at its "
                 "feature encoder's frame rate (SEW squeezes them), so no frame mask fits them."
             )
         frame_mask = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
