@@ -53,6 +53,23 @@ def assemble(
     return out if bool(seen.all()) else None
 
 
+def chunks_of_all_ranks(
+    trainer: Trainer, chunks: dict[tuple[str, str], list]
+) -> dict[tuple[str, str], list] | None:
+    """Every rank's encoded batches, keyed by (eval set, side), on rank 0 (None on the other ranks)."""
+    if trainer.world_size == 1:
+        return chunks
+    shares = [None] * trainer.world_size if trainer.is_global_zero else None
+    dist.gather_object(dict(chunks), shares, dst=0)
+    if not trainer.is_global_zero:
+        return None
+    merged = defaultdict(list)
+    for share in shares:
+        for key, values in share.items():
+            merged[key].extend(values)
+    return merged
+
+
 class RetrievalEvaluator(Callback):
     """Logs ``{stage}/{eval_set}/{metric}@{k}/d{dim}`` for every eval set of the datamodule."""
 
@@ -108,23 +125,9 @@ class RetrievalEvaluator(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._evaluate(trainer, pl_module, "test")
 
-    def _chunks_of_all_ranks(self, trainer: Trainer) -> dict[tuple[str, str], list] | None:
-        """Every rank's encoded batches on rank 0 (None on the other ranks)."""
-        if trainer.world_size == 1:
-            return self._chunks
-        shares = [None] * trainer.world_size if trainer.is_global_zero else None
-        dist.gather_object(dict(self._chunks), shares, dst=0)
-        if not trainer.is_global_zero:
-            return None
-        merged = defaultdict(list)
-        for share in shares:
-            for key, chunks in share.items():
-                merged[key].extend(chunks)
-        return merged
-
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.last_embeddings, self.last_metrics = {}, {}
-        chunks = self._chunks_of_all_ranks(trainer)
+        chunks = chunks_of_all_ranks(trainer, self._chunks)
         if chunks is not None:
             self._score(trainer, chunks, stage)
             if self.dashboards and not self._layout_written and stage == "val":

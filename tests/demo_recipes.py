@@ -29,3 +29,20 @@ def recipe_without_model(config: str, path: Path) -> Path:
     del shared["model"]
     path.write_text(yaml.safe_dump(shared))
     return path
+
+
+def quick_text_only(root: Path, *extra: str) -> list[str]:
+    """CLI arguments: the text-only demo recipe shrunk to seconds, writing under ``root``."""
+    return [
+        "--config",
+        str(ROOT / "configs" / "demo" / "text_only.yaml"),
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=1",
+        *extra,
+    ]

@@ -8,30 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from demo_recipes import ROOT, quick_text_only
 from lightning.pytorch import Callback
 
 from cli import cli_main, find_input_error
 from lightning_modules.components.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo" / "text_only.yaml")
-
-
-def _quick(tmp_path: Path, *extra: str) -> list[str]:
-    """The demo recipe, shrunk to seconds, writing under tmp_path."""
-    return [
-        "--config",
-        DEMO,
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=2",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--data.init_args.batch_size=8",
-        "--data.init_args.num_workers=0",
-        "--model.init_args.lr_scheduler.init_args.warmup_steps=1",
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize(
@@ -76,7 +59,7 @@ class RecordSteps(Callback):
 
 
 def test_fit_logs_every_dim_then_resumes_from_last(demo_dir, tmp_path):
-    first = cli_main(["fit", *_quick(tmp_path)])
+    first = cli_main(["fit", *quick_text_only(tmp_path)])
     assert first.trainer.global_step == 4
     metrics = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
     for dim in (32, 64, 128, 256):
@@ -87,7 +70,7 @@ def test_fit_logs_every_dim_then_resumes_from_last(demo_dir, tmp_path):
     assert (tmp_path / "text_encoder" / "config.json").exists()
 
     # `fit --ckpt_path last`, with a recorder attached to see where training picks up.
-    resumed = cli_main(_quick(tmp_path, "--trainer.max_steps=6"), run=False)
+    resumed = cli_main(quick_text_only(tmp_path, "--trainer.max_steps=6"), run=False)
     recorder = RecordSteps()
     resumed.trainer.callbacks.append(recorder)
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path="last")
@@ -101,7 +84,7 @@ def test_fit_logs_every_dim_then_resumes_from_last(demo_dir, tmp_path):
 def test_load_from_checkpoint_rebuilds_the_model_without_the_yaml(demo_dir, tmp_path):
     from lightning_modules import TextOnly
 
-    cli = cli_main(["fit", *_quick(tmp_path, "--trainer.max_steps=2")])
+    cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2")])
     last = tmp_path / "checkpoints" / "last.ckpt"
     restored = TextOnly.load_from_checkpoint(last, map_location="cpu").eval()
     batch = next(iter(cli.datamodule.val_dataloader()[0]))
@@ -112,7 +95,7 @@ def test_load_from_checkpoint_rebuilds_the_model_without_the_yaml(demo_dir, tmp_
 
 def _rows_of_first_steps(tmp_path: Path, steps: int) -> list[list[str]]:
     """Ids of the first `steps` batches of a fresh run of the same recipe (same seed, same stream)."""
-    fresh = cli_main(_quick(tmp_path / "fresh", f"--trainer.max_steps={steps}"), run=False)
+    fresh = cli_main(quick_text_only(tmp_path / "fresh", f"--trainer.max_steps={steps}"), run=False)
     fresh.datamodule.setup("fit")
     loader = iter(fresh.datamodule.train_dataloader())
     return [next(loader)["ids"] for _ in range(steps)]
@@ -123,7 +106,8 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
 
     from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig
 
-    cli = cli_main(["fit", *_quick(tmp_path, "--trainer.max_steps=2")])  # best = last checkpoint here
+    # best = last checkpoint here
+    cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2")])
     exported = TextEncoder(TextEncoderConfig(str(tmp_path / "text_encoder"))).eval()
     model = cli.model.eval()
     tokens = AutoTokenizer.from_pretrained(tmp_path / "text_encoder")(["bita saaso"], return_tensors="pt")

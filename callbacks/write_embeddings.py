@@ -1,0 +1,137 @@
+"""Writes what ``predict`` embeds to disk: every eval set, both sides, every Matryoshka dim.
+
+``python cli.py predict --config <recipe> --ckpt_path <checkpoint>`` embeds the recipe's eval sets
+(``data.init_args.eval_sets``, BEIR folders) with the trained model the way validation does (one
+pass, every dim), and this callback writes them for a search index or any other tool:
+
+    <dirpath>/manifest.json                   model, checkpoint, dims, dtype, rows per set and side
+    <dirpath>/<eval set>/queries.ids.json     the query ids, in row order
+    <dirpath>/<eval set>/queries.d<dim>.npy   [rows, dim], L2-normalized (cosine = dot product)
+    <dirpath>/<eval set>/corpus.ids.json, corpus.d<dim>.npy
+
+Each dim is its own array: for sliced Matryoshka models the normalized prefix of the largest, for
+per-dim heads (``DualEncoder``) that head's output. Queries an eval set leaves out (unusable audio)
+are not in the files; the ids say which rows are. Under DDP every rank embeds a share and rank 0
+writes. The whole folder is written under a temporary name and then swapped in, so an interrupted
+run leaves the previous output whole and a new one leaves no stale dim of an earlier model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from callbacks.retrieval import assemble, chunks_of_all_ranks
+from lightning_modules.components.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SIDES = ("queries", "corpus")
+DTYPES = ("float32", "float16")
+
+
+class WriteEmbeddings(Callback):
+    """At the end of ``predict``, writes ``<dirpath>/<eval set>/<side>.d<dim>.npy`` and the ids."""
+
+    def __init__(self, dirpath: str, dtype: str = "float32"):
+        """
+        Args:
+            dirpath: Output folder, replaced as a whole by each predict. It must be new, empty, or
+                an earlier output of this callback (it holds ``manifest.json``).
+            dtype: ``float32``, or ``float16`` for half the disk (CostPerDimension logs the
+                search time of both).
+        """
+        if dtype not in DTYPES:
+            raise ConfigError(f"WriteEmbeddings.dtype={dtype!r}: choose one of {list(DTYPES)}.")
+        self.dirpath = Path(dirpath)
+        self.dtype = dtype
+        self._chunks: dict[tuple[str, str], list] = defaultdict(list)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before any embedding work: a folder that is not ours is never replaced.
+        if trainer.is_global_zero:
+            _check_replaceable(self.dirpath)
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._chunks = defaultdict(list)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(outputs, dict) and "embeddings" in outputs:
+            self._chunks[(outputs["eval_set"], outputs["side"])].append(
+                (outputs["index"], outputs["embeddings"])
+            )
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        chunks = chunks_of_all_ranks(trainer, self._chunks)
+        self._chunks = defaultdict(list)
+        if chunks is not None:
+            self._write(trainer, pl_module, chunks)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("embeddings_written")  # no rank ends before the files exist
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, chunks: dict) -> None:
+        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
+        staging = self.dirpath.with_name(self.dirpath.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        written = {}
+        for name, eval_set in eval_sets.items():
+            rows = {"queries": eval_set.queries, "corpus": eval_set.corpus}
+            sides = {side: assemble(chunks.get((name, side), []), len(rows[side])) for side in SIDES}
+            if any(embeddings is None for embeddings in sides.values()):
+                log.warning("eval set %s was not fully embedded (limit_predict_batches?): not written.", name)
+                continue
+            folder = staging / name
+            folder.mkdir()
+            for side, embeddings in sides.items():
+                (folder / f"{side}.ids.json").write_text(json.dumps([row["id"] for row in rows[side]]))
+                for dim, values in embeddings.items():
+                    np.save(folder / f"{side}.d{dim}.npy", values.numpy().astype(self.dtype))
+            written[name] = {side: len(rows[side]) for side in SIDES}
+        manifest = {
+            "model": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "dims": list(pl_module.matryoshka_dims),
+            "dtype": self.dtype,
+            "normalized": True,
+            "eval_sets": written,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _swap_in(staging, self.dirpath)
+        log.info("Wrote the embeddings of %s to %s", sorted(written) or "no eval set", self.dirpath)
+
+
+def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> tuple[list[str], np.ndarray]:
+    """The ids and the ``[rows, dim]`` array that ``WriteEmbeddings`` wrote for one set, side and dim."""
+    folder = Path(dirpath) / eval_set
+    ids = json.loads((folder / f"{side}.ids.json").read_text())
+    return ids, np.load(folder / f"{side}.d{dim}.npy")
+
+
+def _check_replaceable(dirpath: Path) -> None:
+    if dirpath.exists() and any(dirpath.iterdir()) and not (dirpath / MANIFEST).exists():
+        raise ConfigError(
+            f"WriteEmbeddings.dirpath={str(dirpath)!r} holds files this callback did not write (no "
+            f"{MANIFEST}); each predict replaces the whole folder, so name a new one."
+        )
+
+
+def _swap_in(staging: Path, dirpath: Path) -> None:
+    """Puts ``staging`` at ``dirpath``; the earlier output stays whole until the new one is there."""
+    _check_replaceable(dirpath)
+    if not dirpath.exists():
+        os.replace(staging, dirpath)
+        return
+    old = dirpath.with_name(dirpath.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dirpath, old)
+    os.replace(staging, dirpath)
+    shutil.rmtree(old)
