@@ -18,7 +18,8 @@ clip; batching is the default there (not yet measured on a GPU). Models with per
 LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run
 batched with the mask everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let
 padded frames into real ones through their convolutions or pooling even with the mask, so they
-always run one clip at a time.
+always run one clip at a time. While the tower trains, SpecAugment's time masks are drawn per
+clip within its own frames (``_time_masks_per_clip``), so a batched clip is masked as it is alone.
 """
 
 from __future__ import annotations
@@ -171,9 +172,37 @@ class SpeechEncoder(nn.Module):
         # would then see the padding, and the gradients would silently differ.
         return torch.is_grad_enabled() and self.model.training and checkpointing_activations(self.model)
 
-    def _run(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
-        output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True)
+    def _run(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None, mask_time_indices=None
+    ) -> list[torch.Tensor]:
+        extra = {} if mask_time_indices is None else {"mask_time_indices": mask_time_indices}
+        output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True, **extra)
         return [output.hidden_states[i] for i in self.layers]
+
+    def _time_masks_per_clip(self, frame_lengths: torch.Tensor, longest: int) -> torch.Tensor | None:
+        """SpecAugment's time mask for a training batch, drawn within each clip's own frames.
+
+        HuBERT's forward draws it over the padded length (it does not pass the mask on): spans
+        land in the padding, and a short clip beside a long one loses its ``mask_time_min_masks``
+        spans. Drawn here with the frame mask, every family masks a clip in a batch as it masks
+        the clip alone (None: no time masking now, i.e. eval mode or switched off).
+        """
+        config = self.model.config
+        if not (self.model.training and getattr(config, "apply_spec_augment", False)):
+            return None
+        if getattr(config, "mask_time_prob", 0.0) <= 0:
+            return None
+        from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
+
+        real = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
+        mask = _compute_mask_indices(
+            (len(frame_lengths), longest),
+            mask_prob=config.mask_time_prob,
+            mask_length=config.mask_time_length,
+            attention_mask=real.long(),
+            min_masks=config.mask_time_min_masks,
+        )
+        return torch.from_numpy(mask).to(frame_lengths.device)
 
     def forward(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> SpeechStates:
         """``attention_mask`` over the input, plus ``input_values`` or ``input_features``."""
@@ -201,11 +230,13 @@ class SpeechEncoder(nn.Module):
                 hidden_states = [
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
-            elif norm is not None:
-                with statistics_per_clip(norm, first_convolution_lengths(self.model, samples)):
-                    hidden_states = self._run(values, attention_mask)
             else:
-                hidden_states = self._run(values, attention_mask)
+                time_masks = self._time_masks_per_clip(frame_lengths, max(frames))
+                if norm is not None:
+                    with statistics_per_clip(norm, first_convolution_lengths(self.model, samples)):
+                        hidden_states = self._run(values, attention_mask, time_masks)
+                else:
+                    hidden_states = self._run(values, attention_mask, time_masks)
         longest = hidden_states[0].shape[1]
         if longest != max(frames):
             raise ConfigError(
