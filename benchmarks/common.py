@@ -28,11 +28,6 @@ from datamodules.demo import assets  # noqa: E402
 
 DIMS = [32, 64, 128, 256]
 REAL_DIMS = [128, 256, 512, 1024]
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-)  # fmt: skip
 # The real recipe's adapter (configs/late_fusion.yaml).
 REAL_ADAPTER = {"fusion": "concat", "conv_channels": 1024, "kernel_size": 3, "stride": 2}
 
@@ -46,21 +41,8 @@ def tiny_speech_model() -> str:
 
 
 def real_size_models(directory: Path, layers: int | None = None) -> tuple[str, str]:
-    """Qwen3-Embedding-0.6B and HuBERT-base shapes with random weights (the published configs).
-
-    The demo tokenizer goes with the text model: its ids fit Qwen3's vocabulary, and timing does
-    not depend on which tokens they are. ``layers`` shrinks both towers, for a small check run.
-    """
-    from transformers import AutoModel, AutoTokenizer, HubertConfig, Qwen3Config, Wav2Vec2FeatureExtractor
-
-    torch.manual_seed(0)
-    text_dir, speech_dir = directory / "qwen3-0.6b-random", directory / "hubert-base-random"
-    config = dict(QWEN3_06B, num_hidden_layers=layers or QWEN3_06B["num_hidden_layers"])
-    AutoModel.from_config(Qwen3Config(**config)).save_pretrained(text_dir)
-    AutoTokenizer.from_pretrained(tiny_text_model()).save_pretrained(text_dir)
-    AutoModel.from_config(HubertConfig(num_hidden_layers=layers or 12)).save_pretrained(speech_dir)
-    # HuBERT-base's feature extractor: 16 kHz waveform, no attention mask (GroupNorm encoder).
-    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(speech_dir)
+    """Qwen3-Embedding-0.6B and HuBERT-base shapes with random weights, with the demo tokenizer."""
+    text_dir, speech_dir = assets.save_real_size_models(directory, Path(tiny_text_model()), layers)
     return str(text_dir), str(speech_dir)
 
 

@@ -10,30 +10,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer, HubertConfig, Qwen3Config
+from transformers import AutoFeatureExtractor, AutoTokenizer
 
 from datamodules.audio import pad_waveforms
+from datamodules.demo import assets
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import LateFusion
 from lightning_modules.components.clip_group_norm import ClipGroupNorm
 from lightning_modules.losses import matryoshka_info_nce
 
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
-    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-)  # fmt: skip
-
 
 @pytest.mark.slow
-def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model, layer_norm_hubert):
-    torch.manual_seed(0)
-    text_dir, speech_dir = tmp_path / "qwen3-0.6b-random", tmp_path / "hubert-base-random"
-    AutoModel.from_config(Qwen3Config(**QWEN3_06B)).save_pretrained(text_dir)
-    AutoTokenizer.from_pretrained(tiny_text_model).save_pretrained(text_dir)  # ids fit in the vocab
-    AutoModel.from_config(HubertConfig()).save_pretrained(speech_dir)  # defaults = HuBERT-base
-    AutoFeatureExtractor.from_pretrained(layer_norm_hubert).save_pretrained(speech_dir)
-
+def test_late_fusion_forward_and_backward_at_real_size(tmp_path, tiny_text_model):
+    text_dir, speech_dir = assets.save_real_size_models(tmp_path, tiny_text_model)
     model = LateFusion(
         text_encoder={"pretrained_model_name_or_path": str(text_dir)},
         speech_encoder={"pretrained_model_name_or_path": str(speech_dir)},

@@ -228,6 +228,36 @@ def save_tiny_hubert(
     ).save_pretrained(save_dir)
 
 
+# Qwen3-Embedding-0.6B's published configuration (the real recipe's text tower).
+QWEN3_EMBEDDING_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def save_real_size_models(
+    directory: Path, tokenizer_dir: Path, layers: int | None = None
+) -> tuple[Path, Path]:
+    """Qwen3-Embedding-0.6B and HuBERT-base shapes with random weights (for benchmarks and slow tests).
+
+    ``tokenizer_dir``'s tokenizer goes with the text model (the demo's: its ids fit Qwen3's
+    vocabulary, and cost does not depend on which tokens they are). ``layers`` shrinks both towers.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer, HubertConfig, Qwen3Config, Wav2Vec2FeatureExtractor
+
+    torch.manual_seed(0)
+    text_dir, speech_dir = directory / "qwen3-0.6b-random", directory / "hubert-base-random"
+    config = dict(QWEN3_EMBEDDING_06B, num_hidden_layers=layers or QWEN3_EMBEDDING_06B["num_hidden_layers"])
+    AutoModel.from_config(Qwen3Config(**config)).save_pretrained(text_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(text_dir)
+    AutoModel.from_config(HubertConfig(num_hidden_layers=layers or 12)).save_pretrained(speech_dir)  # base
+    # HuBERT-base's feature extractor: 16 kHz waveform, no attention mask (GroupNorm encoder).
+    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(speech_dir)
+    return text_dir, speech_dir
+
+
 def speech_model_dir() -> Path:
     """Tiny random-init w2v-BERT speech encoder (frozen in the late-fusion demo)."""
     return _build_atomically(demo_root() / "tiny-w2v-bert", save_tiny_w2v_bert)
