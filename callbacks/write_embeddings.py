@@ -56,9 +56,13 @@ class WriteEmbeddings(Callback):
         self._chunks: dict[tuple[str, str], list] = defaultdict(list)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Before any embedding work: a folder that is not ours is never replaced.
-        if trainer.is_global_zero:
-            _check_replaceable(self.dirpath)
+        # Before any embedding work, and on every rank (rank 0 writes, so it decides): a rank
+        # left waiting in the gather while rank 0 fails would hang.
+        problem = _why_not_replaceable(self.dirpath) if trainer.is_global_zero else None
+        if trainer.world_size > 1:
+            problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise ConfigError(problem)
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._chunks = defaultdict(list)
@@ -116,17 +120,20 @@ def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> 
     return ids, np.load(folder / f"{side}.d{dim}.npy")
 
 
-def _check_replaceable(dirpath: Path) -> None:
+def _why_not_replaceable(dirpath: Path) -> str | None:
     if dirpath.exists() and any(dirpath.iterdir()) and not (dirpath / MANIFEST).exists():
-        raise ConfigError(
+        return (
             f"WriteEmbeddings.dirpath={str(dirpath)!r} holds files this callback did not write (no "
             f"{MANIFEST}); each predict replaces the whole folder, so name a new one."
         )
+    return None
 
 
 def _swap_in(staging: Path, dirpath: Path) -> None:
     """Puts ``staging`` at ``dirpath``; the earlier output stays whole until the new one is there."""
-    _check_replaceable(dirpath)
+    problem = _why_not_replaceable(dirpath)  # written to since predict started
+    if problem:
+        raise ConfigError(problem)
     if not dirpath.exists():
         os.replace(staging, dirpath)
         return

@@ -17,6 +17,7 @@ from transformers import (
     Data2VecAudioConfig,
     HubertConfig,
     SEWConfig,
+    SEWDConfig,
     UniSpeechConfig,
     UniSpeechSatConfig,
     Wav2Vec2Config,
@@ -167,20 +168,15 @@ def test_conversion_keeps_weights_names_and_copies(group_norm_hubert, layer_norm
 
 @pytest.mark.parametrize(
     ("config_class", "norm"),
-    [(SEWConfig, "group"), (Wav2Vec2ConformerConfig, "group"), (Wav2Vec2ConformerConfig, "layer"),
-     (Data2VecAudioConfig, "layer")],
-    ids=["sew", "conformer-group", "conformer-layer", "data2vec-audio"],
-)  # fmt: skip
+    [(Wav2Vec2ConformerConfig, "group"), (Wav2Vec2ConformerConfig, "layer"), (Data2VecAudioConfig, "layer")],
+    ids=["conformer-group", "conformer-layer", "data2vec-audio"],
+)
 def test_families_that_let_padding_in_run_clip_by_clip(config_class, norm, tmp_path):
-    """SEW pools the padding mask with its frames; the conformer's convolution module and
-    data2vec-audio's stacked positional convolutions read padded frames, mask or not."""
+    """The conformer's convolution module and data2vec-audio's stacked positional convolutions
+    read padded frames, mask or not."""
     per_clip, encoder = _encoders(_save(_tiny_config(config_class, norm), tmp_path))  # asked to batch
     assert encoder.clip_norm is None and encoder.runs_clip_by_clip(torch.device("cuda"))
     values, mask = _clips_with_noisy_padding()
-    if config_class is SEWConfig:  # its hidden states run at half its frame rate: refused
-        with pytest.raises(ConfigError, match="not at its feature encoder's frame rate"):
-            encoder(attention_mask=mask, input_values=values)
-        return
     # Why: forced batched, the short clip's encoding moves with its padding.
     encoder.per_utterance = False
     with torch.no_grad():
@@ -188,6 +184,15 @@ def test_families_that_let_padding_in_run_clip_by_clip(config_class, norm, tmp_p
         batched = encoder(attention_mask=mask, input_values=values).hidden_states[-1]
     n = int(per_clip.frame_lengths(mask.sum(dim=1))[0])
     assert (batched[0, :n] - alone[0, :n]).abs().max() > 1e-2 * alone.abs().max()
+
+
+@pytest.mark.parametrize("config_class", [SEWConfig, SEWDConfig], ids=["sew", "sew-d"])
+def test_encoders_that_squeeze_their_frames_are_refused_at_start_up(config_class, tmp_path):
+    """SEW and SEW-D run their transformer at half the feature encoder's frame rate (and pool the
+    padding mask with the frames): no frame mask fits their hidden states."""
+    path = _save(_tiny_config(config_class), tmp_path)
+    with pytest.raises(ConfigError, match="squeezes its hidden states"):
+        SpeechEncoder(SpeechEncoderConfig(str(path)))
 
 
 def test_checkpointed_training_runs_clip_by_clip(group_norm_hubert):

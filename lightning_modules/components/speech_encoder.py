@@ -16,9 +16,10 @@ run one clip at a time by default instead: there batching saves little and compu
 3-10 s). On a GPU one clip at a time means a forward, with its hundreds of kernel launches, per
 clip; batching is the default there (not yet measured on a GPU). Models with per-frame
 LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the demo model) run
-batched with the mask everywhere. Other families (data2vec-audio, wav2vec2-conformer, SEW) let
-padded frames into real ones through their convolutions or pooling even with the mask, so they
-always run one clip at a time. While the tower trains, SpecAugment's time masks are drawn per
+batched with the mask everywhere. Other families (data2vec-audio, wav2vec2-conformer) let padded
+frames into real ones through their convolutions even with the mask, so they always run one clip
+at a time. SEW and SEW-D squeeze their hidden states below the feature encoder's frame rate, which
+no frame mask fits: they are refused at start-up. While the tower trains, SpecAugment's time masks are drawn per
 clip within its own frames (``_time_masks_per_clip``), so a batched clip is masked as it is alone.
 """
 
@@ -87,16 +88,23 @@ class SpeechStates:
 class SpeechEncoder(nn.Module):
     def __init__(self, config: SpeechEncoderConfig):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         self.config = config
+        name = config.pretrained_model_name_or_path
+        model_config = AutoConfig.from_pretrained(name)
+        if getattr(model_config, "squeeze_factor", 1) != 1:  # checked before the weights load
+            raise ConfigError(
+                f"speech_encoder {name!r} ({model_config.model_type}) squeezes its hidden states to "
+                f"1/{model_config.squeeze_factor} of its feature encoder's frame rate, so no frame mask "
+                "fits them: use a HuBERT / wav2vec2 / WavLM / w2v-BERT checkpoint."
+            )
         # LayerDrop skips whole layers while training, which would drop entries of the hidden
         # states the adapter reads; the layer selection needs every layer every step.
-        kwargs = {"layerdrop": 0.0}
-        if config.dtype is not None:
-            kwargs["dtype"] = DTYPES[config.dtype]
-        self.model = AutoModel.from_pretrained(config.pretrained_model_name_or_path, **kwargs)
-        model_config = self.model.config
+        if hasattr(model_config, "layerdrop"):
+            model_config.layerdrop = 0.0
+        kwargs = {} if config.dtype is None else {"dtype": DTYPES[config.dtype]}
+        self.model = AutoModel.from_pretrained(name, config=model_config, **kwargs)
         if not hasattr(self.model, "_get_feat_extract_output_lengths"):
             raise ConfigError(
                 f"speech_encoder {config.pretrained_model_name_or_path!r} ({type(self.model).__name__}) "
