@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import count, islice
 
 import numpy as np
@@ -31,6 +31,12 @@ class ShuffledEpochStream(IterableDataset):
     ``rank``/``world_size`` split every epoch's shards (or rows) across DDP ranks; DataLoader
     workers split a rank's shards further. ``state_dict`` / ``load_state_dict`` are what
     torchdata's ``StatefulDataLoader`` saves into Lightning checkpoints.
+
+    With ``length_of`` (a picklable ``row -> length``), the stream yields whole batches (lists of
+    ``batch_size`` rows) instead of rows: each block is sorted by length (ties in random order),
+    cut into batches, and the batches are served in a seeded random order, so a batch pads to
+    little more than its own rows while the order of batches stays random. The state then counts
+    the block's batches served; a resume recomputes the same batches from the re-read block.
     """
 
     def __init__(
@@ -41,9 +47,15 @@ class ShuffledEpochStream(IterableDataset):
         passes: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        length_of: Callable[[dict], float] | None = None,
+        batch_size: int | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        if length_of is not None and (batch_size is None or batch_size < 1):
+            raise ValueError(f"grouping by length needs a batch_size >= 1, got {batch_size}.")
+        self.length_of = length_of
+        self.batch_size = batch_size
         self.dataset = dataset
         self.seed = seed
         self.block_size = block_size
@@ -69,8 +81,16 @@ class ShuffledEpochStream(IterableDataset):
             source = split_dataset_by_node(source, rank=self.rank, world_size=self.world_size)
         return source
 
-    def _block_order(self, epoch: int, block: int, size: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, block, self.rank, _worker_id()]).permutation(size)
+    def _block_order(self, epoch: int, block: int, rows: list[dict]) -> list:
+        """What the block serves, in order: row indices, or index arrays (batches) by length."""
+        rng = np.random.default_rng([self.seed, epoch, block, self.rank, _worker_id()])
+        order = rng.permutation(len(rows))
+        if self.length_of is None:
+            return list(order)
+        lengths = np.array([self.length_of(rows[i]) for i in order], dtype=np.float64)
+        order = order[np.argsort(lengths, kind="stable")]  # equal lengths stay in random order
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[dict]:
         resume, self._resume = self._resume, None
@@ -91,7 +111,7 @@ class ShuffledEpochStream(IterableDataset):
                 rows_of_block = list(islice(rows, self.block_size))
                 if not rows_of_block:
                     break
-                for position, index in enumerate(self._block_order(epoch, block, len(rows_of_block))):
+                for position, index in enumerate(self._block_order(epoch, block, rows_of_block)):
                     if position < served:
                         continue
                     self._state = {
@@ -101,7 +121,10 @@ class ShuffledEpochStream(IterableDataset):
                         "served": position + 1,
                     }
                     served_any = True
-                    yield rows_of_block[index]
+                    if self.length_of is None:
+                        yield rows_of_block[index]
+                    else:
+                        yield [rows_of_block[i] for i in index]
                 # The source now stands at the next block's first row: that is where it resumes.
                 block, served, block_start = block + 1, 0, copy.deepcopy(source.state_dict())
             self._state = {"epoch": epoch + 1, "block": 0, "block_start": None, "served": 0}

@@ -187,3 +187,61 @@ def test_unusable_eval_queries_are_left_out_counted_and_qrels_follow(
         assert [corpus_ids[d] for d in eval_set.qrels[position]] == [f"doc-{query['id']}"]
     batch = next(iter(data.val_dataloader()[0]))
     assert batch["query_audio"]["input_features"].shape[0] == len(batch["ids"])
+
+
+# ----- grouped by length ----------------------------------------------------------------------
+def _speech_training_data(text_model, speech_model, corpus, **kwargs) -> StreamingPairDataModule:
+    data = StreamingPairDataModule(
+        tokenizer=str(text_model),
+        train_data=str(corpus / "train"),
+        audio=AudioSettings(feature_extractor=str(speech_model), min_duration=0.5),
+        **{"batch_size": 8, "shuffle_block_size": 64, "max_query_length": 64, **kwargs},
+    )
+    data.setup("fit")
+    return data
+
+
+def test_clip_seconds_reads_the_duration_from_the_header(speech_corpus_dir):
+    from itertools import islice
+
+    from datamodules.lengths import clip_seconds
+    from datamodules.sources import load_stream
+
+    for row in islice(load_stream(str(speech_corpus_dir / "train")), 6):
+        samples, rate = decode_audio(row["audio"])
+        assert clip_seconds(row, "audio") == pytest.approx(samples.shape[1] / rate)
+    assert clip_seconds({"audio": {"bytes": b"corrupt", "path": None}}, "audio") == 0.0
+
+
+def test_grouped_speech_batches_pad_less_and_resume_at_the_next_batch(
+    tiny_text_model, tiny_speech_model, speech_corpus_dir
+):
+    def waste(batches) -> float:  # padded frames / real frames
+        lengths = [b["query_audio"]["attention_mask"].sum(dim=1) for b in batches]
+        return float(sum(len(n) * n.max() - n.sum() for n in lengths) / sum(n.sum() for n in lengths))
+
+    plain = _speech_training_data(tiny_text_model, tiny_speech_model, speech_corpus_dir).train_dataloader()
+    data = _speech_training_data(tiny_text_model, tiny_speech_model, speech_corpus_dir, group_by_length=True)
+    loader = data.train_dataloader()
+    iterator, plain_iterator = iter(loader), iter(plain)
+    first = [next(iterator) for _ in range(8)]  # one block: 64 rows, 8 batches
+    plain_first = [next(plain_iterator) for _ in range(8)]
+    assert all(len(b["ids"]) == 8 for b in first)
+    assert sorted(i for b in first for i in b["ids"]) == sorted(i for b in plain_first for i in b["ids"])
+    assert waste(first) < 0.3 * waste(plain_first), (waste(first), waste(plain_first))
+
+    for batch in first:  # as the training loop marks each batch it takes
+        loader.mark_consumed(batch)
+    state = loader.state_dict()
+    following = [next(iterator)["ids"] for _ in range(3)]
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    resumed_iterator = iter(resumed)
+    assert [next(resumed_iterator)["ids"] for _ in range(3)] == following
+
+
+def test_grouping_needs_blocks_of_whole_batches(tiny_text_model, tiny_speech_model, speech_corpus_dir):
+    with pytest.raises(ConfigError, match="multiple of data.batch_size=8"):
+        _speech_training_data(
+            tiny_text_model, tiny_speech_model, speech_corpus_dir, group_by_length=True, shuffle_block_size=60
+        )

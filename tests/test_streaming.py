@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from datamodules.lengths import text_length
 from datamodules.sources import load_stream
 from datamodules.streaming import ShuffledEpochStream
 
@@ -83,3 +86,71 @@ def test_a_stream_without_rows_ends_instead_of_spinning():
 
     empty = datasets.Dataset.from_list([{"id": "a"}]).to_iterable_dataset().filter(lambda row: False)
     assert _ids(ShuffledEpochStream(empty, passes=None)) == []  # passes=None: forever, if it had rows
+
+
+# ----- grouped by length: whole batches of similar rows, in random order ---------------------------
+ROWS, BLOCK, BATCH = 50, 12, 4  # blocks of 12, 12, 12, 12 and 2 rows: the last batch of an epoch holds 2
+
+
+def _texts_of_random_lengths(path) -> str:
+    rng = random.Random(0)
+    rows = [{"id": f"r{i}", "text": "x" * rng.randint(1, 400)} for i in range(ROWS)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _grouped(source, **kwargs) -> ShuffledEpochStream:
+    length_of = partial(text_length, column="text")
+    return ShuffledEpochStream(
+        load_stream(source), seed=2, block_size=BLOCK, length_of=length_of, batch_size=BATCH, **kwargs
+    )
+
+
+def _batches(stream, limit=None) -> list[list[str]]:
+    batches = []
+    for batch in stream:
+        batches.append([row["id"] for row in batch])
+        if limit is not None and len(batches) == limit:
+            break
+    return batches
+
+
+def test_grouped_blocks_serve_every_row_once_in_batches_of_neighbouring_lengths(tmp_path):
+    source = _texts_of_random_lengths(tmp_path / "train.jsonl")
+    lengths = {row["id"]: len(row["text"]) for row in map(json.loads, open(source))}
+    batches = _batches(_grouped(source, passes=2))
+    per_epoch = len(batches) // 2
+    assert [len(b) for b in batches] == ([BATCH] * 12 + [2]) * 2  # per epoch: 4 full blocks, then 2 rows
+    for epoch in (batches[:per_epoch], batches[per_epoch:]):
+        ids = [i for batch in epoch for i in batch]
+        assert sorted(ids) == sorted(lengths) and len(set(ids)) == ROWS
+        for start in range(0, 12, 3):  # the 3 batches of each full block
+            block = epoch[start : start + 3]
+            assert sorted(i for b in block for i in b) == sorted(ids[start * BATCH : (start + 3) * BATCH])
+            # Each batch is a run of the block's length order: their length ranges do not interleave.
+            ranges = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in block)
+            assert all(low[1] <= high[0] for low, high in zip(ranges, ranges[1:], strict=False))
+    # ...while each block serves its batches in random order, not shortest first.
+    block_orders = [
+        [min(lengths[i] for i in b) for b in epoch[start : start + 3]]
+        for epoch in (batches[:per_epoch], batches[per_epoch:])
+        for start in range(0, 12, 3)
+    ]
+    assert any(order != sorted(order) for order in block_orders)
+    padded = sum(BATCH * max(lengths[i] for i in b) for b in batches[:12])
+    plain = _ids(ShuffledEpochStream(load_stream(source), seed=2, block_size=BLOCK, passes=1))[:48]
+    plain_padded = sum(BATCH * max(lengths[i] for i in plain[k : k + BATCH]) for k in range(0, 48, BATCH))
+    real = sum(lengths[i] for i in plain)  # the same 48 rows (the first 4 blocks) either way
+    assert padded - real < 0.5 * (plain_padded - real)  # the point of it: less padding
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 5, 12, 13, 15])  # in / at the end of a block, epoch 2
+def test_a_grouped_stream_resumes_after_any_batch(tmp_path, stop_after):
+    source = _texts_of_random_lengths(tmp_path / "train.jsonl")
+    uninterrupted = _batches(_grouped(source, passes=2))
+    first = _grouped(source, passes=2)
+    seen = _batches(first, limit=stop_after)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = _grouped(source, passes=2)
+    resumed.load_state_dict(state)
+    assert seen + _batches(resumed) == uninterrupted
