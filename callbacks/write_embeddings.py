@@ -12,8 +12,11 @@ pass, every dim), and this callback writes them for a search index or any other 
 Each dim is its own array: for sliced Matryoshka models the normalized prefix of the largest, for
 per-dim heads (``DualEncoder``) that head's output. Queries an eval set leaves out (unusable audio)
 are not in the files; the ids say which rows are. Under DDP every rank embeds a share and rank 0
-writes. The whole folder is written under a temporary name and then swapped in, so an interrupted
-run leaves the previous output whole and a new one leaves no stale dim of an earlier model behind.
+writes; an error there is raised on every rank. The folder is written aside (``<dirpath>.partial``)
+and swapped in only when complete, so a failed run never leaves a half-written folder in its place
+(a crash within the swap itself leaves the earlier output as ``<dirpath>.old``), and a new run
+leaves no stale dim of an earlier model behind. A folder is only ever replaced if its manifest
+says this callback wrote it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lightning_modules.components.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+WRITER = "callbacks.write_embeddings.WriteEmbeddings"  # in the manifest: the folder is ours to replace
 SIDES = ("queries", "corpus")
 DTYPES = ("float32", "float16")
 
@@ -76,16 +80,35 @@ class WriteEmbeddings(Callback):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         chunks = chunks_of_all_ranks(trainer, self._chunks)
         self._chunks = defaultdict(list)
+        failure = None
         if chunks is not None:
-            self._write(trainer, pl_module, chunks)
+            try:
+                self._write(trainer, pl_module, chunks)
+            except Exception as error:  # told to every rank, or they would wait for rank 0 forever
+                if trainer.world_size == 1:
+                    raise
+                failure = error
         if trainer.world_size > 1:
-            trainer.strategy.barrier("embeddings_written")  # no rank ends before the files exist
+            # Also the barrier: no rank ends before the files exist.
+            message = trainer.strategy.broadcast(None if failure is None else repr(failure), src=0)
+            if message is not None:
+                raise RuntimeError(f"WriteEmbeddings failed on rank 0: {message}") from failure
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, chunks: dict) -> None:
         eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
         staging = self.dirpath.with_name(self.dirpath.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        try:
+            written = self._write_into(staging, trainer, pl_module, chunks, eval_sets)
+            _swap_in(staging, self.dirpath)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("Wrote the embeddings of %s to %s", sorted(written) or "no eval set", self.dirpath)
+
+    def _write_into(self, staging: Path, trainer, pl_module, chunks: dict, eval_sets: dict) -> list[str]:
+        """Every fully embedded eval set and the manifest, into ``staging``; returns the sets written."""
         written = {}
         for name, eval_set in eval_sets.items():
             rows = {"queries": eval_set.queries, "corpus": eval_set.corpus}
@@ -101,6 +124,7 @@ class WriteEmbeddings(Callback):
                     np.save(folder / f"{side}.d{dim}.npy", values.numpy().astype(self.dtype))
             written[name] = {side: len(rows[side]) for side in SIDES}
         manifest = {
+            "writer": WRITER,
             "model": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "dims": list(pl_module.matryoshka_dims),
@@ -109,8 +133,7 @@ class WriteEmbeddings(Callback):
             "eval_sets": written,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _swap_in(staging, self.dirpath)
-        log.info("Wrote the embeddings of %s to %s", sorted(written) or "no eval set", self.dirpath)
+        return list(written)
 
 
 def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> tuple[list[str], np.ndarray]:
@@ -120,12 +143,21 @@ def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> 
     return ids, np.load(folder / f"{side}.d{dim}.npy")
 
 
+def _written_here(dirpath: Path) -> bool:
+    try:
+        return json.loads((dirpath / MANIFEST).read_text()).get("writer") == WRITER
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, not an object
+        return False
+
+
 def _why_not_replaceable(dirpath: Path) -> str | None:
-    if dirpath.exists() and any(dirpath.iterdir()) and not (dirpath / MANIFEST).exists():
+    if dirpath.is_dir() and any(dirpath.iterdir()) and not _written_here(dirpath):
         return (
             f"WriteEmbeddings.dirpath={str(dirpath)!r} holds files this callback did not write (no "
-            f"{MANIFEST}); each predict replaces the whole folder, so name a new one."
+            f"{MANIFEST} of its own); each predict replaces the whole folder, so name a new one."
         )
+    if dirpath.exists() and not dirpath.is_dir():
+        return f"WriteEmbeddings.dirpath={str(dirpath)!r} is a file, not a folder."
     return None
 
 

@@ -104,7 +104,10 @@ class StreamingPairDataModule(LightningDataModule):
                 the query clip's duration (speech) or the document's length (text queries), cut into
                 batches, and the batches served in random order. Less padding, so faster steps,
                 while every row is still served once per epoch; a batch's in-batch negatives then
-                share a length range. Needs shuffle_block_size to be a multiple of batch_size.
+                share a length range. Needs shuffle_block_size to be a multiple of batch_size. The
+                epoch's last block is usually partial, so its rank (and worker) ends the epoch on one
+                smaller batch (plain batches run on across epochs instead); a batch of one row is
+                skipped, as any batch under two rows.
             passes: Passes over the training data (None: repeat forever; stop with trainer.max_steps).
                 Must be None under DDP, where ranks may hold different numbers of rows.
             num_workers: DataLoader worker processes.
@@ -119,7 +122,7 @@ class StreamingPairDataModule(LightningDataModule):
         if group_by_length and shuffle_block_size % batch_size:
             raise ConfigError(
                 f"data.group_by_length: data.shuffle_block_size={shuffle_block_size} must be a multiple of "
-                f"data.batch_size={batch_size}, so every block cuts into whole batches."
+                f"data.batch_size={batch_size}, so every full block cuts into whole batches."
             )
         if passes is not None and passes < 1:
             raise ConfigError(

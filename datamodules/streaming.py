@@ -35,8 +35,9 @@ class ShuffledEpochStream(IterableDataset):
     With ``length_of`` (a picklable ``row -> length``), the stream yields whole batches (lists of
     ``batch_size`` rows) instead of rows: each block is sorted by length (ties in random order),
     cut into batches, and the batches are served in a seeded random order, so a batch pads to
-    little more than its own rows while the order of batches stays random. The state then counts
-    the block's batches served; a resume recomputes the same batches from the re-read block.
+    little more than its own rows while the order of batches stays random. A block whose size is
+    not a multiple of ``batch_size`` (an epoch's last) also serves one smaller batch. The state then
+    counts the block's batches served; a resume recomputes the same batches from the re-read block.
     """
 
     def __init__(

@@ -78,14 +78,20 @@ def _extra_writer(dirpath, *options: str) -> list[str]:
     return [added, f"--trainer.callbacks.dirpath={dirpath}", *(f"--trainer.callbacks.{o}" for o in options)]
 
 
-def test_a_folder_not_written_by_predict_is_never_replaced(trained, tmp_path):
+@pytest.mark.parametrize("manifest", [None, '{"audio_filepath": "a.wav", "duration": 3.2}'])
+def test_a_folder_not_written_by_predict_is_never_replaced(trained, tmp_path, manifest):
+    """Even one holding a manifest.json of its own (a NeMo-style speech manifest, say)."""
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
+    if manifest is not None:
+        (foreign / "manifest.json").write_text(manifest)
     with pytest.raises(Exception) as error:
         _predict(tmp_path, *_extra_writer(foreign))
     assert isinstance(find_input_error(error.value), ConfigError) and "did not write" in str(error.value)
-    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    kept = {"notes.txt"} | ({"manifest.json"} if manifest is not None else set())
+    assert {p.name for p in foreign.iterdir()} == kept
+    assert not (tmp_path / "mine.partial").exists()
 
 
 def test_float16_and_a_partly_embedded_set(trained, tmp_path, caplog):
