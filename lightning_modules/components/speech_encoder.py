@@ -19,8 +19,9 @@ LayerNorm (``"layer"``: HuBERT-large, wav2vec2-large-lv60) and w2v-BERT (the dem
 batched with the mask everywhere. Other families (data2vec-audio, wav2vec2-conformer) let padded
 frames into real ones through their convolutions even with the mask, so they always run one clip
 at a time. SEW and SEW-D squeeze their hidden states below the feature encoder's frame rate, which
-no frame mask fits: they are refused at start-up. While the tower trains, SpecAugment's time masks are drawn per
-clip within its own frames (``_time_masks_per_clip``), so a batched clip is masked as it is alone.
+no frame mask fits: they are refused at start-up. While the tower trains, SpecAugment's time
+masks are drawn per clip within its own frames (``_time_masks_per_clip``), so a batched clip is
+masked as it is alone.
 """
 
 from __future__ import annotations
