@@ -47,7 +47,7 @@ def train_file(tmp_path_factory, corpus_dir):
     return path
 
 
-def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=()):
+def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), **data_options):
     seed_everything(0)
     model = TextOnly(
         # LoRA dropout draws random numbers every step, so the run is only reproduced if the
@@ -60,10 +60,8 @@ def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=()):
     data = StreamingPairDataModule(
         str(text_model),
         train_data=str(train_file),
-        batch_size=6,
-        shuffle_block_size=20,
-        max_query_length=32,
-        max_document_length=48,
+        **{"batch_size": 6, "shuffle_block_size": 20, "max_query_length": 32, "max_document_length": 48}
+        | data_options,
     )
     recorder = RecordBatchIds()
     trainer = Trainer(
@@ -106,6 +104,26 @@ def test_k_steps_then_resume_to_n_is_the_same_run(
     checkpoint = tmp_path / "checkpoints" / f"epoch=0-step={stop_at}.ckpt"
     _, resumed_ids, weights = _fit(tmp_path / "second", tiny_text_model, train_file, TOTAL_STEPS, checkpoint)
     expected_ids, expected_weights = uninterrupted
+    assert first_ids + resumed_ids == expected_ids
+    _assert_same_weights(weights, expected_weights)
+
+
+def test_a_run_grouped_by_length_resumes_at_the_next_batch(
+    tmp_path, tiny_text_model, train_file, uninterrupted
+):
+    """The stream yields whole batches then (the loader's batch_size is None): same resume contract."""
+    grouped = {"group_by_length": True, "shuffle_block_size": 18}
+    _, expected_ids, expected_weights = _fit(
+        tmp_path / "straight", tiny_text_model, train_file, TOTAL_STEPS, **grouped
+    )
+    assert expected_ids != uninterrupted[0] and all(len(batch) == 6 for batch in expected_ids)
+    every_step = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    first = _fit(tmp_path / "first", tiny_text_model, train_file, 4, callbacks=[every_step], **grouped)
+    first_ids = first[1]
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=4.ckpt"
+    _, resumed_ids, weights = _fit(
+        tmp_path / "second", tiny_text_model, train_file, TOTAL_STEPS, checkpoint, **grouped
+    )
     assert first_ids + resumed_ids == expected_ids
     _assert_same_weights(weights, expected_weights)
 
