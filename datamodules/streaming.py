@@ -35,7 +35,8 @@ class ShuffledEpochStream(IterableDataset):
     With ``length_of`` (a picklable ``row -> length``), the stream yields whole batches (lists of
     ``batch_size`` rows) instead of rows: each block is sorted by length (ties in random order),
     cut into batches, and the batches are served in a seeded random order, so a batch pads to
-    little more than its own rows while the order of batches stays random. A block whose size is
+    little more than its own rows while the order of batches stays random (the same order on every
+    rank, so DDP ranks step through batches of similar lengths together). A block whose size is
     not a multiple of ``batch_size`` (an epoch's last) also serves one smaller batch. The state then
     counts the block's batches served; a resume recomputes the same batches from the re-read block.
     """
@@ -91,7 +92,11 @@ class ShuffledEpochStream(IterableDataset):
         lengths = np.array([self.length_of(rows[i]) for i in order], dtype=np.float64)
         order = order[np.argsort(lengths, kind="stable")]  # equal lengths stay in random order
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        # The batch order leaves the rank out: at a given step every rank serves the same length
+        # rank of its own block (its k-th shortest batch), so DDP ranks, which wait for the
+        # slowest at each step, get batches of similar lengths.
+        same_on_every_rank = np.random.default_rng([self.seed, epoch, block, _worker_id(), len(batches)])
+        return [batches[i] for i in same_on_every_rank.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[dict]:
         resume, self._resume = self._resume, None
