@@ -36,7 +36,8 @@ class ShuffledEpochStream(IterableDataset):
     ``batch_size`` rows) instead of rows: each block is sorted by length (ties in random order),
     cut into batches, and the batches are served in a seeded random order, so a batch pads to
     little more than its own rows while the order of batches stays random (the same order on every
-    rank, so DDP ranks step through batches of similar lengths together). A block whose size is
+    rank, so DDP ranks step through batches of similar lengths together for as long as their blocks
+    line up: in the first epoch, until one rank's shorter last block). A block whose size is
     not a multiple of ``batch_size`` (an epoch's last) also serves one smaller batch. The state then
     counts the block's batches served; a resume recomputes the same batches from the re-read block.
     """
