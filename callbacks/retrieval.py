@@ -53,6 +53,12 @@ def assemble(
     return out if bool(seen.all()) else None
 
 
+def add_eval_output(chunks: dict[tuple[str, str], list], outputs) -> None:
+    """Files one eval batch's embeddings (an ``_embed_eval_batch`` output) under (eval set, side)."""
+    if isinstance(outputs, dict) and "embeddings" in outputs:
+        chunks[(outputs["eval_set"], outputs["side"])].append((outputs["index"], outputs["embeddings"]))
+
+
 def chunks_of_all_ranks(
     trainer: Trainer, chunks: dict[tuple[str, str], list]
 ) -> dict[tuple[str, str], list] | None:
@@ -109,10 +115,7 @@ class RetrievalEvaluator(Callback):
     on_test_epoch_start = _reset
 
     def _collect(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if isinstance(outputs, dict) and "embeddings" in outputs:
-            self._chunks[(outputs["eval_set"], outputs["side"])].append(
-                (outputs["index"], outputs["embeddings"])
-            )
+        add_eval_output(self._chunks, outputs)
 
     on_validation_batch_end = _collect
     on_test_batch_end = _collect

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.retrieval import assemble, chunks_of_all_ranks
+from callbacks.retrieval import add_eval_output, assemble, chunks_of_all_ranks
 from lightning_modules.components.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class WriteEmbeddings(Callback):
         """
         Args:
             dirpath: Output folder, replaced as a whole by each predict. It must be new, empty, or
-                an earlier output of this callback (it holds ``manifest.json``).
+                an earlier output of this callback (its ``manifest.json`` names this writer).
             dtype: ``float32``, or ``float16`` for half the disk (CostPerDimension logs the
                 search time of both).
         """
@@ -72,10 +72,7 @@ class WriteEmbeddings(Callback):
         self._chunks = defaultdict(list)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if isinstance(outputs, dict) and "embeddings" in outputs:
-            self._chunks[(outputs["eval_set"], outputs["side"])].append(
-                (outputs["index"], outputs["embeddings"])
-            )
+        add_eval_output(self._chunks, outputs)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         chunks = chunks_of_all_ranks(trainer, self._chunks)

@@ -45,31 +45,35 @@ class AudioSettings:
             )
 
 
-def decode_audio(value, base_dir: Path | None = None) -> tuple[np.ndarray, int]:
-    """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
-    import soundfile
-
+def audio_file(value, base_dir: Path | None = None) -> io.BytesIO | Path:
+    """What soundfile opens for an undecoded audio cell: its bytes, or its file (``BadAudio`` if none)."""
     if value is None:
         raise BadAudio("no audio")
-    if isinstance(value, dict) and "array" in value:  # already decoded upstream
-        samples = np.asarray(value["array"], dtype=np.float32)
-        return np.atleast_2d(samples), int(value["sampling_rate"])
     source = value
     if isinstance(value, dict):
         source = value.get("bytes") or value.get("path")
         if source is None:
             raise BadAudio("audio cell has neither bytes nor path")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        handle = io.BytesIO(bytes(source))
-    elif isinstance(source, (str, Path)):
+        return io.BytesIO(bytes(source))
+    if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.exists():
             raise BadAudio(f"audio file {path} not found")
-        handle = path
-    else:
-        raise BadAudio(f"audio cell of type {type(source).__name__}")
+        return path
+    raise BadAudio(f"audio cell of type {type(source).__name__}")
+
+
+def decode_audio(value, base_dir: Path | None = None) -> tuple[np.ndarray, int]:
+    """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
+    import soundfile
+
+    if isinstance(value, dict) and "array" in value:  # already decoded upstream
+        samples = np.asarray(value["array"], dtype=np.float32)
+        return np.atleast_2d(samples), int(value["sampling_rate"])
+    handle = audio_file(value, base_dir)
     try:
         samples, rate = soundfile.read(handle, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for corrupt data

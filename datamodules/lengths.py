@@ -8,8 +8,7 @@ skips and names it as usual when it is really unusable.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
+from datamodules.audio import audio_file
 
 
 def clip_seconds(row: dict, column: str) -> float:
@@ -19,15 +18,9 @@ def clip_seconds(row: dict, column: str) -> float:
     value = row.get(column)
     if isinstance(value, dict) and "array" in value:  # already decoded upstream
         return len(value["array"]) / float(value["sampling_rate"])
-    source = value.get("bytes") or value.get("path") if isinstance(value, dict) else value
     try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            info = soundfile.info(io.BytesIO(bytes(source)))
-        elif isinstance(source, (str, Path)):
-            info = soundfile.info(str(source))
-        else:
-            return 0.0
-    except Exception:  # soundfile raises several types for corrupt data
+        info = soundfile.info(audio_file(value))
+    except Exception:  # BadAudio (no usable cell), or soundfile's several types for corrupt data
         return 0.0
     return info.frames / float(info.samplerate)
 

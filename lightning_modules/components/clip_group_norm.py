@@ -9,13 +9,13 @@ norm is padding-invariant for a clip's own frames:
 - the transformer zeroes padded frames before its positional convolution (as the convolution's
   own zero padding does for a clip alone) and masks them out of attention.
 So taking that one norm's statistics over each clip's own frames makes the batched encoder
-compute what it computes for each clip alone, in eval mode (a frozen tower always is; training,
-SpecAugment would draw its spans over the padded length). ``ClipGroupNorm`` runs the module's own
+compute what it computes for each clip alone (in training, SpecAugment's spans are then drawn per
+clip by ``SpeechEncoder``, as for each clip alone). ``ClipGroupNorm`` runs the module's own
 GroupNorm on each clip's frames (the same kernel, dtype and autocast policy as a clip alone).
 
 Only the families checked to be padding-invariant after that norm are converted (``FAMILIES``):
-SEW and SEW-D pool the padding mask with their frames, and Wav2Vec2-Conformer's convolution module
-reads padded frames, so those keep running one clip at a time.
+Wav2Vec2-Conformer's convolution module reads padded frames, so it keeps running one clip at a
+time (SEW and SEW-D, which also pool the padding mask with their frames, are refused outright).
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class SpeechEncoder(nn.Module):
         output = self.model(inputs, attention_mask=attention_mask, output_hidden_states=True, **extra)
         return [output.hidden_states[i] for i in self.layers]
 
-    def _time_masks_per_clip(self, frame_lengths: torch.Tensor, longest: int) -> torch.Tensor | None:
+    def _time_masks_per_clip(self, frame_mask: torch.Tensor) -> torch.Tensor | None:
         """SpecAugment's time mask for a training batch, drawn within each clip's own frames.
 
         HuBERT's forward draws it over the padded length (it does not pass the mask on): spans
@@ -203,15 +203,14 @@ class SpeechEncoder(nn.Module):
             return None
         from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
-        real = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
         mask = _compute_mask_indices(
-            (len(frame_lengths), longest),
+            tuple(frame_mask.shape),
             mask_prob=config.mask_time_prob,
             mask_length=config.mask_time_length,
-            attention_mask=real.long(),
+            attention_mask=frame_mask,
             min_masks=config.mask_time_min_masks,
         )
-        return torch.from_numpy(mask).to(frame_lengths.device)
+        return torch.from_numpy(mask).to(frame_mask.device)
 
     def forward(self, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> SpeechStates:
         """``attention_mask`` over the input, plus ``input_values`` or ``input_features``."""
@@ -230,6 +229,9 @@ class SpeechEncoder(nn.Module):
                 "are shorter than the speech model's receptive field: they have no frame to encode "
                 "(data.audio.min_duration keeps them out of training data)."
             )
+        # [B, frames] (1 = real frame): the SpecAugment draw and the returned states share it.
+        positions = torch.arange(max(frames), device=frame_lengths.device)
+        frame_mask = (positions[None, :] < frame_lengths[:, None]).long()
         norm = self.clip_norm
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.runs_clip_by_clip(values.device) or (
@@ -240,7 +242,7 @@ class SpeechEncoder(nn.Module):
                     _pad_rows([row[layer][0] for row in rows]) for layer in range(len(self.layers))
                 ]
             else:
-                time_masks = self._time_masks_per_clip(frame_lengths, max(frames))
+                time_masks = self._time_masks_per_clip(frame_mask)
                 if norm is not None:
                     with statistics_per_clip(norm, first_convolution_lengths(self.model, samples)):
                         hidden_states = self._run(values, attention_mask, time_masks)
@@ -253,8 +255,7 @@ class SpeechEncoder(nn.Module):
                 f"where its output-length formula gives {max(frames)}: its hidden states are not at its "
                 "feature encoder's frame rate (SEW squeezes them), so no frame mask fits them."
             )
-        frame_mask = torch.arange(longest, device=frame_lengths.device)[None, :] < frame_lengths[:, None]
-        return SpeechStates(hidden_states, frame_mask.to(torch.long))
+        return SpeechStates(hidden_states, frame_mask)
 
 
 def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
