@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
+import torch.distributed
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
@@ -51,7 +53,37 @@ def find_input_error(error: BaseException) -> InputError | None:
     return None
 
 
+# The project's own packages: their INFO messages are meant for the user (eval set sizes, the
+# document cache's fill, where embeddings were written, demo assets being built).
+PROJECT_LOGGERS = ("callbacks", "datamodules", "lightning_modules")
+
+
+class _RankPrefix(logging.Filter):
+    """Prefixes ``[rank N]`` once a process group runs, since every DDP rank prints its own lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        record.rank = f"[rank {torch.distributed.get_rank()}] " if distributed else ""
+        return True
+
+
+def configure_logging() -> None:
+    """Shows the project's INFO messages and every library's warnings, with the logger's name.
+
+    Without a handler Python prints WARNING and above only (Lightning installs a handler for its
+    own logger alone), so the project's INFO lines never reached the terminal. Other libraries
+    stay at WARNING.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(rank)s%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RankPrefix())
+    logging.basicConfig(handlers=[handler])
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main() -> None:
+    configure_logging()
     try:
         cli_main()
     except Exception as error:

@@ -28,6 +28,25 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_NONFINITE = 20
 
 
+def eval_mode_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Modules in eval mode: (the frozen towers holding them, the names of all others).
+
+    A frozen tower is a module in eval mode whose parameters are all frozen; everything inside it
+    is in eval mode on purpose. Any other module in eval mode while training is not.
+    """
+    towers: list[str] = []
+    others: list[str] = []
+    for name, module in model.named_modules():
+        if module.training or any(name.startswith(f"{tower}.") for tower in towers):
+            continue
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            towers.append(name)
+        else:
+            others.append(name or "the model itself")
+    return towers, others
+
+
 class MatryoshkaEmbedder(LightningModule):
     """Base of every model: ``embed_queries`` / ``embed_documents`` -> ``{dim: [B, dim]}`` unit vectors."""
 
@@ -102,6 +121,21 @@ class MatryoshkaEmbedder(LightningModule):
         for name in getattr(self, "frozen_towers", ()):
             getattr(self, name).eval()
         return self
+
+    def on_train_start(self) -> None:
+        # Lightning has just warned "Found N module(s) in eval mode"; say which, and whether that
+        # is intended (a frozen tower runs without dropout on purpose) or a trainable part left
+        # in eval mode by mistake (its dropout would be off).
+        towers, others = eval_mode_modules(self)
+        if others:
+            log.warning(
+                "%d module(s) in eval mode outside the frozen towers, so their dropout is off: %s",
+                len(others),
+                others[:10] + (["..."] if len(others) > 10 else []),
+            )
+        if towers and self.global_rank == 0:
+            in_towers = sum(1 for module in self.modules() if not module.training) - len(others)
+            log.info("The %d modules of the frozen towers %s run in eval mode on purpose.", in_towers, towers)
 
     # ----- the interface every model implements -------------------------------------------
     def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from speech_inputs import (
@@ -14,6 +16,7 @@ from speech_inputs import (
 from transformers import AutoTokenizer
 
 from lightning_modules import LateFusion
+from lightning_modules.base import eval_mode_modules
 from lightning_modules.components.adapters import ConvDownsampler
 from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.sequences import concat_masked_sequences
@@ -119,6 +122,33 @@ def test_only_the_adapter_trains_and_is_checkpointed(tiny_text_model, tiny_speec
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == trainable
+
+
+def test_eval_mode_modules_are_the_frozen_towers_unless_a_trainable_part_is_left_in_eval(
+    tiny_text_model, tiny_speech_model, caplog
+):
+    """Lightning warns "Found N module(s) in eval mode" at every late-fusion fit; the model says
+    which: the frozen towers on purpose, or (a warning) a trainable module whose dropout is off."""
+    model = _model(tiny_text_model, tiny_speech_model).train()
+    eval_names = [name for name, module in model.named_modules() if not module.training]
+    towers, others = eval_mode_modules(model)
+    assert towers == ["text_encoder", "speech_encoder.model"] and others == []
+    # The reference: every eval-mode module lies inside one of the towers, and all their weights are frozen.
+    assert all(any(name == t or name.startswith(f"{t}.") for t in towers) for name in eval_names)
+    assert not any(p.requires_grad for t in towers for p in model.get_submodule(t).parameters())
+    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
+        model.on_train_start()
+    assert f"The {len(eval_names)} modules of the frozen towers {towers}" in caplog.text
+    assert "WARNING" not in caplog.text
+
+    model.adapter.eval()  # a trainable part left in eval mode by mistake
+    towers, others = eval_mode_modules(model)
+    assert towers == ["text_encoder", "speech_encoder.model"]
+    assert others == [name for name, module in model.named_modules() if name.startswith("adapter")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
+        model.on_train_start()
+    assert f"{len(others)} module(s) in eval mode outside the frozen towers" in caplog.text
 
 
 def _assert_query_gradients_reach_only_the_adapter(model, text_model, speech_model) -> None:

@@ -141,6 +141,15 @@ def test_predict_under_ddp_writes_what_one_process_writes(trained, tmp_path):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[devices] = run / "embeddings"
+        # The project's INFO lines reach the terminal (cli.configure_logging), each DDP rank's
+        # prefixed with its rank; the writer reports from rank 0 only.
+        wrote = f"INFO callbacks.write_embeddings: Wrote the embeddings of ['demo'] to {run / 'embeddings'}"
+        eval_set = "INFO datamodules.pairs: eval set demo: 200 queries"
+        if devices == 1:
+            assert wrote in result.stderr and eval_set in result.stderr
+        else:
+            assert f"[rank 0] {wrote}" in result.stderr and f"[rank 1] {wrote}" not in result.stderr
+            assert f"[rank 0] {eval_set}" in result.stderr and f"[rank 1] {eval_set}" in result.stderr
     for side in ("queries", "corpus"):
         for dim in DIMS:
             ids_one, one = load_embeddings(outputs[1], "demo", side, dim)
