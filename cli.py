@@ -7,6 +7,7 @@ import sys
 
 import torch.distributed
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.demo.assets import register_resolver
@@ -59,20 +60,25 @@ PROJECT_LOGGERS = ("callbacks", "datamodules", "lightning_modules")
 
 
 class _RankPrefix(logging.Filter):
-    """Prefixes ``[rank N]`` once a process group runs, since every DDP rank prints its own lines."""
+    """Prefixes ``[rank N]`` under DDP, since every rank prints its own lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        record.rank = f"[rank {torch.distributed.get_rank()}] " if distributed else ""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, distributed = torch.distributed.get_rank(), True
+        else:
+            # Before the process group starts, a DDP child knows its rank from the launcher's
+            # environment (Lightning reads it at import); rank 0 is the launching process.
+            rank, distributed = getattr(rank_zero_only, "rank", 0), False
+        record.rank = f"[rank {rank}] " if distributed or rank > 0 else ""
         return True
 
 
 def configure_logging() -> None:
-    """Shows the project's INFO messages and every library's warnings, with the logger's name.
+    """Shows the project's INFO messages, and other libraries' warnings, with the logger's name.
 
-    Without a handler Python prints WARNING and above only (Lightning installs a handler for its
-    own logger alone), so the project's INFO lines never reached the terminal. Other libraries
-    stay at WARNING.
+    Without a handler Python prints WARNING and above only, so the project's INFO lines never
+    reached the terminal. Other libraries stay at WARNING; Lightning and transformers keep their
+    own handlers and formats.
     """
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(rank)s%(levelname)s %(name)s: %(message)s"))

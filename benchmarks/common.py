@@ -46,6 +46,38 @@ def real_size_models(directory: Path, layers: int | None = None) -> tuple[str, s
     return str(text_dir), str(speech_dir)
 
 
+def late_fusion_setup(directory: Path, real_size: bool, document_tokens: int, conv_channels: int = 1024):
+    """A late-fusion model (frozen LLM and speech tower; the adapter trains) and the data module
+    that builds its batches, as ``(model, data)``: the real recipe's shapes (Qwen3-0.6B and
+    HuBERT-base with random weights, written under ``directory``, its adapter and dims) or the
+    demo's tiny models with an adapter of ``conv_channels``."""
+    from datamodules.audio import AudioSettings
+    from datamodules.pairs import StreamingPairDataModule
+    from lightning_modules import LateFusion
+    from lightning_modules.components.text_encoder import TextEncoderConfig
+
+    if real_size:
+        text_model, speech_model = real_size_models(directory)
+        dims, adapter = REAL_DIMS, REAL_ADAPTER
+    else:
+        text_model, speech_model = tiny_text_model(), tiny_speech_model()
+        dims, adapter = DIMS, {"conv_channels": conv_channels}
+    data = StreamingPairDataModule(
+        text_model,
+        audio=AudioSettings(feature_extractor=speech_model, min_duration=0.5),
+        max_query_length=64,
+        max_document_length=document_tokens,
+    )
+    torch.manual_seed(0)
+    model = LateFusion(
+        TextEncoderConfig(text_model),  # frozen (the paper's recipe): the adapter trains
+        {"pretrained_model_name_or_path": speech_model},
+        adapter=adapter,
+        matryoshka_dims=dims,
+    ).train()
+    return model, data
+
+
 def vocabulary(tokenizer, size: int = 400) -> list[str]:
     """Whole words of the demo tokenizer's vocabulary (so texts tokenize to predictable lengths)."""
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2]

@@ -23,24 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
-    DIMS,
-    REAL_ADAPTER,
-    REAL_DIMS,
+    late_fusion_setup,
     machine,
     print_table,
-    real_size_models,
     text_of_tokens,
-    tiny_speech_model,
-    tiny_text_model,
     vocabulary,
     wav_bytes,
 )
 
 from callbacks.document_cache import fill_cache
-from datamodules.audio import AudioSettings
-from datamodules.pairs import StreamingPairDataModule
-from lightning_modules import LateFusion
-from lightning_modules.components.text_encoder import TextEncoderConfig
 from lightning_modules.document_cache import DocumentEmbeddingCache
 
 SETTINGS = {  # name: (document cache, cached prompt states)
@@ -99,28 +90,15 @@ def measure(model, data, cache, rows, batch_size: int, steps: int) -> dict:
     }
 
 
-def run(args, text_model: str, speech_model: str, dims: list[int], adapter: dict, directory: str):
-    data = StreamingPairDataModule(
-        text_model,
-        audio=AudioSettings(feature_extractor=speech_model, min_duration=0.5),
-        max_query_length=64,
-        max_document_length=args.document_tokens,
-    )
+def run(args, model, data, directory: str):
     tokenizer = data.batches.text.tokenizer
     words, rng, wave_rng = vocabulary(tokenizer), random.Random(0), np.random.default_rng(0)
     documents = [
         text_of_tokens(tokenizer, words, args.document_tokens, rng)
         for _ in range(args.batch_size * (args.steps + 1))
     ]
-    torch.manual_seed(0)
-    model = LateFusion(
-        TextEncoderConfig(text_model),  # frozen (the paper's recipe): the adapter trains
-        {"pretrained_model_name_or_path": speech_model},
-        adapter=adapter,
-        matryoshka_dims=dims,
-    ).train()
     results = {}
-    cache = DocumentEmbeddingCache(Path(directory) / "cache", dims)
+    cache = DocumentEmbeddingCache(Path(directory) / "cache", model.matryoshka_dims)
     started = time.perf_counter()
     filled = fill_cache(cache, model, data.tokenize_documents, documents, 64)
     fill_seconds = time.perf_counter() - started
@@ -161,13 +139,11 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as directory:
-        if args.real_size:
-            text_model, speech_model = real_size_models(Path(directory))
-            dims, adapter = REAL_DIMS, REAL_ADAPTER
-        else:
-            text_model, speech_model = tiny_text_model(), tiny_speech_model()
-            dims, adapter = DIMS, {"conv_channels": args.conv_channels}
-        results, filled, fill_seconds = run(args, text_model, speech_model, dims, adapter, directory)
+        model, data = late_fusion_setup(
+            Path(directory), args.real_size, args.document_tokens, args.conv_channels
+        )
+        dims = model.matryoshka_dims
+        results, filled, fill_seconds = run(args, model, data, directory)
 
     print(f"machine: {machine()}")
     print(

@@ -126,6 +126,8 @@ class MatryoshkaEmbedder(LightningModule):
         # Lightning has just warned "Found N module(s) in eval mode"; say which, and whether that
         # is intended (a frozen tower runs without dropout on purpose) or a trainable part left
         # in eval mode by mistake (its dropout would be off).
+        if self.global_rank != 0:  # every rank holds the same modules
+            return
         towers, others = eval_mode_modules(self)
         if others:
             log.warning(
@@ -133,7 +135,7 @@ class MatryoshkaEmbedder(LightningModule):
                 len(others),
                 others[:10] + (["..."] if len(others) > 10 else []),
             )
-        if towers and self.global_rank == 0:
+        if towers:
             in_towers = sum(1 for module in self.modules() if not module.training) - len(others)
             log.info("The %d modules of the frozen towers %s run in eval mode on purpose.", in_towers, towers)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -92,11 +94,17 @@ def _parts(cache_dir) -> list:
 
 
 def test_training_and_evaluation_read_the_cache_with_the_numbers_of_the_model(
-    tmp_path, tiny_text_model, tiny_speech_model, speech_corpus_dir
+    tmp_path, tiny_text_model, tiny_speech_model, speech_corpus_dir, caplog
 ):
     cache_dir = tmp_path / "cache"
     model = _late_fusion(tiny_text_model, tiny_speech_model)
-    compare, data = _fit(tmp_path, model, speech_corpus_dir, tiny_text_model, tiny_speech_model, cache_dir)
+    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
+        compare, data = _fit(
+            tmp_path, model, speech_corpus_dir, tiny_text_model, tiny_speech_model, cache_dir
+        )
+    # At training start the model named the frozen tower behind Lightning's eval-mode warning
+    # (the text model trains LoRA adapters here, so it is in train mode).
+    assert "of the frozen towers ['speech_encoder.model'] run in eval mode" in caplog.text
     # The loss read from the cache is the loss computed by the model (all dims, alignment included).
     assert len(compare.loss_diffs) == 3 and max(compare.loss_diffs) < 1e-5
     # Every corpus batch of the validation too, every dim.
