@@ -36,8 +36,9 @@ from lightning_modules import LateFusion
 PARTS = ["speech tower", "adapter", "LLM forward", "backward", "documents"]
 
 
-def time_parts(model: LateFusion, batch: dict) -> dict[str, float]:
-    """One step's parts, each timed alone (seconds)."""
+def time_parts(model: LateFusion, batch: dict) -> tuple[dict[str, float], int]:
+    """One step's parts, each timed alone (seconds), and the tokens the LLM ran the queries over
+    (after their cached prompt: speech tokens + end tokens)."""
     times = {}
     started = time.perf_counter()
     with torch.no_grad():
@@ -65,7 +66,8 @@ def time_parts(model: LateFusion, batch: dict) -> dict[str, float]:
     started = time.perf_counter()
     sum(embedding.sum() for embedding in queries.values()).backward()
     times["backward"] = time.perf_counter() - started
-    return times
+    _, speech_mask = speech
+    return times, int(speech_mask.sum()) + speech_mask.shape[0] * len(model.closing_ids)
 
 
 def main() -> None:
@@ -104,12 +106,8 @@ def main() -> None:
             )
             time_parts(model, batch)  # warm-up
             runs = [time_parts(model, batch) for _ in range(args.repeats)]
-            best = {part: min(run[part] for run in runs) for part in PARTS}
-            # Tokens the LLM runs over: the query after its cached prompt (speech + end token), and
-            # the documents' real tokens.
-            with torch.no_grad():
-                _, speech_mask = model.speech_tokens(batch)
-            query_tokens = int(speech_mask.sum()) + args.batch_size * len(model.closing_ids)
+            best = {part: min(times[part] for times, _ in runs) for part in PARTS}
+            query_tokens = runs[0][1]
             document_tokens = int(batch["document"]["attention_mask"].sum())
             query_path = sum(best[part] for part in PARTS if part != "documents")
             rows.append(
