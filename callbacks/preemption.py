@@ -10,17 +10,27 @@ weights, optimizer, loop counters and dataloader position agree, all ranks learn
 
 The file is named ``last-preempted.ckpt`` in the checkpoint folder, so ``fit --ckpt_path last``
 (the newest ``last*.ckpt``) resumes from it. It is written to a temporary name and renamed, so a
-kill during the write never replaces a good checkpoint with half a file.
+kill during the write never replaces a good checkpoint with half a file. The run stops without
+the validation Lightning would run before a requested stop (it could outlast the grace period).
+
+Under SLURM with Lightning's auto-requeue (the default there), the requeue signal (SIGUSR1, from
+``--signal=SIGUSR1@120`` before the time limit) also requeues the job once the checkpoint is
+written, as Lightning's own handler, which this callback replaces, would have: the next run of
+the same ``fit --ckpt_path last`` command continues. SIGTERM (``scancel``, or a preemption the
+scheduler requeues itself) only saves and stops.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 log = logging.getLogger(__name__)
@@ -73,7 +83,14 @@ class PreemptionCheckpoint(Callback):
             path,
             trainer.global_step,
         )
+        requeue_signal = slurm_requeue_signal(trainer)
+        got_requeue_signal = requeue_signal is not None and self.received == requeue_signal
+        if trainer.strategy.reduce_boolean_decision(got_requeue_signal, all=False) and trainer.is_global_zero:
+            requeue_slurm_job()
         trainer.should_stop = True
+        # Lightning validates before a requested stop (meant for early stopping): a full
+        # evaluation inside the grace period would risk the kill. The checkpoint is written.
+        trainer.fit_loop.epoch_loop._skip_next_val = True
 
     def checkpoint_path(self, trainer: Trainer) -> Path:
         if self.dirpath is not None:
@@ -88,3 +105,29 @@ class PreemptionCheckpoint(Callback):
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers = {}
+
+
+def slurm_requeue_signal(trainer: Trainer) -> str | None:
+    """The signal name that asks to requeue, when the run is a SLURM job with auto-requeue on."""
+    # Where Lightning's own signal set-up reads it (single-device strategies have no attribute).
+    environment = trainer._accelerator_connector.cluster_environment
+    if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+        return None
+    return signal.Signals(environment.requeue_signal).name
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this job (array task included), as Lightning's SLURM handler does."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    if not re.fullmatch(r"[0-9_]+", job):
+        log.warning("Not requeuing: unexpected SLURM job id %r.", job)
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], check=False).returncode
+    except FileNotFoundError:
+        result = "scontrol not found"
+    if result == 0:
+        log.warning("Requeued SLURM job %s: it continues from the checkpoint when it starts again.", job)
+    else:
+        log.warning("Requeuing SLURM job %s failed (%s): resubmit it to continue.", job, result)

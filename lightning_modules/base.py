@@ -382,6 +382,15 @@ class MatryoshkaEmbedder(LightningModule):
             restore_random_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Lightning validates every val_check_interval steps only, so a max_steps that is not a
+        # multiple (55000 at 2000) ended the run untested, and the ModelCheckpoints, which save
+        # after a validation, lost the steps since the last one. Stopping at the final step makes
+        # Lightning validate once more (as for early stopping); then best and last are saved.
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0 and self.trainer.global_step >= max_steps:
+            self.trainer.should_stop = True
+
 
 def _fit_loop_state(checkpoint: dict) -> dict:
     """The fit loop's own state in a Lightning checkpoint (where the dataloader position lives)."""

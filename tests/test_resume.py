@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -47,7 +48,9 @@ def train_file(tmp_path_factory, corpus_dir):
     return path
 
 
-def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), **data_options):
+def _fit(
+    root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), trainer_options=None, **data_options
+):
     seed_everything(0)
     model = TextOnly(
         # LoRA dropout draws random numbers every step, so the run is only reproduced if the
@@ -71,8 +74,8 @@ def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), 
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         callbacks=[recorder, *callbacks],
+        **({"limit_val_batches": 0} | (trainer_options or {})),
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -148,3 +151,83 @@ def test_a_signal_mid_epoch_leaves_a_checkpoint_that_resumes_the_same_run(
     expected_ids, expected_weights = uninterrupted
     assert first_ids + resumed_ids == expected_ids
     _assert_same_weights(weights, expected_weights)
+
+
+class RecordValidationSteps(Callback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+def _validating(corpus_dir, val_check_interval: int) -> dict:
+    return {
+        "trainer_options": {
+            "val_check_interval": val_check_interval,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": None,
+        },
+        "eval_sets": {"demo": str(corpus_dir / "eval" / "demo")},
+    }
+
+
+def test_the_final_step_is_validated_and_saved_when_max_steps_is_off_the_validation_interval(
+    tmp_path, tiny_text_model, train_file, corpus_dir
+):
+    """max_steps 5 at val_check_interval 3: validated at 3 and 5, and last.ckpt holds step 5."""
+    validations = RecordValidationSteps()
+    last = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", enable_version_counter=False)
+    _fit(
+        tmp_path, tiny_text_model, train_file, 5, callbacks=[validations, last], **_validating(corpus_dir, 3)
+    )
+    assert validations.steps == [3, 5]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_a_signal_stops_without_validating_first(tmp_path, tiny_text_model, train_file, corpus_dir):
+    """Lightning validates before a requested stop; within a preemption's grace period it must not."""
+    validations = RecordValidationSteps()
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    trainer, ids, _ = _fit(
+        tmp_path,
+        tiny_text_model,
+        train_file,
+        TOTAL_STEPS,
+        callbacks=[validations, preemption, SignalAtStep(2)],
+        **_validating(corpus_dir, 100),
+    )
+    assert trainer.global_step == 2 and (tmp_path / "checkpoints" / CHECKPOINT_NAME).exists()
+    assert validations.steps == []
+
+
+@pytest.mark.parametrize(
+    "signum, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["SIGUSR1", "SIGTERM"]
+)
+def test_under_slurm_the_requeue_signal_requeues_the_job_once_saved(
+    tmp_path, monkeypatch, tiny_text_model, train_file, signum, requeued
+):
+    """Lightning's SLURM handler requeued on SIGUSR1; the callback replaces it, so it requeues too."""
+    # No SLURM here: a stand-in scontrol on PATH records how it is called.
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    slurm |= {"SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost", "SLURM_JOB_NAME": "train"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    trainer, _, _ = _fit(
+        tmp_path,
+        tiny_text_model,
+        train_file,
+        TOTAL_STEPS,
+        callbacks=[preemption, SignalAtStep(2, signum)],
+        trainer_options={"plugins": [SLURMEnvironment(auto_requeue=True)]},
+    )
+    assert trainer.global_step == 2 and (tmp_path / "checkpoints" / CHECKPOINT_NAME).exists()
+    assert (calls.read_text() if calls.exists() else None) == ("requeue 4242\n" if requeued else None)
