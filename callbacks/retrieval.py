@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.analysis import EmbeddingAnalysis
 from callbacks.metrics import classification_metrics, metrics_from_ranking, top_k_search
+from lightning_modules.components.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,45 @@ class RetrievalEvaluator(Callback):
         self._layout_written = False
         self.last_embeddings: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         self.last_metrics: dict[str, float] = {}
+
+    # ----- checks at the start of fit ------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A monitor naming a metric no validation logs fails only after the first validation
+        # (hours in, at the recipes' val_check_interval); the tags are known now.
+        eval_sets = getattr(trainer.datamodule, "eval_sets", None) if trainer.datamodule is not None else None
+        if eval_sets is None:
+            return
+        watchers = [c for c in trainer.callbacks if isinstance(getattr(c, "monitor", None), str)]
+        if not eval_sets and trainer.checkpoint_callbacks:
+            log.warning(
+                "No eval sets (data.eval_sets): no validation runs, so the ModelCheckpoints, which "
+                "save after a validation, write nothing (a preemption checkpoint still is)."
+            )
+            return
+        dims = list(getattr(pl_module, "matryoshka_dims", []))
+        for callback in watchers:
+            problem = self.unknown_monitor(callback.monitor, eval_sets, dims)
+            if problem:
+                raise ConfigError(f"{type(callback).__name__}.monitor={callback.monitor!r}: {problem}")
+
+    def unknown_monitor(self, monitor: str, eval_sets: dict, dims: Sequence[int]) -> str | None:
+        """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``) will never be logged, or None."""
+        parts = monitor.split("/")
+        if len(parts) < 3 or parts[0] != "val":
+            return None  # not one of this callback's tags (e.g. train/loss)
+        name, metric, last = parts[1], "/".join(parts[2:-1]), parts[-1]
+        if name not in eval_sets:
+            return (
+                f"no eval set is named {name!r} (eval sets: {sorted(eval_sets)}); rename the set in "
+                "data.eval_sets or change the monitor."
+            )
+        if last.startswith("d") and last[1:].isdigit() and int(last[1:]) not in dims:
+            return f"d{last[1:]} is not one of the model's matryoshka_dims {dims}."
+        measure, _, cutoff = metric.partition("@")
+        if eval_sets[name].kind == "retrieval" and measure in ("ndcg", "recall", "mrr"):
+            if not cutoff.isdigit() or int(cutoff) not in self.ks:
+                return f"the evaluator's cut-offs are ks={list(self.ks)}."
+        return None
 
     # ----- collection ---------------------------------------------------------------------
     def _reset(self, *args) -> None:

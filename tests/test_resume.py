@@ -48,9 +48,7 @@ def train_file(tmp_path_factory, corpus_dir):
     return path
 
 
-def _fit(
-    root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), trainer_options=None, **data_options
-):
+def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), trainer_options=None, **data):
     seed_everything(0)
     model = TextOnly(
         # LoRA dropout draws random numbers every step, so the run is only reproduced if the
@@ -64,7 +62,7 @@ def _fit(
         str(text_model),
         train_data=str(train_file),
         **{"batch_size": 6, "shuffle_block_size": 20, "max_query_length": 32, "max_document_length": 48}
-        | data_options,
+        | data,
     )
     recorder = RecordBatchIds()
     trainer = Trainer(

@@ -1,0 +1,86 @@
+"""A checkpoint monitor that no validation will log is refused when fit starts, not hours in."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.retrieval import RetrievalEvaluator
+from datamodules.pairs import StreamingPairDataModule
+from lightning_modules import TextOnly
+from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.text_encoder import TextEncoderConfig
+
+
+class CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_start(self, *args):
+        self.steps += 1
+
+
+def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True) -> CountSteps:
+    model = TextOnly(
+        TextEncoderConfig(str(text_model)),
+        matryoshka_dims=[32, 256],
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+    data = StreamingPairDataModule(
+        str(text_model),
+        train_data=str(corpus_dir / "train.jsonl"),
+        eval_sets={"demo": str(corpus_dir / "eval" / "demo")} if eval_sets else None,
+        batch_size=4,
+        max_query_length=32,
+        max_document_length=48,
+    )
+    steps = CountSteps()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[RetrievalEvaluator(ks=(5, 10)), ModelCheckpoint(tmp_path, monitor=monitor), steps],
+    )
+    trainer.fit(model, data)
+    return steps
+
+
+@pytest.mark.parametrize(
+    "monitor, says",
+    [
+        ("val/kallaama/ndcg@10/d256", "no eval set is named 'kallaama' (eval sets: ['demo'])"),
+        ("val/demo/ndcg@10/d1024", "d1024 is not one of the model's matryoshka_dims [32, 256]"),
+        ("val/demo/recall@20/d256", "cut-offs are ks=[5, 10]"),
+    ],
+    ids=["eval set", "dim", "cut-off"],
+)
+def test_a_monitor_no_validation_logs_fails_before_the_first_step(
+    tmp_path, tiny_text_model, corpus_dir, monitor, says
+):
+    with pytest.raises(ConfigError, match="ModelCheckpoint.monitor") as error:
+        _fit(tmp_path, tiny_text_model, corpus_dir, monitor)
+    assert says in str(error.value)
+
+
+def test_a_monitor_the_evaluator_logs_passes(tmp_path, tiny_text_model, corpus_dir):
+    # The tag a real validation logs (the demo recipes monitor it), and a tag of another stage.
+    assert _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256").steps == 1
+    assert _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss").steps == 1
+
+
+def test_without_eval_sets_a_warning_says_no_checkpoint_is_written(
+    tmp_path, tiny_text_model, corpus_dir, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
+        _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256", eval_sets=False)
+    assert "No eval sets" in caplog.text and "write nothing" in caplog.text
+    assert not list(tmp_path.glob("*.ckpt"))
