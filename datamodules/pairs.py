@@ -242,11 +242,16 @@ class StreamingPairDataModule(LightningDataModule):
 
     def train_dataloader(self) -> ConsumedPositionLoader:
         hp = self.hparams
+        collate = self.batches.training_batch
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if self.audio is not None and getattr(model, "needs_transcriptions", False):
+            # A row without its transcription would fail the alignment term of the whole batch.
+            collate = partial(collate, transcription_required=True)
         self._train_loader = ConsumedPositionLoader(
             self._training_stream(),
             # Grouped by length, the stream yields whole batches (the builder gets each as is).
             batch_size=None if hp.group_by_length else hp.batch_size,
-            collate_fn=self.batches.training_batch,
+            collate_fn=collate,
             num_workers=hp.num_workers,
         )
         return self._train_loader

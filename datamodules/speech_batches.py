@@ -38,12 +38,17 @@ class SpeechBatchBuilder:
             "prompt": self.text.prompt_tokens(tasks),
         }
 
-    def training_batch(self, rows: Sequence[Mapping]) -> dict:
+    def training_batch(self, rows: Sequence[Mapping], transcription_required: bool = False) -> dict:
+        """Speech pairs batch; rows without a usable clip or document (or, with
+        ``transcription_required``, transcription) are dropped and named with their reason."""
         kept, waveforms, skipped, reasons = [], [], [], []
         for position, row in enumerate(rows):
             reason = None
+            # Checked before decoding: no decoding for nothing.
             if not usable_text(row.get(self.text.columns["document"])):
-                reason = "missing or empty document"  # checked first: no decoding for nothing
+                reason = "missing or empty document"
+            elif transcription_required and not usable_text(row.get(self.text.columns["query"])):
+                reason = "missing or empty transcription (the alignment objective needs it)"
             else:
                 try:
                     waveforms.append(self.loader.load(row.get(self.settings.column)))

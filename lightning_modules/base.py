@@ -160,6 +160,12 @@ class MatryoshkaEmbedder(LightningModule):
         """Whether the training loss needs the batch's documents (not for pure alignment objectives)."""
         return True
 
+    @property
+    def needs_transcriptions(self) -> bool:
+        """Whether every speech training row needs its transcription (alignment objectives): the
+        datamodule then skips and counts rows without one instead of failing the batch."""
+        return False
+
     def document_embeddings(self, batch: Mapping) -> dict[int, torch.Tensor]:
         """``embed_documents``, read from the frozen-document cache when one is attached."""
         if self.document_cache is None:

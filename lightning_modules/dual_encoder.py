@@ -139,6 +139,10 @@ class DualEncoder(MatryoshkaEmbedder):
     def contrasts_documents(self) -> bool:
         return self.objective == "retrieval"
 
+    @property
+    def needs_transcriptions(self) -> bool:
+        return self.objective == "alignment"
+
     def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
         if self.objective == "retrieval":
             return super().loss_from_embeddings(batch, queries, documents)

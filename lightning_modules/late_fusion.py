@@ -198,6 +198,10 @@ class LateFusion(MatryoshkaEmbedder):
         with self._document_path():
             return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
 
+    @property
+    def needs_transcriptions(self) -> bool:
+        return self.alignment_weight > 0
+
     def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
         loss = self.contrastive_loss(queries, documents)
         if self.alignment_weight == 0:

@@ -1,7 +1,8 @@
-"""A training stream with 10 % bad audio rows trains to its end; the logged skip count is the bad rows.
+"""A training stream with 10 % bad rows trains to its end; the logged skip count is the bad rows.
 
 The demo late-fusion recipe, through the CLI, on a parquet stream built here: demo clips plus one
-bad row of every kind the audio loader refuses, each under an id that names its kind.
+bad row of every kind the audio loader refuses, and rows without a transcription (the recipe's
+alignment term needs one), each under an id that names its kind.
 """
 
 from __future__ import annotations
@@ -47,18 +48,24 @@ BAD_AUDIO = {
     "no-bytes-no-path": {"bytes": None, "path": None},
     "too-short": {"bytes": _wav(np.full(1600, 0.1, np.float32)), "path": None},  # 0.1 s < demo's 0.5 s
 }
-BAD_ROWS = 10  # 10 % of the stream: every kind once, the first two twice
+# Good audio, but no transcription for the alignment term (alignment_weight: 1.0 in the recipe).
+NO_TRANSCRIPTION = {"no-transcription": None, "empty-transcription": " "}
+BAD_ROWS = 10  # 10 % of the stream: every kind once
 
 
 @pytest.fixture(scope="module")
 def stream_with_bad_rows(speech_corpus_dir, tmp_path_factory):
     shard = sorted((speech_corpus_dir / "train").glob("*.parquet"))[0]
     rows = pq.read_table(shard).slice(0, GOOD_ROWS).to_pylist()
-    kinds = list(BAD_AUDIO)
     bad = [
-        {**rows[i], "id": f"bad-{kinds[i % len(kinds)]}-{i}", "audio": BAD_AUDIO[kinds[i % len(kinds)]]}
-        for i in range(BAD_ROWS)
+        {**rows[i], "id": f"bad-{kind}-{i}", "audio": cell}
+        for i, (kind, cell) in enumerate(BAD_AUDIO.items())
     ]
+    bad += [
+        {**rows[i], "id": f"bad-{kind}-{i}", "query": text}
+        for i, (kind, text) in enumerate(NO_TRANSCRIPTION.items(), start=len(bad))
+    ]
+    assert len(bad) == BAD_ROWS
     stream = rows + bad
     random.Random(0).shuffle(stream)
     audio = pa.array(
