@@ -104,6 +104,14 @@ class LateFusion(MatryoshkaEmbedder):
         validate_matryoshka_dims(self.matryoshka_dims, max_dim=pretrained_hidden_size(name))
         self.text_encoder = TextEncoder(text_config)
         self.text_frozen = freeze_text_encoder and text_config.lora is None
+        if not adapt_documents and not self.text_frozen and text_config.lora is None:
+            # Documents would still run on the trainable weights, while the frozen-document cache
+            # (which trusts adapt_documents) served the starting weights' embeddings.
+            raise ConfigError(
+                "model.adapt_documents=false keeps documents on the text model's own weights, which "
+                "needs those weights frozen: with model.freeze_text_encoder=false and no LoRA they train. "
+                "Set text_encoder.lora (documents then skip the adapters) or freeze_text_encoder=true."
+            )
         self.adapt_documents = adapt_documents
         if self.text_frozen:
             self.freeze_tower("text_encoder")

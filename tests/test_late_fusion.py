@@ -87,8 +87,8 @@ def test_special_token_affixes_of_the_demo_tokenizer(tiny_text_model):
 def _model(text_model, speech_model, **kwargs) -> LateFusion:
     torch.manual_seed(0)
     kwargs.setdefault("adapter", {"conv_channels": 32, "kernel_size": 5, "stride": 2})
+    kwargs.setdefault("text_encoder", {"pretrained_model_name_or_path": str(text_model)})
     return LateFusion(
-        text_encoder={"pretrained_model_name_or_path": str(text_model)},
         speech_encoder={"pretrained_model_name_or_path": str(speech_model)},
         matryoshka_dims=DIMS,
         **kwargs,
@@ -239,3 +239,14 @@ def test_token_mixture_keeps_padding_invariance_and_trains_only_the_adapter(
 def test_an_unknown_adapter_output_is_a_config_error(tiny_text_model, tiny_speech_model):
     with pytest.raises(ConfigError, match="adapter.output='tokens' is unknown"):
         _model(tiny_text_model, tiny_speech_model, adapter={"output": "tokens"})
+
+
+def test_documents_cannot_keep_the_text_models_weights_while_those_weights_train(
+    tiny_text_model, tiny_speech_model
+):
+    # Documents would run on the training weights while the document cache served stale ones.
+    with pytest.raises(ConfigError, match="adapt_documents=false .* needs those weights frozen"):
+        _model(tiny_text_model, tiny_speech_model, freeze_text_encoder=False, adapt_documents=False)
+    lora = {"pretrained_model_name_or_path": str(tiny_text_model), "lora": {"r": 2}}
+    model = _model(tiny_text_model, tiny_speech_model, text_encoder=lora, adapt_documents=False)
+    assert model.document_tower_frozen
