@@ -59,7 +59,9 @@ def audio_file(value, base_dir: Path | None = None) -> io.BytesIO | Path:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+            # The data file's folder first; then the working directory, where a script that
+            # wrote the data from the project root would have started its paths.
+            path = base_dir / path if (base_dir / path).exists() or not path.exists() else path
         if not path.exists():
             raise BadAudio(f"audio file {path} not found")
         return path

@@ -8,18 +8,21 @@ skips and names it as usual when it is really unusable.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from datamodules.audio import audio_file
 
 
-def clip_seconds(row: dict, column: str) -> float:
-    """Duration of the row's audio in seconds (0.0 if its header cannot be read)."""
+def clip_seconds(row: dict, column: str, base_dir: Path | None = None) -> float:
+    """Duration of the row's audio in seconds (0.0 if its header cannot be read); relative paths
+    start at ``base_dir``."""
     import soundfile
 
     value = row.get(column)
     if isinstance(value, dict) and "array" in value:  # already decoded upstream
         return len(value["array"]) / float(value["sampling_rate"])
     try:
-        info = soundfile.info(audio_file(value))
+        info = soundfile.info(audio_file(value, base_dir))
     except Exception:  # BadAudio (no usable cell), or soundfile's several types for corrupt data
         return 0.0
     return info.frames / float(info.samplerate)

@@ -16,7 +16,7 @@ from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.lengths import clip_seconds, text_length
 from datamodules.loader import STATE_KEY, ConsumedPositionLoader
-from datamodules.sources import load_stream, looks_local
+from datamodules.sources import load_stream, local_folder, looks_local
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
@@ -231,7 +231,7 @@ class StreamingPairDataModule(LightningDataModule):
         grouping = {}
         if hp.group_by_length:
             length_of = (
-                partial(clip_seconds, column=self.audio.column)
+                partial(clip_seconds, column=self.audio.column, base_dir=local_folder(hp.train_data))
                 if self.audio is not None
                 else partial(text_length, column=self.columns["document"])
             )
@@ -243,10 +243,15 @@ class StreamingPairDataModule(LightningDataModule):
     def train_dataloader(self) -> ConsumedPositionLoader:
         hp = self.hparams
         collate = self.batches.training_batch
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if self.audio is not None and getattr(model, "needs_transcriptions", False):
-            # A row without its transcription would fail the alignment term of the whole batch.
-            collate = partial(collate, transcription_required=True)
+        if self.audio is not None:
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            collate = partial(
+                collate,
+                # A row without its transcription would fail the alignment term of the whole batch.
+                transcription_required=getattr(model, "needs_transcriptions", False),
+                # Relative audio paths start at the data file's folder, as eval sets' at theirs.
+                base_dir=local_folder(hp.train_data),
+            )
         self._train_loader = ConsumedPositionLoader(
             self._training_stream(),
             # Grouped by length, the stream yields whole batches (the builder gets each as is).

@@ -31,6 +31,14 @@ def undecoded_audio(dataset):
     return dataset
 
 
+def local_folder(location: str | None) -> Path | None:
+    """The folder of a local data file (or the folder itself): where its relative paths start."""
+    if not location or not looks_local(location):
+        return None
+    path = Path(location).expanduser()
+    return path if path.is_dir() else path.parent
+
+
 def load_stream(location: str, split: str = "train", config_name: str | None = None, key: str = "data"):
     """A streaming ``datasets.IterableDataset`` over a local file/folder or a hub dataset."""
     import datasets

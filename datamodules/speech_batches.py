@@ -38,9 +38,12 @@ class SpeechBatchBuilder:
             "prompt": self.text.prompt_tokens(tasks),
         }
 
-    def training_batch(self, rows: Sequence[Mapping], transcription_required: bool = False) -> dict:
+    def training_batch(
+        self, rows: Sequence[Mapping], transcription_required: bool = False, base_dir: Path | None = None
+    ) -> dict:
         """Speech pairs batch; rows without a usable clip or document (or, with
-        ``transcription_required``, transcription) are dropped and named with their reason."""
+        ``transcription_required``, transcription) are dropped and named with their reason.
+        Relative audio paths start at ``base_dir`` (the data file's folder)."""
         kept, waveforms, skipped, reasons = [], [], [], []
         for position, row in enumerate(rows):
             reason = None
@@ -51,7 +54,7 @@ class SpeechBatchBuilder:
                 reason = "missing or empty transcription (the alignment objective needs it)"
             else:
                 try:
-                    waveforms.append(self.loader.load(row.get(self.settings.column)))
+                    waveforms.append(self.loader.load(row.get(self.settings.column), base_dir))
                 except BadAudio as error:
                     reason = str(error)
             if reason is None:

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_modules import distributed
-from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.errors import ConfigError, DataError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings
 from lightning_modules.losses import matryoshka_info_nce
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Stop rather than keep skipping: this many non-finite losses in a row means the run is broken.
 MAX_CONSECUTIVE_NONFINITE = 20
+# Likewise for batches left without two usable rows: the data cannot be used as configured
+# (every audio path missing, a wrong column name), and skipping would run on to max_steps.
+MAX_CONSECUTIVE_UNUSABLE_BATCHES = 50
 
 
 def eval_mode_modules(model: torch.nn.Module) -> tuple[list[str], list[str]]:
@@ -104,6 +107,7 @@ class MatryoshkaEmbedder(LightningModule):
         self.nonfinite_losses = 0
         self.frozen_towers: list[str] = []  # attribute names of submodules kept in eval mode
         self._consecutive_nonfinite = 0
+        self._consecutive_unusable = 0
         self._rng_states_to_restore: dict | None = None
         # Frozen backbones are left out of checkpoints (see on_save_checkpoint), so loading must
         # accept their absence; on_load_checkpoint checks that every trainable weight is there.
@@ -183,7 +187,16 @@ class MatryoshkaEmbedder(LightningModule):
         needed = 1 if self.cross_device_negatives and distributed.world_size() > 1 else 2
         if not distributed.all_ranks_agree(batch_size >= needed, self.device):
             log.warning("Skipping a training batch with %d usable rows (on some rank).", batch_size)
+            self._consecutive_unusable += 1
+            if self._consecutive_unusable >= MAX_CONSECUTIVE_UNUSABLE_BATCHES:
+                reasons = sorted(set(batch.get("skip_reasons") or []))
+                raise DataError(
+                    f"{self._consecutive_unusable} training batches in a row had fewer than {needed} "
+                    f"usable rows (this rank's last skip reasons: {reasons[:5]}): the training data "
+                    "cannot be used as configured; check its columns, paths and the data.audio limits."
+                )
             return self._skipped_step()
+        self._consecutive_unusable = 0
         loss = self.training_loss(batch)
         if not distributed.all_ranks_agree(bool(torch.isfinite(loss)), self.device):
             return self._skip_nonfinite(batch)

@@ -245,3 +245,39 @@ def test_grouping_needs_blocks_of_whole_batches(tiny_text_model, tiny_speech_mod
         _speech_training_data(
             tiny_text_model, tiny_speech_model, speech_corpus_dir, group_by_length=True, shuffle_block_size=60
         )
+
+
+@pytest.mark.parametrize("written_from", ["data folder", "working directory"])
+def test_relative_training_audio_paths_start_at_the_data_files_folder(
+    tiny_text_model, tiny_speech_model, tmp_path, monkeypatch, written_from
+):
+    """As an eval set's paths start at its BEIR folder; a path written from the working directory
+    (a script run from the project root) still resolves there."""
+    folder = tmp_path / "data"
+    (folder / "clips").mkdir(parents=True)
+    rows = []
+    for i, seconds in enumerate((2.0, 1.0, 2.5, 1.5)):  # not in order: grouping sorts them
+        (folder / "clips" / f"{i}.wav").write_bytes(_wav_bytes(_tone(seconds), rate=16000))
+        path = f"clips/{i}.wav" if written_from == "data folder" else f"data/clips/{i}.wav"
+        rows.append({"id": f"row-{i}", "query": "baki", "document": "fêlo", "audio": path})
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if written_from == "data folder":
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+    else:
+        monkeypatch.chdir(tmp_path)
+    data = StreamingPairDataModule(
+        tokenizer=str(tiny_text_model),
+        train_data=str(folder / "train.jsonl"),
+        audio=AudioSettings(feature_extractor=str(tiny_speech_model), min_duration=0.5),
+        batch_size=4,
+        shuffle_block_size=4,
+        group_by_length=True,  # reads every clip's duration from its header first
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["skipped_ids"] == []
+    # Sorted by the duration read from each header: a row read as 0 s would come first.
+    assert sorted(batch["ids"]) == [f"row-{i}" for i in range(4)]
+    lengths = batch["query_audio"]["attention_mask"].sum(dim=1).tolist()
+    assert lengths == sorted(lengths) or lengths == sorted(lengths, reverse=True)

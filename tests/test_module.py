@@ -57,3 +57,21 @@ def test_checkpoint_keeps_trainable_weights_only(tiny_text_model):
     del checkpoint["state_dict"][sorted(trainable)[0]]
     with pytest.raises(ValueError, match="lacks 1 trainable"):
         model.on_load_checkpoint(checkpoint)
+
+
+def test_a_run_whose_batches_are_all_unusable_stops_with_the_reason(tiny_text_model):
+    """Skipping batch after batch would run on to max_steps: the 50th in a row stops the run."""
+    from lightning_modules.base import MAX_CONSECUTIVE_UNUSABLE_BATCHES
+    from lightning_modules.components.errors import DataError
+
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    batches = StreamingPairDataModule(str(tiny_text_model)).batches
+    usable = batches.training_batch([{"id": "a", "query": "bita", "document": "vérô"}] * 2)
+    unusable = batches.training_batch([{"id": "a", "query": "bita", "document": ""}] * 2)
+    for step in range(MAX_CONSECUTIVE_UNUSABLE_BATCHES - 1):
+        assert model.training_step(unusable, step) is None
+    assert torch.isfinite(model.training_step(usable, 0))  # one usable batch starts the count again
+    for step in range(MAX_CONSECUTIVE_UNUSABLE_BATCHES - 1):
+        model.training_step(unusable, step)
+    with pytest.raises(DataError, match=r"50 training batches in a row .*'missing or empty document'"):
+        model.training_step(unusable, 0)
