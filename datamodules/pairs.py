@@ -277,10 +277,12 @@ class StreamingPairDataModule(LightningDataModule):
         sources = []
         if include_training and self.hparams.train_data:
             hp = self.hparams
-            stream = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
             column = self.columns["document"]
             # Only the document column is read: no audio is fetched or decoded.
-            sources.append(row.get(column) for row in stream.select_columns([column]))
+            stream = load_stream(
+                hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data", columns=[column]
+            )
+            sources.append(row.get(column) for row in stream)
         if not self.eval_sets:
             self.setup("validate")
         sources += [(row.get("text") for row in eval_set.corpus) for eval_set in self.eval_sets.values()]

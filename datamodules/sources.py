@@ -39,10 +39,34 @@ def local_folder(location: str | None) -> Path | None:
     return path if path.is_dir() else path.parent
 
 
-def load_stream(location: str, split: str = "train", config_name: str | None = None, key: str = "data"):
-    """A streaming ``datasets.IterableDataset`` over a local file/folder or a hub dataset."""
+def _load_columns(*args, columns: list[str] | None, **kwargs):
+    """``load_dataset(*args, streaming=True)``, reading only ``columns`` where the format can.
+
+    Parquet (local or on the hub) reads just those columns: ``select_columns`` alone drops the
+    others only after reading whole row groups, so listing a speech dataset's documents read
+    every clip's audio too (100x slower on 1 MB clips). Other formats read whole rows anyway.
+    """
     import datasets
 
+    if columns is None:
+        return datasets.load_dataset(*args, streaming=True, **kwargs)
+    try:
+        return datasets.load_dataset(*args, streaming=True, columns=columns, **kwargs)
+    except (TypeError, ValueError) as error:  # the format's config has no 'columns' (JSON, CSV)
+        if "columns" not in str(error):
+            raise
+    return datasets.load_dataset(*args, streaming=True, **kwargs).select_columns(columns)
+
+
+def load_stream(
+    location: str,
+    split: str = "train",
+    config_name: str | None = None,
+    key: str = "data",
+    columns: list[str] | None = None,
+):
+    """A streaming ``datasets.IterableDataset`` over a local file/folder or a hub dataset
+    (only ``columns``, when given)."""
     if looks_local(location):
         path = Path(location).expanduser()
         if not path.exists():
@@ -53,12 +77,12 @@ def load_stream(location: str, split: str = "train", config_name: str | None = N
                 raise ConfigError(
                     f"{key}={location!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}."
                 )
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+            dataset = _load_columns(builder, data_files=str(path), split="train", columns=columns)
         else:
-            dataset = datasets.load_dataset(str(path), split=split, streaming=True)
+            dataset = _load_columns(str(path), split=split, columns=columns)
         return undecoded_audio(dataset)
     try:
-        return undecoded_audio(datasets.load_dataset(location, config_name, split=split, streaming=True))
+        return undecoded_audio(_load_columns(location, config_name, split=split, columns=columns))
     except Exception as error:  # hub errors are long; say what was tried first
         raise ConfigError(
             f"{key}={location!r} is neither a local path nor a loadable hub dataset "

@@ -206,3 +206,31 @@ def test_a_trainable_document_tower_is_refused(tmp_path, tiny_text_model, corpus
     )
     with pytest.raises(ConfigError, match="change while it trains"):
         trainer.fit(model, data)
+
+
+def test_listing_the_documents_does_not_read_the_audio(tmp_path, tiny_text_model, speech_corpus_dir):
+    """A parquet stream's audio pages are overwritten with junk: reading them fails, yet the
+    documents are listed (the cache's fill reads the document column only, not every clip)."""
+    import pyarrow.parquet as pq
+
+    shard = sorted((speech_corpus_dir / "train").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    path = tmp_path / "train.parquet"
+    pq.write_table(table, path)
+    metadata = pq.ParquetFile(path).metadata
+    raw = bytearray(path.read_bytes())
+    audio_columns = [
+        i for i in range(metadata.num_columns) if metadata.schema.column(i).path.startswith("audio")
+    ]
+    for group in range(metadata.num_row_groups):
+        for i in audio_columns:
+            chunk = metadata.row_group(group).column(i)
+            start = chunk.dictionary_page_offset or chunk.data_page_offset
+            raw[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # the audio really is unreadable
+        pq.read_table(path, columns=["audio"]).to_pylist()
+
+    data = StreamingPairDataModule(str(tiny_text_model), train_data=str(path), eval_sets={})
+    documents = list(data.distinct_documents())
+    assert documents == list(dict.fromkeys(table.column("document").to_pylist()))
