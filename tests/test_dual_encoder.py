@@ -167,3 +167,29 @@ def test_models_swap_by_config_on_one_datamodule_and_one_callback_list(demo_dir,
     expected = tags["late_fusion.yaml"]
     assert all(f"val/demo/ndcg@10/d{d}" in expected for d in DIMS)
     assert all(value == expected for value in tags.values()), tags
+
+
+@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
+def test_a_training_tower_freezes_exactly_what_its_selected_layers_do_not_read(request, speech_fixture):
+    """Layers above the highest selected one get no gradient, which DDP (find_unused_parameters
+    off) refuses: they are frozen, and nothing the selection reads is."""
+    from transformers import AutoFeatureExtractor
+
+    from datamodules.audio import pad_waveforms
+    from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+
+    path = str(request.getfixturevalue(speech_fixture))
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(
+        SpeechEncoderConfig(path, layers=[0, 1], freeze=False, freeze_feature_encoder=False)
+    )
+    assert encoder.model.config.num_hidden_layers > 1  # so some layer lies above the selection
+    frozen = {name for name, p in encoder.named_parameters() if not p.requires_grad}
+    assert frozen and all(".layers." in name or "encoder.layer_norm" in name for name in frozen)
+
+    encoder.requires_grad_(True)  # which parameters does the selection really reach?
+    inputs = pad_waveforms(AutoFeatureExtractor.from_pretrained(path), sample_clips())
+    states = encoder(**inputs)
+    sum(layer.sum() for layer in states.hidden_states).backward()
+    unreached = {name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.any()}
+    assert frozen == unreached

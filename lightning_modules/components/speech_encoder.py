@@ -134,7 +134,30 @@ class SpeechEncoder(nn.Module):
             self.model.requires_grad_(False)
         elif config.freeze_feature_encoder and hasattr(self.model, "feature_extractor"):
             self.model.feature_extractor.requires_grad_(False)  # filterbank models have none
+        if not config.freeze:
+            self._freeze_layers_above_the_selection()
         self.model.train(not config.freeze)
+
+    def _freeze_layers_above_the_selection(self) -> None:
+        """Freezes what no selected layer reads: the layers above the highest one (and a
+        pre-norm model's final norm, applied to the last layer only). They would get no
+        gradient, which DDP (find_unused_parameters=False) refuses at the first step."""
+        top = max(self.layers)
+        encoder = getattr(self.model, "encoder", None)
+        layers = getattr(encoder, "layers", None)
+        if layers is None or top >= len(layers):
+            return
+        unused = list(layers)[top:]
+        if getattr(self.model.config, "do_stable_layer_norm", False) and hasattr(encoder, "layer_norm"):
+            unused.append(encoder.layer_norm)
+        for module in unused:
+            module.requires_grad_(False)
+        log.info(
+            "speech_encoder.layers=%s: the %d layers above layer %d stay frozen (nothing reads them).",
+            self.layers,
+            len(layers) - top,
+            top,
+        )
 
     @property
     def hidden_size(self) -> int:
