@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning_modules import distributed
 from lightning_modules.components.errors import ConfigError, DataError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
+from lightning_modules.document_cache import token_keys
 from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings
 from lightning_modules.losses import matryoshka_info_nce
 from lightning_modules.random_state import collect_random_states, restore_random_states
@@ -228,12 +230,13 @@ class MatryoshkaEmbedder(LightningModule):
         documents: Mapping[int, torch.Tensor] | None,
     ) -> torch.Tensor:
         """Matryoshka InfoNCE of the batch's queries against its documents (in-batch negatives)."""
-        return self.contrastive_loss(queries, documents)
+        return self.contrastive_loss(batch, queries, documents)
 
     def contrastive_loss(
-        self, queries: Mapping[int, torch.Tensor], documents: Mapping[int, torch.Tensor]
+        self, batch: Mapping, queries: Mapping[int, torch.Tensor], documents: Mapping[int, torch.Tensor]
     ) -> torch.Tensor:
-        """The model's InfoNCE settings (temperature, dim weights, cross-device negatives) applied."""
+        """The model's InfoNCE settings (temperature, dim weights, cross-device negatives) applied;
+        a copy of a row's own document elsewhere in the batch is not its negative."""
         return matryoshka_info_nce(
             queries,
             documents,
@@ -241,6 +244,7 @@ class MatryoshkaEmbedder(LightningModule):
             self.loss_weights,
             self.cross_device_negatives,
             symmetric=self.symmetric_loss,
+            document_keys=document_keys(batch, queries),
         )
 
     def _count_skipped_rows(self, batch: Mapping) -> None:
@@ -409,6 +413,19 @@ class MatryoshkaEmbedder(LightningModule):
         max_steps = self.trainer.max_steps
         if max_steps is not None and max_steps > 0 and self.trainer.global_step >= max_steps:
             self.trainer.should_stop = True
+
+
+def document_keys(batch: Mapping, queries: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+    """One integer per row, equal for identical documents (as tokenized: what the model sees).
+
+    Several queries of one document (three voices reading it, several questions) put copies of
+    it in a batch; each copy would be a negative for the others' queries.
+    """
+    document = batch.get("document") if isinstance(batch, Mapping) else None
+    if document is None:
+        return None
+    keys = token_keys(document["input_ids"], document["attention_mask"]).view(np.int64)
+    return torch.from_numpy(keys).to(next(iter(queries.values())).device)
 
 
 def _fit_loop_state(checkpoint: dict) -> dict:

@@ -211,7 +211,7 @@ class LateFusion(MatryoshkaEmbedder):
         return self.alignment_weight > 0
 
     def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
-        loss = self.contrastive_loss(queries, documents)
+        loss = self.contrastive_loss(batch, queries, documents)
         if self.alignment_weight == 0:
             return loss
         # Why: the text path already embeds the transcription where the speech path must land;

@@ -18,6 +18,7 @@ def matryoshka_info_nce(
     weights: Mapping[int, float] | None = None,
     cross_device: bool = False,
     symmetric: bool = False,
+    document_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_d w_d * CrossEntropy(cos(q_d, D_d) / temperature, arange(B))`` with in-batch negatives.
 
@@ -35,6 +36,10 @@ def matryoshka_info_nce(
     ``symmetric`` (CLIP-style): each dim's term is the mean of the query -> document cross-entropy
     and the document -> query one (each document must pick its own query among the batch's
     queries); under ``cross_device`` the queries of every rank are gathered as well.
+
+    ``document_keys`` (``[B]`` integers, equal for identical documents): a copy of a row's own
+    document elsewhere in the (global) batch is no negative for it: its logit is masked out, in
+    both directions. Without keys every other column is a negative, as in sentence-transformers.
     """
     if set(query_embeddings) != set(document_embeddings):
         raise ValueError(
@@ -70,20 +75,39 @@ def matryoshka_info_nce(
             all_queries = split_dims(gathered[:, width:], dims)
         offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
         scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
+        if document_keys is not None:
+            all_keys = distributed.gather_with_grad(document_keys, sizes)  # integers: no gradient
+    elif document_keys is not None:
+        all_keys = document_keys
     device = documents[dims[0]].device
     targets = torch.arange(offset, offset + local_rows, device=device)
+    # [local, global]: True where a column holds a copy of the row's own document (not itself).
+    false_negatives = None
+    if document_keys is not None:
+        false_negatives = document_keys.to(device)[:, None] == all_keys.to(device)[None, :]
+        false_negatives[torch.arange(local_rows, device=device), targets] = False
+        if not false_negatives.any():
+            false_negatives = None
     total = None
     # Autocast would run the matmul in bf16 despite .float(): at temperature 0.05 that rounds
     # logits by ~0.06, so the similarities are computed with autocast off.
     with torch.autocast(device_type=device.type, enabled=False):
         for dim in dims:
-            term = F.cross_entropy(queries[dim] @ all_documents[dim].T / temperature, targets)
+            term = F.cross_entropy(
+                _masked(queries[dim] @ all_documents[dim].T, false_negatives) / temperature, targets
+            )
             if symmetric:
-                reverse = F.cross_entropy(documents[dim] @ all_queries[dim].T / temperature, targets)
+                # Document i against query j: j's document is a copy of i exactly when i's is of j's.
+                logits = _masked(documents[dim] @ all_queries[dim].T, false_negatives)
+                reverse = F.cross_entropy(logits / temperature, targets)
                 term = (term + reverse) / 2
             term = weights.get(dim, 1.0) * term
             total = term if total is None else total + term
     return total * scale if scale != 1.0 else total
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return logits if mask is None else logits.masked_fill(mask, float("-inf"))
 
 
 def matryoshka_alignment_loss(

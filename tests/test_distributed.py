@@ -145,16 +145,31 @@ def _single_process(text_model, rows, symmetric: bool = False) -> dict:
 
 
 @pytest.mark.parametrize(
-    "sizes, chunk, symmetric",
-    [((4, 4), None, False), ((3, 5), None, False), ((3, 5), 2, False), ((3, 5), 2, True)],
-    ids=["equal-shards", "unequal-shards", "unequal-shards-gradcache", "unequal-shards-gradcache-symmetric"],
+    "sizes, chunk, symmetric, copies",
+    [
+        ((4, 4), None, False, False),
+        ((3, 5), None, False, False),
+        ((3, 5), 2, False, False),
+        ((3, 5), 2, True, False),
+        ((3, 5), None, True, True),
+    ],
+    ids=[
+        "equal-shards",
+        "unequal-shards",
+        "unequal-shards-gradcache",
+        "unequal-shards-gradcache-symmetric",
+        "copies-of-documents-across-ranks-symmetric",
+    ],
 )
 def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batch(
-    tmp_path, tiny_text_model, sizes, chunk, symmetric
+    tmp_path, tiny_text_model, sizes, chunk, symmetric, copies
 ):
     """With ``chunk``: each rank embeds in GradCache chunks of 2 rows (the reference does not).
-    With ``symmetric``: documents also pick their query among every rank's queries."""
+    With ``symmetric``: documents also pick their query among every rank's queries. With
+    ``copies``: a document appears on both ranks and twice on one, and no copy is a negative."""
     rows = _rows(sum(sizes))
+    if copies:
+        rows[5]["document"] = rows[6]["document"] = rows[1]["document"]
     rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
     ddp = _run_ddp(tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric)
     reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric)

@@ -125,7 +125,7 @@ def test_dropout_masks_are_replayed_in_the_chunked_backward(tiny_text_model):
     parts_d = [reference_model.embed_documents(chunk_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
     queries = {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
     documents = {d: torch.cat([p[d] for p in parts_d]) for d in parts_d[0]}
-    loss = reference_model.contrastive_loss(queries, documents)
+    loss = reference_model.contrastive_loss(batch, queries, documents)
     loss.backward()
     reference = (
         loss.detach(),

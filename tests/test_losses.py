@@ -73,3 +73,41 @@ def test_symmetric_is_the_mean_of_both_directions_per_dim():
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     one_way = matryoshka_info_nce(queries, documents, temperature=0.1, weights=weights)
     assert abs(float(loss) - float(one_way)) > 1e-3  # the second direction changes the value
+
+
+def _direct_masked(queries, documents, keys, temperature: float) -> float:
+    """As _direct_info_nce, each row scored only against columns that are not a copy of its document."""
+    q, d = queries.double(), documents.double()
+    total = 0.0
+    for i in range(q.shape[0]):
+        columns = [j for j in range(d.shape[0]) if j == i or keys[j] != keys[i]]
+        logits = {j: float(q[i] @ d[j] / (q[i].norm() * d[j].norm())) / temperature for j in columns}
+        total += math.log(sum(math.exp(x) for x in logits.values())) - logits[i]
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_copies_of_a_rows_own_document_are_not_its_negatives(symmetric):
+    queries, documents = _embeddings(5)
+    # Rows 0, 2 and 5 hold one document (three voices reading it), rows 1 and 3 another.
+    keys = torch.tensor([7, 9, 7, 9, 11, 7])
+    for dim in documents:
+        for copy in (2, 5):
+            documents[dim][copy] = documents[dim][0]
+        documents[dim][3] = documents[dim][1]
+    loss = matryoshka_info_nce(queries, documents, temperature=0.1, symmetric=symmetric, document_keys=keys)
+
+    def direct(d):
+        forward = _direct_masked(queries[d], documents[d], keys.tolist(), 0.1)
+        if not symmetric:
+            return forward
+        return (forward + _direct_masked(documents[d], queries[d], keys.tolist(), 0.1)) / 2
+
+    assert float(loss) == pytest.approx(sum(direct(d) for d in queries), rel=1e-5)
+    unmasked = matryoshka_info_nce(queries, documents, temperature=0.1, symmetric=symmetric)
+    assert float(unmasked) > float(loss) + 0.1  # the copies counted as negatives before
+    distinct = torch.arange(6)  # no two rows alike: the plain loss
+    plain = matryoshka_info_nce(
+        queries, documents, temperature=0.1, symmetric=symmetric, document_keys=distinct
+    )
+    assert float(plain) == float(unmasked)
