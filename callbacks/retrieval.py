@@ -127,6 +127,17 @@ class RetrievalEvaluator(Callback):
             problem = self.unknown_monitor(callback.monitor, eval_sets, dims)
             if problem:
                 raise ConfigError(f"{type(callback).__name__}.monitor={callback.monitor!r}: {problem}")
+        data = trainer.datamodule
+        selecting = [c.monitor for c in watchers if c.monitor.startswith("val/")]
+        if selecting and getattr(data, "selects_on_the_test_split", False) and data.hparams.val_split is None:
+            log.warning(
+                "%s is scored on the qrels split that `test` reports (data.eval_split=%r): a checkpoint "
+                "selected on it overstates its test scores. Set data.val_split to a dev split "
+                "(qrels/dev.tsv), or data.val_split=%r to say this is intended.",
+                selecting[0],
+                data.hparams.eval_split,
+                data.hparams.eval_split,
+            )
 
     def unknown_monitor(self, monitor: str, eval_sets: dict, dims: Sequence[int]) -> str | None:
         """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``) will never be logged, or None."""

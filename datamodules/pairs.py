@@ -61,6 +61,7 @@ class StreamingPairDataModule(LightningDataModule):
         train_split: str = "train",
         train_config_name: str | None = None,
         eval_split: str = "test",
+        val_split: str | None = None,
         query_column: str = "query",
         document_column: str = "document",
         task_column: str = "task",
@@ -87,7 +88,11 @@ class StreamingPairDataModule(LightningDataModule):
                 the nearest class: accuracy, macro recall and macro F1 per dim.
             train_split: Split of a folder/hub training dataset.
             train_config_name: Config (subset) name of a hub training dataset.
-            eval_split: Qrels split of the eval sets (qrels/<split>.tsv).
+            eval_split: Qrels split of the eval sets (qrels/<split>.tsv) that ``test`` and
+                ``predict`` use, and validation too unless ``val_split`` is set.
+            val_split: Qrels split scored at validation (``fit``'s checkpoint selection, and
+                ``validate``), e.g. ``dev``; None: ``eval_split``, so the "best" checkpoint is
+                chosen on the very judgments ``test`` reports (a warning says so at fit start).
             query_column: Column holding the query text (the transcription, for speech data).
             document_column: Column holding the document text.
             task_column: Column naming each row's task (optional in the data).
@@ -147,6 +152,7 @@ class StreamingPairDataModule(LightningDataModule):
         self.eval_queries_dropped: dict[str, list[str]] = {}
         self._batches: TextBatchBuilder | SpeechBatchBuilder | None = None
         self._train_loader: ConsumedPositionLoader | None = None
+        self._loaded_split: str | None = None  # the qrels split self.eval_sets holds
 
     @property
     def batches(self) -> TextBatchBuilder | SpeechBatchBuilder:
@@ -182,9 +188,21 @@ class StreamingPairDataModule(LightningDataModule):
         self.eval_queries_dropped[eval_set.name] = dropped
         return eval_set.with_queries(usable)
 
+    def split_for(self, stage: str) -> str:
+        """The qrels split a stage scores: ``val_split`` for fit and validate, else ``eval_split``."""
+        hp = self.hparams
+        return hp.val_split if stage in ("fit", "validate") and hp.val_split is not None else hp.eval_split
+
+    @property
+    def selects_on_the_test_split(self) -> bool:
+        """Whether validation, hence checkpoint selection, scores the qrels ``test`` reports."""
+        return bool(self.hparams.eval_sets) and self.split_for("fit") == self.hparams.eval_split
+
     def setup(self, stage: str) -> None:
-        if not self.eval_sets:
+        split = self.split_for(stage)
+        if self._loaded_split != split:
             hp = self.hparams
+            self.eval_sets, self.eval_queries_dropped = {}, {}
             overlap = set(hp.eval_sets or {}) & set(hp.classification_sets or {})
             if overlap:
                 raise ConfigError(
@@ -195,7 +213,7 @@ class StreamingPairDataModule(LightningDataModule):
             kinds |= {name: "classification" for name in hp.classification_sets or {}}
             locations = {**(hp.eval_sets or {}), **(hp.classification_sets or {})}
             for name, location in locations.items():
-                eval_set = load_beir_eval_set(name, location, hp.eval_split)
+                eval_set = load_beir_eval_set(name, location, split)
                 eval_set.kind = kinds[name]
                 if eval_set.kind == "classification":
                     eval_set.gold_labels()  # a query without a class fails now, not at the first validation
@@ -211,6 +229,7 @@ class StreamingPairDataModule(LightningDataModule):
                     eval_set.num_queries_without_relevant,
                     len(eval_set.corpus),
                 )
+            self._loaded_split = split
         if stage == "fit" and not self.hparams.train_data:
             raise ConfigError(
                 "data.train_data is not set: name a pairs file, folder or hub dataset to fit on."

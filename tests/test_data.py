@@ -174,3 +174,28 @@ def test_finite_passes_under_ddp_is_a_clear_error(tiny_text_model, tmp_path):
     datamodule.trainer = SimpleNamespace(global_rank=0, world_size=2)
     with pytest.raises(ConfigError, match="data.passes"):
         datamodule.train_dataloader()
+
+
+def test_validation_scores_the_val_split_and_test_the_eval_split(tiny_text_model, corpus_dir, tmp_path):
+    """fit and validate read qrels/<val_split>.tsv; test and predict read qrels/<eval_split>.tsv."""
+    import shutil
+
+    folder = tmp_path / "demo"
+    shutil.copytree(corpus_dir / "eval" / "demo", folder)
+    test_lines = (folder / "qrels" / "test.tsv").read_text().splitlines()
+    (folder / "qrels" / "dev.tsv").write_text("\n".join(test_lines[:51]) + "\n")  # header + 50 judgments
+    datamodule = StreamingPairDataModule(
+        str(tiny_text_model), eval_sets={"demo": str(folder)}, val_split="dev"
+    )
+
+    def judged_queries() -> int:
+        return len(datamodule.eval_sets["demo"].qrels)
+
+    datamodule.hparams.train_data = str(corpus_dir / "train.jsonl")  # fit needs one
+    for stage, expected in [("fit", 50), ("test", len(test_lines) - 1), ("validate", 50), ("predict", 200)]:
+        datamodule.setup(stage)
+        assert judged_queries() == expected, stage
+    assert not datamodule.selects_on_the_test_split
+    plain = StreamingPairDataModule(str(tiny_text_model), eval_sets={"demo": str(folder)})
+    plain.setup("validate")
+    assert len(plain.eval_sets["demo"].qrels) == len(test_lines) - 1 and plain.selects_on_the_test_split

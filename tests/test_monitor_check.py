@@ -24,7 +24,7 @@ class CountSteps(Callback):
         self.steps += 1
 
 
-def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True) -> CountSteps:
+def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True, val_split=None) -> CountSteps:
     model = TextOnly(
         TextEncoderConfig(str(text_model)),
         matryoshka_dims=[32, 256],
@@ -34,6 +34,7 @@ def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True) -> Coun
         str(text_model),
         train_data=str(corpus_dir / "train.jsonl"),
         eval_sets={"demo": str(corpus_dir / "eval" / "demo")} if eval_sets else None,
+        val_split=val_split,
         batch_size=4,
         max_query_length=32,
         max_document_length=48,
@@ -84,3 +85,16 @@ def test_without_eval_sets_a_warning_says_no_checkpoint_is_written(
         _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256", eval_sets=False)
     assert "No eval sets" in caplog.text and "write nothing" in caplog.text
     assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_selecting_checkpoints_on_the_test_judgments_is_said_unless_chosen(
+    tmp_path, tiny_text_model, corpus_dir, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
+        _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256")
+    assert "overstates its test scores" in caplog.text and "data.val_split" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
+        _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256", val_split="test")  # intended
+        _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss")  # nothing selected on validation
+    assert "overstates" not in caplog.text
