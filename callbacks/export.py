@@ -34,6 +34,14 @@ class ExportTextEncoder(Callback):
             raise TypeError(
                 f"{type(pl_module).__name__} has no export_text_encoder(); remove ExportTextEncoder."
             )
+        if any(getattr(callback, "preempted", False) for callback in trainer.callbacks):
+            # A later stage would load a half-trained text model as if it were the result.
+            log.warning(
+                "Not exporting the text encoder: the run was preempted at step %d; the resumed run "
+                "exports it when it ends.",
+                trainer.global_step,
+            )
+            return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
         current = None
         if best:

@@ -54,11 +54,12 @@ class PreemptionCheckpoint(Callback):
         self.dirpath = dirpath
         self.signals = tuple(signals)
         self.received: str | None = None
+        self.preempted = False  # set on every rank once the checkpoint is written
         self._previous_handlers: dict[int, object] = {}
 
     # Installed at train start: Lightning registers its own SIGTERM handler just before, in fit.
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.received = None
+        self.received, self.preempted = None, False
         for name in self.signals:
             number = getattr(signal, name)
             self._previous_handlers[number] = signal.signal(number, self._handle)
@@ -88,6 +89,7 @@ class PreemptionCheckpoint(Callback):
         if trainer.strategy.reduce_boolean_decision(got_requeue_signal, all=False) and trainer.is_global_zero:
             requeue_slurm_job()
         trainer.should_stop = True
+        self.preempted = True
         # Lightning validates before a requested stop (meant for early stopping): a full
         # evaluation inside the grace period would risk the kill. The checkpoint is written.
         trainer.fit_loop.epoch_loop._skip_next_val = True

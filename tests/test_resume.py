@@ -185,6 +185,18 @@ def test_the_final_step_is_validated_and_saved_when_max_steps_is_off_the_validat
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
 
 
+def test_a_preempted_run_does_not_export_its_text_encoder(tmp_path, tiny_text_model, train_file):
+    """The export is what the next stage loads: a preempted run's weights are not the result."""
+    from callbacks.export import ExportTextEncoder
+
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    export = ExportTextEncoder(str(tmp_path / "text_encoder"))
+    _fit(tmp_path, tiny_text_model, train_file, TOTAL_STEPS, callbacks=[preemption, export, SignalAtStep(2)])
+    assert preemption.preempted and not (tmp_path / "text_encoder").exists()
+    _fit(tmp_path / "resumed", tiny_text_model, train_file, TOTAL_STEPS, callbacks=[export])
+    assert (tmp_path / "text_encoder" / "config.json").exists()  # a run that ends exports
+
+
 def test_a_signal_stops_without_validating_first(tmp_path, tiny_text_model, train_file, corpus_dir):
     """Lightning validates before a requested stop; within a preemption's grace period it must not."""
     validations = RecordValidationSteps()
