@@ -198,6 +198,12 @@ class RetrievalEvaluator(Callback):
         for name, eval_set in eval_sets.items():
             queries = assemble(chunks.get((name, "queries"), []), len(eval_set.queries))
             corpus = assemble(chunks.get((name, "corpus"), []), len(eval_set.corpus))
+            if not eval_set.queries or not eval_set.corpus:
+                side = "queries" if not eval_set.queries else "documents"
+                log.warning(
+                    "eval set %s has no usable %s (see the warning at setup): no metrics.", name, side
+                )
+                continue
             if queries is None or corpus is None:
                 log.warning(
                     "eval set %s was not fully encoded (limit_%s_batches?): no metrics this time.",

@@ -134,6 +134,16 @@ class MatryoshkaEmbedder(LightningModule):
         # in eval mode by mistake (its dropout would be off).
         if self.global_rank != 0:  # every rank holds the same modules
             return
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1 and self.contrasts_documents:
+            log.warning(
+                "trainer.accumulate_grad_batches=%d: each batch's InfoNCE still contrasts its own rows "
+                "only, so this is not one batch %d times larger (fewer negatives). For a larger "
+                "contrastive batch in the same memory, raise data.batch_size with "
+                "model.gradient_chunk_size (GradCache).",
+                accumulate,
+                accumulate,
+            )
         towers, others = eval_mode_modules(self)
         if others:
             log.warning(

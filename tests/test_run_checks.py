@@ -1,4 +1,6 @@
-"""A checkpoint monitor that no validation will log is refused when fit starts, not hours in."""
+"""What a run tells its user early: a checkpoint monitor no validation logs is refused when fit
+starts (not hours in), and warnings name a selection on the test judgments, a run without eval
+sets, gradient accumulation taken for a larger batch, and an eval set with nothing to score."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ class CountSteps(Callback):
         self.steps += 1
 
 
-def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True, val_split=None) -> CountSteps:
+def _fit(
+    tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True, val_split=None, **trainer_options
+) -> CountSteps:
     model = TextOnly(
         TextEncoderConfig(str(text_model)),
         matryoshka_dims=[32, 256],
@@ -48,8 +52,8 @@ def _fit(tmp_path, text_model, corpus_dir, monitor: str, eval_sets=True, val_spl
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[RetrievalEvaluator(ks=(5, 10)), ModelCheckpoint(tmp_path, monitor=monitor), steps],
+        **({"limit_val_batches": 0} | trainer_options),
     )
     trainer.fit(model, data)
     return steps
@@ -98,3 +102,36 @@ def test_selecting_checkpoints_on_the_test_judgments_is_said_unless_chosen(
         _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256", val_split="test")  # intended
         _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss")  # nothing selected on validation
     assert "overstates" not in caplog.text
+
+
+def test_gradient_accumulation_is_not_taken_for_a_larger_contrastive_batch(
+    tmp_path, tiny_text_model, corpus_dir, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.base"):
+        _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss", accumulate_grad_batches=2)
+    assert "accumulate_grad_batches=2" in caplog.text and "GradCache" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.base"):
+        _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss")
+    assert "accumulate_grad_batches" not in caplog.text
+
+
+def test_an_eval_set_without_queries_says_so_instead_of_blaming_limit_batches(
+    tmp_path, tiny_text_model, corpus_dir, caplog
+):
+    import shutil
+
+    folder = tmp_path / "empty"
+    shutil.copytree(corpus_dir / "eval" / "demo", folder)
+    (folder / "queries.jsonl").write_text("")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    data = StreamingPairDataModule(
+        str(tiny_text_model), eval_sets={"empty": str(folder)}, max_document_length=48
+    )
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[RetrievalEvaluator()]
+    )
+    with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
+        trainer.validate(model, data)
+    assert "eval set empty has no usable queries" in caplog.text and "limit_" not in caplog.text
