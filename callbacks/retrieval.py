@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.analysis import EmbeddingAnalysis
 from callbacks.metrics import classification_metrics, metrics_from_ranking, top_k_search
+from callbacks.score_table import by_metric, headline, score_table
 from lightning_modules.components.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class RetrievalEvaluator(Callback):
         self._layout_written = False
         self.last_embeddings: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         self.last_metrics: dict[str, float] = {}
+        # Per eval set, its own metrics (not the analyses'), for the terminal summary.
+        self.last_scores: dict[str, dict[str, float]] = {}
 
     # ----- checks at the start of fit ------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -180,10 +183,11 @@ class RetrievalEvaluator(Callback):
         self._evaluate(trainer, pl_module, "test")
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.last_embeddings, self.last_metrics = {}, {}
+        self.last_embeddings, self.last_metrics, self.last_scores = {}, {}, {}
         chunks = chunks_of_all_ranks(trainer, self._chunks)
         if chunks is not None:
             self._score(trainer, chunks, stage)
+            self._summarize(trainer, stage)
             if self.dashboards and not self._layout_written and stage == "val":
                 self._write_layout(trainer)
         if trainer.world_size > 1:
@@ -218,11 +222,23 @@ class RetrievalEvaluator(Callback):
                 scores = self._classification_scores(eval_set, queries, corpus)
             else:
                 scores = self._retrieval_scores(eval_set, queries, corpus)
+            self.last_scores[name] = {tag: v for tag, v in scores.items() if tag != "num_queries_evaluated"}
             for analysis in self.analyses:
                 scores |= analysis.analyze(eval_set, embeddings)
             self.last_metrics |= {prefix + tag: value for tag, value in scores.items()}
             if self.dashboards and stage == "val":
                 self._write_figures(trainer, eval_set, scores)
+
+    def _summarize(self, trainer: Trainer, stage: str) -> None:
+        """The scores in the terminal: a line per eval set while fitting, a table per set otherwise."""
+        fitting = trainer.state.fn == "fit"
+        for name, scores in self.last_scores.items():
+            if fitting:
+                table = by_metric(scores)
+                metric = f"ndcg@{max(self.ks)}" if f"ndcg@{max(self.ks)}" in table else next(iter(table))
+                log.info(headline(f"{stage} at step {trainer.global_step}, {name}", metric, table[metric]))
+            else:
+                log.info("\n%s", score_table(f"{stage} {name}", scores))
 
     def _retrieval_scores(self, eval_set, queries, corpus) -> dict[str, float]:
         scores = {}

@@ -34,6 +34,12 @@ def _check_local_paths_exist(locations: dict[str, str | None]) -> None:
             )
 
 
+def _eval_batch(builder, item: tuple[str, str, list]) -> dict:
+    """The eval batch of one ``(eval set, side, [(position, row), ...])`` item of the eval loader."""
+    name, side, rows = item
+    return builder.eval_batch(rows, eval_set=name, side=side)
+
+
 def _length(row: dict) -> int:
     waveform = row.get("waveform")
     return len(waveform) if waveform is not None else len(row.get("text") or "")
@@ -320,28 +326,37 @@ class StreamingPairDataModule(LightningDataModule):
         return getattr(batches, "text", batches).documents(texts)
 
     # ----- evaluation ---------------------------------------------------------------------
-    def _eval_loaders(self) -> list[DataLoader]:
-        loaders = []
+    def _eval_loader(self) -> DataLoader:
+        """Every eval set's queries then corpus, in batches of one set and side, in one loader.
+
+        One loader, not one per set and side: Lightning prints and returns every epoch-level
+        metric once per dataloader (the validate table had six identical columns for the late-
+        fusion demo). Each item is a whole batch (``batch_size=None``), so under DDP the
+        distributed sampler deals out batches, and a batch never mixes sets or sides.
+        """
+        size = self.hparams.eval_batch_size
+        batches = []
         for name, eval_set in self.eval_sets.items():
             for side, rows in (("queries", eval_set.queries), ("corpus", eval_set.corpus)):
                 # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
                 order = sorted(range(len(rows)), key=lambda i: -_length(rows[i]))
-                loaders.append(
-                    DataLoader(
-                        [(i, rows[i]) for i in order],
-                        batch_size=self.hparams.eval_batch_size,
-                        shuffle=False,
-                        collate_fn=partial(self.batches.eval_batch, eval_set=name, side=side),
-                        num_workers=self.hparams.num_workers,
-                    )
-                )
-        return loaders
+                batches += [
+                    (name, side, [(i, rows[i]) for i in order[start : start + size]])
+                    for start in range(0, len(order), size)
+                ]
+        return DataLoader(
+            batches,
+            batch_size=None,
+            shuffle=False,
+            collate_fn=partial(_eval_batch, self.batches),
+            num_workers=self.hparams.num_workers,
+        )
 
     def val_dataloader(self):
-        return self._eval_loaders()
+        return self._eval_loader()
 
     def test_dataloader(self):
-        return self._eval_loaders()
+        return self._eval_loader()
 
     def predict_dataloader(self):
-        return self._eval_loaders()
+        return self._eval_loader()

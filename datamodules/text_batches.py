@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_modules.components.errors import ConfigError
+from lightning_modules.document_cache import tokenized_document_keys as document_keys
 
 DEFAULT_PROMPTS = {
     "document_retrieval": "Given a Wolof query, retrieve relevant French documents",
@@ -145,6 +146,9 @@ class TextBatchBuilder:
             if all(usable_text(row.get(c["query"])) for row in good):
                 batch["query_text"] = self.queries([row[c["query"]] for row in good], tasks)
             batch["document"] = self.documents([row[c["document"]] for row in good])
+            # Equal for identical documents: InfoNCE does not count a copy of a row's own
+            # document as its negative. Hashed here, on the CPU, not in the training step.
+            batch["document_keys"] = document_keys(batch["document"])
         return batch
 
     def eval_batch(self, items: Sequence[tuple[int, Mapping]], eval_set: str, side: str) -> dict:

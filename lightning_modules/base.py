@@ -11,7 +11,6 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning_modules import distributed
 from lightning_modules.components.errors import ConfigError, DataError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
-from lightning_modules.document_cache import token_keys
+from lightning_modules.document_cache import tokenized_document_keys
 from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings
 from lightning_modules.losses import matryoshka_info_nce
 from lightning_modules.random_state import collect_random_states, restore_random_states
@@ -426,16 +425,12 @@ class MatryoshkaEmbedder(LightningModule):
 
 
 def document_keys(batch: Mapping, queries: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
-    """One integer per row, equal for identical documents (as tokenized: what the model sees).
-
-    Several queries of one document (three voices reading it, several questions) put copies of
-    it in a batch; each copy would be a negative for the others' queries.
-    """
-    document = batch.get("document") if isinstance(batch, Mapping) else None
-    if document is None:
-        return None
-    keys = token_keys(document["input_ids"], document["attention_mask"]).view(np.int64)
-    return torch.from_numpy(keys).to(next(iter(queries.values())).device)
+    """The batch's ``document_keys`` (the batch builder hashes them), or hashed here for a batch
+    built otherwise; None without documents."""
+    keys = batch.get("document_keys") if isinstance(batch, Mapping) else None
+    if keys is None and isinstance(batch, Mapping) and batch.get("document") is not None:
+        keys = tokenized_document_keys(batch["document"])
+    return None if keys is None else keys.to(next(iter(queries.values())).device)
 
 
 def _fit_loop_state(checkpoint: dict) -> dict:

@@ -40,6 +40,14 @@ def token_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndar
     return keys
 
 
+def tokenized_document_keys(document: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``token_keys`` of a tokenized batch as an int64 tensor: equal for identical documents (as
+    tokenized, so as the model sees them). Several queries of one document (three voices reading
+    it, several questions) put copies of it in a batch."""
+    keys = token_keys(document["input_ids"], document["attention_mask"])
+    return torch.from_numpy(keys.view(np.int64))
+
+
 def tower_fingerprint(tower: nn.Module, settings: Iterable[str]) -> str:
     """Hash of the tower's frozen parameters and its buffers, plus ``settings`` (class, dims, precision).
 

@@ -86,8 +86,6 @@ def matryoshka_info_nce(
     if document_keys is not None:
         false_negatives = document_keys.to(device)[:, None] == all_keys.to(device)[None, :]
         false_negatives[torch.arange(local_rows, device=device), targets] = False
-        if not false_negatives.any():
-            false_negatives = None
     total = None
     # Autocast would run the matmul in bf16 despite .float(): at temperature 0.05 that rounds
     # logits by ~0.06, so the similarities are computed with autocast off.

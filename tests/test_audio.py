@@ -185,7 +185,7 @@ def test_unusable_eval_queries_are_left_out_counted_and_qrels_follow(
     corpus_ids = [doc["id"] for doc in eval_set.corpus]
     for position, query in enumerate(eval_set.queries):  # every query still points at doc-<its id>
         assert [corpus_ids[d] for d in eval_set.qrels[position]] == [f"doc-{query['id']}"]
-    batch = next(iter(data.val_dataloader()[0]))
+    batch = next(iter(data.val_dataloader()))
     assert batch["query_audio"]["input_features"].shape[0] == len(batch["ids"])
 
 

@@ -87,7 +87,7 @@ def test_load_from_checkpoint_rebuilds_the_model_without_the_yaml(demo_dir, tmp_
     cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2")])
     last = tmp_path / "checkpoints" / "last.ckpt"
     restored = TextOnly.load_from_checkpoint(last, map_location="cpu").eval()
-    batch = next(iter(cli.datamodule.val_dataloader()[0]))
+    batch = next(iter(cli.datamodule.val_dataloader()))
     with torch.no_grad():
         expected, actual = cli.model.eval().embed_queries(batch), restored.embed_queries(batch)
     assert all(torch.allclose(expected[d], actual[d], atol=1e-6) for d in (32, 64, 128, 256))

@@ -159,11 +159,15 @@ def test_eval_batches_keep_positions_and_sides(tiny_text_model, corpus_dir):
         str(tiny_text_model), eval_sets={"demo": str(corpus_dir / "eval" / "demo")}, eval_batch_size=64
     )
     datamodule.setup("validate")
-    queries_loader, corpus_loader = datamodule.val_dataloader()
-    positions = [i for b in queries_loader for i in b["index"].tolist()]
-    assert sorted(positions) == list(range(len(datamodule.eval_sets["demo"].queries)))
-    first = next(iter(corpus_loader))
-    assert first["side"] == "corpus" and "document" in first and first["eval_set"] == "demo"
+    batches = list(datamodule.val_dataloader())  # one loader: queries first, then the corpus
+    sides = [b["side"] for b in batches]
+    assert sides == sorted(sides, reverse=True) and {b["eval_set"] for b in batches} == {"demo"}
+    eval_set = datamodule.eval_sets["demo"]
+    for side, rows in (("queries", eval_set.queries), ("corpus", eval_set.corpus)):
+        positions = [i for b in batches if b["side"] == side for i in b["index"].tolist()]
+        assert sorted(positions) == list(range(len(rows)))
+    corpus = next(b for b in batches if b["side"] == "corpus")
+    assert "document" in corpus and "query_text" not in corpus and len(corpus["ids"]) == 64
 
 
 def test_finite_passes_under_ddp_is_a_clear_error(tiny_text_model, tmp_path):

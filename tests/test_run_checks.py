@@ -135,3 +135,42 @@ def test_an_eval_set_without_queries_says_so_instead_of_blaming_limit_batches(
     with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
         trainer.validate(model, data)
     assert "eval set empty has no usable queries" in caplog.text and "limit_" not in caplog.text
+
+
+def test_score_table_puts_metrics_in_rows_and_dims_in_columns():
+    from callbacks.score_table import headline, score_table
+
+    scores = {"ndcg@10/d32": 0.5, "ndcg@10/d256": 0.75, "recall@10/d32": 0.25, "recall@10/d256": 1.0}
+    assert score_table("test demo", scores).splitlines() == [
+        "test demo        d32     d256",
+        "  ndcg@10     0.5000   0.7500",
+        "  recall@10   0.2500   1.0000",
+    ]
+    assert headline("val at step 5, demo", "ndcg@10", {256: 0.75, 32: 0.5}) == (
+        "val at step 5, demo ndcg@10: d32 0.500 | d256 0.750"
+    )
+
+
+def test_the_terminal_shows_the_scores_tensorboard_gets(tmp_path, tiny_text_model, corpus_dir, caplog):
+    """validate prints a table per eval set; fit a line per eval set at every validation."""
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    data = StreamingPairDataModule(
+        str(tiny_text_model), eval_sets={"demo": str(corpus_dir / "eval" / "demo")}, max_document_length=48
+    )
+    evaluator = RetrievalEvaluator(ks=(5, 10))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[evaluator])
+    with caplog.at_level(logging.INFO, logger="callbacks.retrieval"):
+        (results,) = trainer.validate(model, data, verbose=False)  # one dataloader: one result dict
+    (table,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("\nval demo")]
+    rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
+    assert list(rows) == [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in (5, 10)]
+    for metric, cells in rows.items():
+        assert cells == [f"{results[f'val/demo/{metric}/d{dim}']:.4f}" for dim in (32, 256)]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="callbacks.retrieval"):
+        _fit(
+            tmp_path, tiny_text_model, corpus_dir, "train/loss", val_check_interval=1, limit_val_batches=None
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val at step 1, demo")]
+    assert line.startswith("val at step 1, demo ndcg@10: d32 ") and " | d256 " in line
