@@ -133,7 +133,7 @@ class MatryoshkaEmbedder(LightningModule):
         # in eval mode by mistake (its dropout would be off).
         if self.global_rank != 0:  # every rank holds the same modules
             return
-        accumulate = self.trainer.accumulate_grad_batches
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
         if accumulate > 1 and self.contrasts_documents:
             log.warning(
                 "trainer.accumulate_grad_batches=%d: each batch's InfoNCE still contrasts its own rows "
