@@ -87,6 +87,8 @@ class PreemptionCheckpoint(Callback):
         requeue_signal = slurm_requeue_signal(trainer)
         got_requeue_signal = requeue_signal is not None and self.received == requeue_signal
         if trainer.strategy.reduce_boolean_decision(got_requeue_signal, all=False) and trainer.is_global_zero:
+            for logger in trainer.loggers:  # flushed before the job can be killed, as Lightning does
+                logger.save()
             requeue_slurm_job()
         trainer.should_stop = True
         self.preempted = True
@@ -126,9 +128,11 @@ def requeue_slurm_job() -> None:
         log.warning("Not requeuing: unexpected SLURM job id %r.", job)
         return
     try:
-        result = subprocess.run(["scontrol", "requeue", job], check=False).returncode
+        result = subprocess.run(["scontrol", "requeue", job], check=False, timeout=60).returncode
     except FileNotFoundError:
         result = "scontrol not found"
+    except subprocess.TimeoutExpired:
+        result = "scontrol did not answer in 60 s"
     if result == 0:
         log.warning("Requeued SLURM job %s: it continues from the checkpoint when it starts again.", job)
     else:

@@ -119,11 +119,13 @@ class RetrievalEvaluator(Callback):
         if eval_sets is None:
             return
         watchers = [c for c in trainer.callbacks if isinstance(getattr(c, "monitor", None), str)]
-        if not eval_sets and trainer.checkpoint_callbacks:
-            log.warning(
-                "No eval sets (data.eval_sets): no validation runs, so the ModelCheckpoints, which "
-                "save after a validation, write nothing (a preemption checkpoint still is)."
-            )
+        if not eval_sets:
+            if trainer.checkpoint_callbacks and trainer.check_val_every_n_epoch is None:
+                log.warning(
+                    "No eval sets (data.eval_sets): no validation runs, so the ModelCheckpoints, which "
+                    "save after a validation (check_val_every_n_epoch: null, as in the recipes), write "
+                    "nothing (a preemption checkpoint still is)."
+                )
             return
         dims = list(getattr(pl_module, "matryoshka_dims", []))
         for callback in watchers:
@@ -148,6 +150,9 @@ class RetrievalEvaluator(Callback):
         if len(parts) < 3 or parts[0] != "val":
             return None  # not one of this callback's tags (e.g. train/loss)
         name, metric, last = parts[1], "/".join(parts[2:-1]), parts[-1]
+        own = ("ndcg", "recall", "mrr", "accuracy", "macro_recall", "macro_f1")
+        if len(parts) == 3 and last.partition("@")[0] in own:
+            return f"the evaluator logs {last} once per dim: add /d<dim>, e.g. {monitor}/d{max(dims or [0])}."
         if name not in eval_sets:
             return (
                 f"no eval set is named {name!r} (eval sets: {sorted(eval_sets)}); rename the set in "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,11 @@ class AudioSettings:
             )
 
 
-def audio_file(value, base_dir: Path | None = None) -> io.BytesIO | Path:
-    """What soundfile opens for an undecoded audio cell: its bytes, or its file (``BadAudio`` if none)."""
+def audio_file(value, base_dir: Path | Sequence[Path] | None = None) -> io.BytesIO | Path:
+    """What soundfile opens for an undecoded audio cell: its bytes, or its file (``BadAudio`` if none).
+
+    A relative path starts at ``base_dir``, or at the first of several folders that holds it.
+    """
     if value is None:
         raise BadAudio("no audio")
     source = value
@@ -59,16 +63,16 @@ def audio_file(value, base_dir: Path | None = None) -> io.BytesIO | Path:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_absolute() and base_dir is not None:
-            # The data file's folder first; then the working directory, where a script that
-            # wrote the data from the project root would have started its paths.
-            path = base_dir / path if (base_dir / path).exists() or not path.exists() else path
+            folders = [base_dir] if isinstance(base_dir, (str, Path)) else list(base_dir)
+            candidates = [Path(folder) / path for folder in folders]
+            path = next((candidate for candidate in candidates if candidate.exists()), candidates[0])
         if not path.exists():
             raise BadAudio(f"audio file {path} not found")
         return path
     raise BadAudio(f"audio cell of type {type(source).__name__}")
 
 
-def decode_audio(value, base_dir: Path | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(value, base_dir: Path | Sequence[Path] | None = None) -> tuple[np.ndarray, int]:
     """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
     import soundfile
 
@@ -99,7 +103,9 @@ class AudioLoader:
         self.min_samples = min_samples
         """Fewest samples (after resampling) the speech model encodes; shorter clips are bad audio."""
 
-    def load(self, value, base_dir: Path | None = None, check_duration: bool = True) -> np.ndarray:
+    def load(
+        self, value, base_dir: Path | Sequence[Path] | None = None, check_duration: bool = True
+    ) -> np.ndarray:
         samples, rate = decode_audio(value, base_dir)
         if samples.size == 0:
             raise BadAudio("empty audio")

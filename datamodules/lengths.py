@@ -8,12 +8,13 @@ skips and names it as usual when it is really unusable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.audio import audio_file
 
 
-def clip_seconds(row: dict, column: str, base_dir: Path | None = None) -> float:
+def clip_seconds(row: dict, column: str, base_dir: Path | Sequence[Path] | None = None) -> float:
     """Duration of the row's audio in seconds (0.0 if its header cannot be read); relative paths
     start at ``base_dir``."""
     import soundfile

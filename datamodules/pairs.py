@@ -16,7 +16,7 @@ from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.lengths import clip_seconds, text_length
 from datamodules.loader import STATE_KEY, ConsumedPositionLoader
-from datamodules.sources import load_stream, local_folder, looks_local
+from datamodules.sources import load_stream, looks_local, relative_path_roots
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
@@ -97,7 +97,8 @@ class StreamingPairDataModule(LightningDataModule):
             eval_split: Qrels split of the eval sets (qrels/<split>.tsv) that ``test`` and
                 ``predict`` use, and validation too unless ``val_split`` is set.
             val_split: Qrels split scored at validation (``fit``'s checkpoint selection, and
-                ``validate``), e.g. ``dev``; None: ``eval_split``, so the "best" checkpoint is
+                ``validate``), e.g. ``dev``, for every eval and classification set (each needs
+                ``qrels/<val_split>.tsv``); None: ``eval_split``, so the "best" checkpoint is
                 chosen on the very judgments ``test`` reports (a warning says so at fit start).
             query_column: Column holding the query text (the transcription, for speech data).
             document_column: Column holding the document text.
@@ -256,7 +257,7 @@ class StreamingPairDataModule(LightningDataModule):
         grouping = {}
         if hp.group_by_length:
             length_of = (
-                partial(clip_seconds, column=self.audio.column, base_dir=local_folder(hp.train_data))
+                partial(clip_seconds, column=self.audio.column, base_dir=relative_path_roots(hp.train_data))
                 if self.audio is not None
                 else partial(text_length, column=self.columns["document"])
             )
@@ -274,8 +275,7 @@ class StreamingPairDataModule(LightningDataModule):
                 collate,
                 # A row without its transcription would fail the alignment term of the whole batch.
                 transcription_required=getattr(model, "needs_transcriptions", False),
-                # Relative audio paths start at the data file's folder, as eval sets' at theirs.
-                base_dir=local_folder(hp.train_data),
+                base_dir=relative_path_roots(hp.train_data),
             )
         self._train_loader = ConsumedPositionLoader(
             self._training_stream(),

@@ -31,12 +31,14 @@ def undecoded_audio(dataset):
     return dataset
 
 
-def local_folder(location: str | None) -> Path | None:
-    """The folder of a local data file (or the folder itself): where its relative paths start."""
+def relative_path_roots(location: str | None) -> tuple[Path, ...] | None:
+    """Where a training file's relative audio paths start: its folder (as an eval set's start at
+    its BEIR folder), then the working directory, where a script that wrote the data from the
+    project root would have started them. None for hub datasets (paths start where they are)."""
     if not location or not looks_local(location):
         return None
     path = Path(location).expanduser()
-    return path if path.is_dir() else path.parent
+    return (path if path.is_dir() else path.parent, Path.cwd())
 
 
 def _load_columns(*args, columns: list[str] | None, **kwargs):

@@ -39,11 +39,14 @@ class SpeechBatchBuilder:
         }
 
     def training_batch(
-        self, rows: Sequence[Mapping], transcription_required: bool = False, base_dir: Path | None = None
+        self,
+        rows: Sequence[Mapping],
+        transcription_required: bool = False,
+        base_dir: Path | Sequence[Path] | None = None,
     ) -> dict:
         """Speech pairs batch; rows without a usable clip or document (or, with
         ``transcription_required``, transcription) are dropped and named with their reason.
-        Relative audio paths start at ``base_dir`` (the data file's folder)."""
+        Relative audio paths start at ``base_dir`` (see ``sources.relative_path_roots``)."""
         kept, waveforms, skipped, reasons = [], [], [], []
         for position, row in enumerate(rows):
             reason = None

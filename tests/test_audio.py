@@ -281,3 +281,6 @@ def test_relative_training_audio_paths_start_at_the_data_files_folder(
     assert sorted(batch["ids"]) == [f"row-{i}" for i in range(4)]
     lengths = batch["query_audio"]["attention_mask"].sum(dim=1).tolist()
     assert lengths == sorted(lengths) or lengths == sorted(lengths, reverse=True)
+    if written_from == "working directory":  # an eval set's paths start at its folder only
+        with pytest.raises(BadAudio, match="not found"):
+            decode_audio(rows[0]["audio"], base_dir=folder)

@@ -193,8 +193,10 @@ def test_a_preempted_run_does_not_export_its_text_encoder(tmp_path, tiny_text_mo
     export = ExportTextEncoder(str(tmp_path / "text_encoder"))
     _fit(tmp_path, tiny_text_model, train_file, TOTAL_STEPS, callbacks=[preemption, export, SignalAtStep(2)])
     assert preemption.preempted and not (tmp_path / "text_encoder").exists()
-    _fit(tmp_path / "resumed", tiny_text_model, train_file, TOTAL_STEPS, callbacks=[export])
-    assert (tmp_path / "text_encoder" / "config.json").exists()  # a run that ends exports
+    checkpoint = tmp_path / "checkpoints" / CHECKPOINT_NAME
+    resumed = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    trainer, _, _ = _fit(tmp_path, tiny_text_model, train_file, TOTAL_STEPS, checkpoint, [resumed, export])
+    assert trainer.global_step == TOTAL_STEPS and (tmp_path / "text_encoder" / "config.json").exists()
 
 
 def test_a_signal_stops_without_validating_first(tmp_path, tiny_text_model, train_file, corpus_dir):

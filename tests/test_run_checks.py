@@ -65,8 +65,9 @@ def _fit(
         ("val/kallaama/ndcg@10/d256", "no eval set is named 'kallaama' (eval sets: ['demo'])"),
         ("val/demo/ndcg@10/d1024", "d1024 is not one of the model's matryoshka_dims [32, 256]"),
         ("val/demo/recall@20/d256", "cut-offs are ks=[5, 10]"),
+        ("val/demo/ndcg@10", "logs ndcg@10 once per dim: add /d<dim>, e.g. val/demo/ndcg@10/d256"),
     ],
-    ids=["eval set", "dim", "cut-off"],
+    ids=["eval set", "dim", "cut-off", "no dim"],
 )
 def test_a_monitor_no_validation_logs_fails_before_the_first_step(
     tmp_path, tiny_text_model, corpus_dir, monitor, says
@@ -85,10 +86,11 @@ def test_a_monitor_the_evaluator_logs_passes(tmp_path, tiny_text_model, corpus_d
 def test_without_eval_sets_a_warning_says_no_checkpoint_is_written(
     tmp_path, tiny_text_model, corpus_dir, caplog
 ):
+    recipes = {"check_val_every_n_epoch": None, "val_check_interval": 1}  # validation by steps only
     with caplog.at_level(logging.WARNING, logger="callbacks.retrieval"):
-        _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256", eval_sets=False)
+        _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss", eval_sets=False, **recipes)
     assert "No eval sets" in caplog.text and "write nothing" in caplog.text
-    assert not list(tmp_path.glob("*.ckpt"))
+    assert not list(tmp_path.glob("*.ckpt"))  # monitor train/loss is logged, yet nothing was saved
 
 
 def test_selecting_checkpoints_on_the_test_judgments_is_said_unless_chosen(
