@@ -78,7 +78,7 @@ def metrics_from_ranking(
     """nDCG@k, Recall@k and MRR@k from each query's ranked document indices (at least max(ks) long
     unless the corpus is smaller). Adds ``num_queries`` and ``num_queries_without_relevant``."""
     ranked = ranked_indices.tolist() if isinstance(ranked_indices, torch.Tensor) else ranked_indices
-    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("ndcg", "recall", "mrr")}
+    sums = {f"{name}@{k}": 0.0 for k in ks for name in RETRIEVAL_MEASURES}
     evaluated, without_relevant = 0, 0
     for query, ranking in enumerate(ranked):
         relevant = {doc: grade for doc, grade in qrels.get(query, {}).items() if grade > 0}
@@ -113,6 +113,11 @@ def retrieval_metrics(
     indices = torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
     _, ranked = _stable_top_k(scores, indices, k)
     return metrics_from_ranking(ranked, qrels, ks)
+
+
+# The measures each scoring function reports (retrieval ones at every cut-off k, as "ndcg@10").
+RETRIEVAL_MEASURES = ("ndcg", "recall", "mrr")
+CLASSIFICATION_METRICS = ("accuracy", "macro_recall", "macro_f1")
 
 
 def classification_metrics(predicted: Sequence[int], gold: Sequence[int], labels: Sequence[int]) -> dict:

@@ -31,7 +31,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.analysis import EmbeddingAnalysis
-from callbacks.metrics import classification_metrics, metrics_from_ranking, top_k_search
+from callbacks.metrics import (
+    CLASSIFICATION_METRICS,
+    RETRIEVAL_MEASURES,
+    classification_metrics,
+    metrics_from_ranking,
+    top_k_search,
+)
 from callbacks.score_table import by_metric, headline, score_table
 from lightning_modules.components.errors import ConfigError
 
@@ -115,7 +121,8 @@ class RetrievalEvaluator(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A monitor naming a metric no validation logs fails only after the first validation
         # (hours in, at the recipes' val_check_interval); the tags are known now.
-        eval_sets = getattr(trainer.datamodule, "eval_sets", None) if trainer.datamodule is not None else None
+        data = trainer.datamodule
+        eval_sets = getattr(data, "eval_sets", None)
         if eval_sets is None:
             return
         watchers = [c for c in trainer.callbacks if isinstance(getattr(c, "monitor", None), str)]
@@ -132,9 +139,8 @@ class RetrievalEvaluator(Callback):
             problem = self.unknown_monitor(callback.monitor, eval_sets, dims)
             if problem:
                 raise ConfigError(f"{type(callback).__name__}.monitor={callback.monitor!r}: {problem}")
-        data = trainer.datamodule
         selecting = [c.monitor for c in watchers if c.monitor.startswith("val/")]
-        if selecting and getattr(data, "selects_on_the_test_split", False) and data.hparams.val_split is None:
+        if selecting and getattr(data, "selects_on_the_test_split", False):
             log.warning(
                 "%s is scored on the qrels split that `test` reports (data.eval_split=%r): a checkpoint "
                 "selected on it overstates its test scores. Set data.val_split to a dev split "
@@ -150,8 +156,7 @@ class RetrievalEvaluator(Callback):
         if len(parts) < 3 or parts[0] != "val":
             return None  # not one of this callback's tags (e.g. train/loss)
         name, metric, last = parts[1], "/".join(parts[2:-1]), parts[-1]
-        own = ("ndcg", "recall", "mrr", "accuracy", "macro_recall", "macro_f1")
-        if len(parts) == 3 and last.partition("@")[0] in own:
+        if len(parts) == 3 and last.partition("@")[0] in RETRIEVAL_MEASURES + CLASSIFICATION_METRICS:
             return f"the evaluator logs {last} once per dim: add /d<dim>, e.g. {monitor}/d{max(dims or [0])}."
         if name not in eval_sets:
             return (
@@ -161,7 +166,7 @@ class RetrievalEvaluator(Callback):
         if last.startswith("d") and last[1:].isdigit() and int(last[1:]) not in dims:
             return f"d{last[1:]} is not one of the model's matryoshka_dims {dims}."
         measure, _, cutoff = metric.partition("@")
-        if eval_sets[name].kind == "retrieval" and measure in ("ndcg", "recall", "mrr"):
+        if eval_sets[name].kind == "retrieval" and measure in RETRIEVAL_MEASURES:
             if not cutoff.isdigit() or int(cutoff) not in self.ks:
                 return f"the evaluator's cut-offs are ks={list(self.ks)}."
         return None
@@ -240,7 +245,8 @@ class RetrievalEvaluator(Callback):
         for name, scores in self.last_scores.items():
             if fitting:
                 table = by_metric(scores)
-                metric = f"ndcg@{max(self.ks)}" if f"ndcg@{max(self.ks)}" in table else next(iter(table))
+                ndcg = f"ndcg@{max(self.ks)}"
+                metric = ndcg if ndcg in table else next(iter(table))
                 log.info(headline(f"{stage} at step {trainer.global_step}, {name}", metric, table[metric]))
             else:
                 log.info("\n%s", score_table(f"{stage} {name}", scores))
@@ -252,7 +258,7 @@ class RetrievalEvaluator(Callback):
                 queries[dim], corpus[dim], max(self.ks), self.query_chunk_size, self.document_chunk_size
             )
             results = metrics_from_ranking(ranked, eval_set.qrels, self.ks)
-            for metric in (f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in self.ks):
+            for metric in (f"{m}@{k}" for m in RETRIEVAL_MEASURES for k in self.ks):
                 scores[f"{metric}/d{dim}"] = results[metric]
         scores["num_queries_evaluated"] = results["num_queries"]
         return scores

@@ -202,8 +202,9 @@ class StreamingPairDataModule(LightningDataModule):
 
     @property
     def selects_on_the_test_split(self) -> bool:
-        """Whether validation, hence checkpoint selection, scores the qrels ``test`` reports."""
-        return bool(self.hparams.eval_sets) and self.split_for("fit") == self.hparams.eval_split
+        """Whether validation, hence checkpoint selection, scores the qrels ``test`` reports by
+        default: ``val_split`` unset (one set explicitly, even to ``eval_split``, is a choice)."""
+        return bool(self.hparams.eval_sets) and self.hparams.val_split is None
 
     def setup(self, stage: str) -> None:
         split = self.split_for(stage)
