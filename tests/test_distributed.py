@@ -229,6 +229,32 @@ def test_demo_under_ddp_logs_the_same_metric_tags_as_one_process(demo_dir, tmp_p
     assert runs[2] == runs[1]
 
 
+def test_a_training_pre_norm_speech_tower_trains_under_ddp(demo_dir, tmp_path, layer_norm_hubert):
+    """The dual-encoder demo with a HuBERT-large-style (pre-norm) tower training, on 2 processes.
+    That family's final norm shapes no hidden state the model reads; left trainable, it got no
+    gradient and DDP (find_unused_parameters off) stopped the run at its second step."""
+    command = [sys.executable, "cli.py", "fit", "--config", "configs/demo/dual_retrieval.yaml"]
+    command += [
+        f"--model.init_args.speech_encoder.pretrained_model_name_or_path={layer_norm_hubert}",
+        f"--data.init_args.audio.feature_extractor={layer_norm_hubert}",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=1",
+        "--data.init_args.batch_size=4",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=null",
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "`max_steps=3` reached" in result.stderr + result.stdout
+
+
 class _NanOnRankOneAtStep(Callback):
     """Makes rank 1's loss non-finite at one step (every embedding NaN), then heals it; records
     whether rank 0's weights moved during that step."""

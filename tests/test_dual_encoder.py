@@ -14,7 +14,7 @@ from speech_inputs import (
     sample_clips,
     speech_text_batch,
 )
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from cli import cli_main
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
@@ -169,10 +169,13 @@ def test_models_swap_by_config_on_one_datamodule_and_one_callback_list(demo_dir,
     assert all(value == expected for value in tags.values()), tags
 
 
+@pytest.mark.parametrize("layers", [[0, 1], None], ids=["lower-layers", "every-layer"])
 @pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
-def test_a_training_tower_freezes_exactly_what_its_selected_layers_do_not_read(request, speech_fixture):
-    """Layers above the highest selected one get no gradient, which DDP (find_unused_parameters
-    off) refuses: they are frozen, and nothing the selection reads is."""
+def test_a_training_tower_trains_exactly_what_its_selected_layers_read(request, speech_fixture, layers):
+    """A weight without a gradient makes DDP (find_unused_parameters off) fail at the first step.
+    What the selection does not read is dropped (the layers above it) or frozen (a pre-norm
+    model's final norm, read by no hidden state even with every layer selected), and nothing it
+    reads is frozen."""
     from transformers import AutoFeatureExtractor
 
     from datamodules.audio import pad_waveforms
@@ -181,11 +184,12 @@ def test_a_training_tower_freezes_exactly_what_its_selected_layers_do_not_read(r
     path = str(request.getfixturevalue(speech_fixture))
     torch.manual_seed(0)
     encoder = SpeechEncoder(
-        SpeechEncoderConfig(path, layers=[0, 1], freeze=False, freeze_feature_encoder=False)
+        SpeechEncoderConfig(path, layers=layers, freeze=False, freeze_feature_encoder=False)
     )
-    assert encoder.model.config.num_hidden_layers > 1  # so some layer lies above the selection
+    layers_run = len(encoder.model.encoder.layers)
+    assert layers_run == (1 if layers else AutoConfig.from_pretrained(path).num_hidden_layers) > 0
     frozen = {name for name, p in encoder.named_parameters() if not p.requires_grad}
-    assert frozen and all(".layers." in name or "encoder.layer_norm" in name for name in frozen)
+    assert all("encoder.layer_norm" in name for name in frozen)
 
     encoder.requires_grad_(True)  # which parameters does the selection really reach?
     inputs = pad_waveforms(AutoFeatureExtractor.from_pretrained(path), sample_clips())
@@ -193,3 +197,30 @@ def test_a_training_tower_freezes_exactly_what_its_selected_layers_do_not_read(r
     sum(layer.sum() for layer in states.hidden_states).backward()
     unreached = {name for name, p in encoder.named_parameters() if p.grad is None or not p.grad.any()}
     assert frozen == unreached
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "training"])
+@pytest.mark.parametrize("speech_fixture", ["tiny_speech_model", "layer_norm_hubert", "group_norm_hubert"])
+def test_layers_above_the_selection_are_dropped_and_the_selected_states_unchanged(
+    request, speech_fixture, freeze
+):
+    """The cut tower returns the very states the whole model's forward gives at the selected layers."""
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    from datamodules.audio import pad_waveforms
+    from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+
+    path = str(request.getfixturevalue(speech_fixture))
+    whole = AutoModel.from_pretrained(path).eval()
+    assert whole.config.num_hidden_layers == 2
+    encoder = SpeechEncoder(
+        SpeechEncoderConfig(path, layers=[1, 0], freeze=freeze, per_utterance=True)
+    ).eval()
+    assert len(encoder.model.encoder.layers) == encoder.model.config.num_hidden_layers == 1
+    for clip in sample_clips():
+        inputs = pad_waveforms(AutoFeatureExtractor.from_pretrained(path), [clip])
+        (values,) = (v for k, v in inputs.items() if k != "attention_mask")
+        with torch.no_grad():
+            expected = whole(values, output_hidden_states=True).hidden_states
+            states = encoder(**inputs).hidden_states
+        assert torch.equal(states[0], expected[1]) and torch.equal(states[1], expected[0])

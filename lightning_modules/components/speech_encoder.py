@@ -56,7 +56,8 @@ class SpeechEncoderConfig:
     pretrained_model_name_or_path: str
     """Hub name or local folder (e.g. facebook/hubert-base-ls960, a Wolof HuBERT)."""
     layers: list[int] | None = None
-    """Hidden-state indices to expose (0 = input to the first transformer layer); None: every layer 1..L."""
+    """Hidden-state indices to expose (0 = input to the first transformer layer); None: every layer
+    1..L. The layers above the highest index are not run (nor loaded into the optimizer)."""
     dtype: str | None = None
     """Weights dtype at load time: float32, bfloat16 or float16 (None: float32)."""
     freeze: bool = True
@@ -134,30 +135,86 @@ class SpeechEncoder(nn.Module):
             self.model.requires_grad_(False)
         elif config.freeze_feature_encoder and hasattr(self.model, "feature_extractor"):
             self.model.feature_extractor.requires_grad_(False)  # filterbank models have none
+        self._drop_layers_above_the_selection()
         if not config.freeze:
-            self._freeze_layers_above_the_selection()
+            self._freeze_what_the_selection_does_not_read()
         self.model.train(not config.freeze)
 
-    def _freeze_layers_above_the_selection(self) -> None:
-        """Freezes what no selected layer reads: the layers above the highest one (and a
-        pre-norm model's final norm, applied to the last layer only). They would get no
-        gradient, which DDP (find_unused_parameters=False) refuses at the first step."""
-        top = max(self.layers)
+    def _probe_states(self) -> list[torch.Tensor]:
+        """The selected hidden states of a fixed one-second probe input (eval mode, no random draw)."""
+        config = self.model.config
+        if self.model.main_input_name == "input_features":  # filterbank frames (w2v-BERT)
+            frames = torch.arange(100 * config.feature_projection_input_dim, dtype=torch.float32)
+            probe = torch.sin(frames / 7.0).reshape(1, 100, -1)
+        else:  # a 16 kHz waveform
+            probe = 0.1 * torch.sin(torch.arange(16_000, dtype=torch.float32) / 7.0)[None]
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self._run(probe.to(self.model.dtype), None)
+        finally:
+            self.model.train(training)
+
+    def _drop_layers_above_the_selection(self) -> None:
+        """Removes the transformer layers above the highest selected one: no selected state reads
+        them, yet they would run at every forward (half the tower's time for a middle layer).
+
+        Kept only if the cut model gives the same selected states as the whole one on a probe
+        input: in transformers 5 every family's ``hidden_states[i]`` is layer ``i``'s raw output,
+        so the cut is exact, while transformers 4 applied a pre-norm model's final norm to the
+        last entry, which the cut would then move onto the selection's top layer.
+        """
         encoder = getattr(self.model, "encoder", None)
         layers = getattr(encoder, "layers", None)
-        if layers is None or top >= len(layers):
+        top = max(self.layers)
+        if not isinstance(layers, nn.ModuleList) or top >= len(layers):
             return
-        unused = list(layers)[top:]
-        if getattr(self.model.config, "do_stable_layer_norm", False) and hasattr(encoder, "layer_norm"):
-            unused.append(encoder.layer_norm)
-        for module in unused:
-            module.requires_grad_(False)
+        with torch.no_grad():
+            whole = self._probe_states()
+            encoder.layers = layers[:top]
+            cut = self._probe_states()
+        if not all(torch.equal(a, b) for a, b in zip(whole, cut, strict=True)):
+            encoder.layers = layers
+            log.info(
+                "speech_encoder.layers=%s: every layer runs (this model's states change when cut).",
+                self.layers,
+            )
+            return
+        self.model.config.num_hidden_layers = top  # what is left, should the model be saved
         log.info(
-            "speech_encoder.layers=%s: the %d layers above layer %d stay frozen (nothing reads them).",
+            "speech_encoder.layers=%s: the %d layers above layer %d are dropped (nothing reads them).",
             self.layers,
             len(layers) - top,
             top,
         )
+
+    def _freeze_what_the_selection_does_not_read(self) -> None:
+        """Freezes the trainable weights that no selected state depends on, found by one backward
+        pass over the probe: DDP (find_unused_parameters=False) refuses a weight without a gradient
+        at the first step. In transformers 5 a pre-norm model's (XLS-R, HuBERT-large) final norm is
+        one, whichever layers are selected: it shapes ``last_hidden_state``, not ``hidden_states``.
+        ``masked_spec_embed`` stays trainable when training draws time masks (it fills them), which
+        the probe, in eval mode, does not."""
+        config = self.model.config
+        time_masked = (
+            getattr(config, "apply_spec_augment", False) and getattr(config, "mask_time_prob", 0) > 0
+        )
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        with torch.enable_grad():
+            torch.stack([state.sum() for state in self._probe_states()]).sum().backward()
+        unread = [
+            name
+            for name, p in trainable.items()
+            if p.grad is None and not (time_masked and name.endswith("masked_spec_embed"))
+        ]
+        for p in trainable.values():
+            p.grad = None
+        for name in unread:
+            trainable[name].requires_grad_(False)
+        if unread:
+            log.info(
+                "speech_encoder: %d weights no selected layer reads stay frozen: %s", len(unread), unread
+            )
 
     @property
     def hidden_size(self) -> int:
