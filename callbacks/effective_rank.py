@@ -31,7 +31,8 @@ def spectrum_stats(embeddings: torch.Tensor, levels=ENERGY_LEVELS) -> dict:
     Returns ``energy`` (cumulative energy curve, ``[d]``, float64), ``components@90`` etc. (the
     fewest leading components holding that share of the energy) and ``fraction@90`` (the same
     over ``d``), ``entropy_rank`` (Roy & Vetterli 2007: ``exp`` of the Shannon entropy of the
-    normalized eigenvalues; ``d`` for an isotropic set, 1 for a line), ``dim`` and ``samples``.
+    centered embedding matrix's normalized singular values, the square roots of the covariance
+    eigenvalues; ``d`` for an isotropic set, 1 for a line), ``dim`` and ``samples``.
     """
     eigenvalues = covariance_eigenvalues(embeddings)
     samples, dim = embeddings.shape
@@ -51,7 +52,10 @@ def spectrum_stats(embeddings: torch.Tensor, levels=ENERGY_LEVELS) -> dict:
         components = int(torch.searchsorted(energy, torch.tensor(level - 1e-12, dtype=torch.float64))) + 1
         stats[f"components@{round(level * 100)}"] = components
         stats[f"fraction@{round(level * 100)}"] = components / dim
-    shares = eigenvalues / total
+    # Singular values, not eigenvalues: normalizing the eigenvalues (their squares) gives a
+    # smaller number than the measure the literature reports (RankMe uses the same definition).
+    singular_values = eigenvalues.sqrt()
+    shares = singular_values / singular_values.sum()
     shares = shares[shares > 0]
     stats["entropy_rank"] = float(torch.exp(-(shares * shares.log()).sum()))
     return stats

@@ -17,8 +17,10 @@ def _numpy_reference(x: np.ndarray) -> dict:
     reference = {"energy": energy}
     for level in (90, 95, 99):
         reference[f"components@{level}"] = int(np.argmax(energy >= level / 100 - 1e-12)) + 1
-    p = eigenvalues / eigenvalues.sum()
-    p = p[p > 0]
+    # Roy & Vetterli: the singular values of the centered matrix, by an SVD (not the eigenvalues).
+    singular_values = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+    p = singular_values / singular_values.sum()
+    p = p[p > 1e-12]
     reference["entropy_rank"] = float(np.exp(-(p * np.log(p)).sum()))
     return reference
 
@@ -48,6 +50,11 @@ def test_known_spectra():
     stats = spectrum_stats(torch.tensor(isotropic))
     assert stats["entropy_rank"] == pytest.approx(8.0, rel=1e-3)
     assert stats["components@90"] == 8  # every direction carries 1/8 of the energy
+    # Orthogonal centered columns of norms 2 * sqrt(2) and sqrt(2): singular values 2 : 1, so
+    # shares 2/3, 1/3 (covariance eigenvalues 4 : 1 would give shares 0.8, 0.2 and 1.649).
+    two_to_one = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    expected = np.exp(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)))  # 1.8899
+    assert spectrum_stats(two_to_one)["entropy_rank"] == pytest.approx(expected, abs=1e-9)
     constant = spectrum_stats(torch.ones(10, 4))
     assert constant["entropy_rank"] == 0.0 and constant["components@99"] == 0
 
