@@ -250,3 +250,35 @@ def test_documents_cannot_keep_the_text_models_weights_while_those_weights_train
     lora = {"pretrained_model_name_or_path": str(tiny_text_model), "lora": {"r": 2}}
     model = _model(tiny_text_model, tiny_speech_model, text_encoder=lora, adapt_documents=False)
     assert model.document_tower_frozen
+
+
+def test_documents_off_the_lora_adapters_embed_as_the_frozen_text_model_does(
+    tmp_path, tiny_text_model, tiny_speech_model
+):
+    """With ``adapt_documents=false`` documents take the text model as a frozen tower runs it:
+    adapters off and no dropout, so a training step, the document cache (filled in training mode
+    at fit start) and evaluation all see one embedding per document."""
+    import json
+    import shutil
+
+    from datamodules.text_batches import PromptConfig, TextBatchBuilder
+
+    dropout_model = tmp_path / "tiny-qwen3-with-dropout"
+    shutil.copytree(tiny_text_model, dropout_model)
+    config = json.loads((dropout_model / "config.json").read_text())
+    (dropout_model / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    lora = {"pretrained_model_name_or_path": str(dropout_model), "lora": {"r": 2}}
+    model = _model(dropout_model, tiny_speech_model, text_encoder=lora, adapt_documents=False)
+    texts = ["saaso mooje bita vérô kani dolo siri", "fèfé lôrôfê tigi bolo mana"]
+    builder = TextBatchBuilder(AutoTokenizer.from_pretrained(dropout_model), PromptConfig(), 32, 32, {})
+    batch = {"document": builder.documents(texts)}
+
+    model.train()
+    with torch.no_grad():
+        training = [model.embed_documents(batch) for _ in range(2)]
+        assert model.text_encoder.model.training  # the LoRA model trains on
+        model.eval()
+        evaluation = model.embed_documents(batch)
+    for dim in DIMS:
+        assert torch.equal(training[0][dim], training[1][dim])
+        assert torch.allclose(training[0][dim], evaluation[dim], atol=1e-6, rtol=0)

@@ -161,11 +161,21 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @contextlib.contextmanager
     def base_model_only(self):
-        """Context with the LoRA adapters off (the base model alone); a no-op without LoRA."""
+        """Context running the base model as a frozen tower runs: LoRA adapters off and eval mode
+        (no dropout; the mode comes back after), so its embeddings are the same at every call and
+        match a cache of them. A no-op without LoRA."""
         if self.config.lora is None:
-            return contextlib.nullcontext()
-        return self.model.disable_adapter()
+            yield
+            return
+        training = self.model.training
+        with self.model.disable_adapter():
+            self.model.eval()
+            try:
+                yield
+            finally:
+                self.model.train(training)
 
     def embedding_table(self) -> torch.Tensor:
         """The input embedding weight ``[vocabulary, hidden]`` (the LLM's own tensor, not a copy)."""
