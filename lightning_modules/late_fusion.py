@@ -61,8 +61,9 @@ class LateFusion(MatryoshkaEmbedder):
             freeze_text_encoder: Keep the text model frozen (with LoRA the base is frozen anyway).
             adapt_documents: With LoRA, whether documents also go through the adapters. False:
                 documents (and alignment targets) keep the text model's own embeddings (the
-                base model in eval mode, as a frozen tower) while only speech queries are adapted, so a document index built with the text model
-                stays valid and the frozen document embeddings can be cached.
+                base model in eval mode, as a frozen tower) while only speech queries are
+                adapted, so a document index built with the text model stays valid and the
+                frozen document embeddings can be cached.
             alignment_weight: Weight of an added alignment term (0: the paper's InfoNCE only): the
                 speech query's embedding is pulled towards the same LLM's embedding of its
                 transcription (cosine + L1 per dim, target without gradient). Needs the
