@@ -22,6 +22,7 @@ from lightning_modules.document_cache import tokenized_document_keys
 from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings
 from lightning_modules.losses import matryoshka_info_nce
 from lightning_modules.random_state import collect_random_states, restore_random_states
+from lightning_modules.weight_decay import parameter_groups, regroup_single_group_state
 
 log = logging.getLogger(__name__)
 
@@ -319,15 +320,16 @@ class MatryoshkaEmbedder(LightningModule):
 
     # ----- optimization -------------------------------------------------------------------
     def configure_optimizers(self):
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        if not parameters:
+        # Matrices decay, vectors (biases, norm gains, layer logits) do not: weight_decay.py.
+        groups = parameter_groups(self)
+        if not groups:
             raise ConfigError(
                 f"{type(self).__name__} has no trainable parameters: check the freezing options."
             )
         if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+            optimizer = torch.optim.AdamW(groups, lr=1e-4)
         else:
-            optimizer = self.optimizer_factory(parameters)
+            optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -372,6 +374,7 @@ class MatryoshkaEmbedder(LightningModule):
         else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
             self.skipped_rows = sum(per_rank) if distributed.rank() == 0 else 0
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
+        regroup_single_group_state(checkpoint, self)  # a run started before the decay groups
         self._restore_own_data_position(checkpoint)
         states = checkpoint.get("rng_states_per_rank") or []
         if len(states) == distributed.world_size():
