@@ -18,6 +18,17 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
+def _rows(source) -> Iterator[dict]:
+    """The rows of a ``datasets.IterableDataset``, read through ``iter()``: in a DataLoader worker,
+    its ``__iter__`` would split the shards by worker again (``ShuffledEpochStream.source`` did)."""
+    if get_worker_info() is not None:
+        import fsspec.asyn
+
+        fsspec.asyn.reset_lock()  # as datasets' own worker iteration does: a forked lock can hang
+    for batch in source.iter(batch_size=1):
+        yield {column: values[0] for column, values in batch.items()}
+
+
 class ShuffledEpochStream(IterableDataset):
     """Iterates ``passes`` epochs (``None``: forever), each in a new seeded order, resumable mid-epoch.
 
@@ -69,18 +80,36 @@ class ShuffledEpochStream(IterableDataset):
         self._resume: dict | None = None
 
     def source(self, epoch: int):
-        """This rank's rows of ``epoch`` in reading order (shards permuted per epoch)."""
+        """This rank's and DataLoader worker's rows of ``epoch`` in reading order (shards permuted
+        per epoch); None where it holds no shard.
+
+        The split by worker is made here rather than left to ``datasets``, which splits by worker
+        inside its own ``__iter__``: a state saved in a worker is then that worker's share, yet
+        ``load_state_dict`` restores it into the whole dataset before the split (an IndexError on
+        resume). Here the dataset a worker restores is the very one whose state it saved.
+        """
         from datasets import concatenate_datasets
         from datasets.distributed import split_dataset_by_node
 
         shards = self.dataset.num_shards
-        # A fresh object every epoch: a state loaded into a datasets IterableDataset stays its
-        # starting point for every later iteration too.
-        source = copy.deepcopy(self.dataset)
-        if shards > 1:
-            order = np.random.default_rng([self.seed, epoch]).permutation(shards)
-            source = concatenate_datasets([self.dataset.shard(shards, int(i)) for i in order])
-        if self.world_size > 1:
+        order = np.random.default_rng([self.seed, epoch]).permutation(shards).tolist() if shards > 1 else [0]
+        # Ranks take every world_size-th shard when the shards divide evenly, else every
+        # world_size-th row of the shards (datasets' split_dataset_by_node rule).
+        by_shard = shards % self.world_size == 0
+        if by_shard:
+            order = order[self.rank :: self.world_size]
+        worker = get_worker_info()
+        if worker is not None:
+            order = order[worker.id :: worker.num_workers]
+        if not order:
+            return None
+        if shards == 1:
+            # A fresh object every epoch: a state loaded into a datasets IterableDataset stays its
+            # starting point for every later iteration too.
+            source = copy.deepcopy(self.dataset)
+        else:
+            source = concatenate_datasets([self.dataset.shard(shards, i) for i in order])
+        if not by_shard:
             source = split_dataset_by_node(source, rank=self.rank, world_size=self.world_size)
         return source
 
@@ -112,7 +141,7 @@ class ShuffledEpochStream(IterableDataset):
                 block, served = resume["block"], resume["served"]
             block_start = resume["block_start"] if resume else None
             resume = None
-            rows = iter(source)
+            rows = _rows(source) if source is not None else iter(())
             served_any = False
             while True:
                 rows_of_block = list(islice(rows, self.block_size))

@@ -147,6 +147,44 @@ def test_loader_state_resumes_at_the_next_row(tiny_text_model, tmp_path):
     assert sum(len(b) for b in seen + rest) == 40
 
 
+def _taken_batches(datamodule, loader, limit=None) -> list[list[str]]:
+    """The ids of the batches the training loop takes (each marked consumed, as Lightning does)."""
+    taken = []
+    for batch in loader:
+        taken.append(datamodule.on_before_batch_transfer(batch, 0)["ids"])
+        if len(taken) == limit:
+            break
+    return taken
+
+
+@pytest.mark.parametrize("stop_after", [5, 16])  # past a worker's first block, of each pass
+def test_a_loader_with_workers_over_several_shards_resumes_at_the_next_row(
+    tiny_text_model, tmp_path, stop_after
+):
+    """Two workers, four shards: each worker saves and restores the position in its own shards."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for shard in range(4):
+        rows = [{"id": f"s{shard}-r{i}", "query": "bita", "document": "fèfé"} for i in range(10)]
+        _write_jsonl(folder / f"part{shard}.jsonl", rows)
+    options = dict(passes=2, num_workers=2, shuffle_block_size=8)
+
+    def fresh():
+        datamodule = _datamodule(tiny_text_model, folder, **options)
+        datamodule.setup("fit")
+        return datamodule, datamodule.train_dataloader()
+
+    uninterrupted = _taken_batches(*fresh())
+    datamodule, loader = fresh()
+    seen = _taken_batches(datamodule, loader, limit=stop_after)
+    state = loader.state_dict()
+    datamodule, resumed = fresh()
+    resumed.load_state_dict(state)
+    assert seen + _taken_batches(datamodule, resumed) == uninterrupted
+    ids = [i for batch in uninterrupted for i in batch]
+    assert len(ids) == 80 and all(ids.count(f"s{s}-r{i}") == 2 for s in range(4) for i in range(10))
+
+
 def test_missing_paths_fail_at_construction_with_the_key(tiny_text_model, tmp_path):
     with pytest.raises(ConfigError, match="data.train_data"):
         _datamodule(tiny_text_model, tmp_path / "nope.jsonl")

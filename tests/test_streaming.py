@@ -77,6 +77,18 @@ def test_ranks_split_every_epoch_without_overlap(tmp_path):
         assert len(set(shares[0]) | set(shares[1])) == 24
 
 
+@pytest.mark.parametrize("shards", [8, 3])  # ranks split by shard; by row (3 shards, 2 ranks)
+def test_ranks_and_dataloader_workers_split_an_epoch_without_overlap(tmp_path, shards):
+    from torch.utils.data import DataLoader
+
+    folder = _parquet_folder(tmp_path / "train", 40, shards)
+    served = []
+    for rank in range(2):
+        stream = ShuffledEpochStream(load_stream(folder), block_size=4, passes=1, rank=rank, world_size=2)
+        served += _ids(DataLoader(stream, batch_size=None, num_workers=2))
+    assert sorted(served) == sorted(f"s{i % shards}-r{i}" for i in range(40))
+
+
 def test_block_size_must_be_positive(source):
     with pytest.raises(ValueError, match="block_size"):
         ShuffledEpochStream(load_stream(source), block_size=0)
