@@ -120,8 +120,11 @@ class StreamingPairDataModule(LightningDataModule):
                 epoch's last block is usually partial, so its rank (and worker) ends the epoch on one
                 smaller batch (plain batches run on across epochs instead); a batch of one row is
                 skipped, as any batch under two rows.
-            passes: Passes over the training data (None: repeat forever; stop with trainer.max_steps).
-                Must be None under DDP, where ranks may hold different numbers of rows.
+            passes: Passes over the training data, each in a new order; then training ends, its
+                last step validated and checkpointed as at trainer.max_steps (whichever comes
+                first). The passes make one Lightning epoch (trainer.max_epochs is set to 1).
+                None: repeat forever; stop with trainer.max_steps. Must be None under DDP, where
+                ranks may hold different numbers of rows.
             num_workers: DataLoader worker processes.
             seed: Shuffle seed.
         """
@@ -285,6 +288,10 @@ class StreamingPairDataModule(LightningDataModule):
             collate_fn=collate,
             num_workers=hp.num_workers,
         )
+        if hp.passes is not None and self.trainer is not None:
+            # All passes are one Lightning epoch: a second one would iterate the loader afresh,
+            # from the first pass in the same order. A run resumed after the last batch ends too.
+            self.trainer.fit_loop.max_epochs = 1
         return self._train_loader
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -295,6 +302,11 @@ class StreamingPairDataModule(LightningDataModule):
                 self._train_loader.mark_consumed(batch)
             else:
                 batch.pop(STATE_KEY)
+            trainer = self.trainer
+            if trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # The stream's last batch (data.passes done): stopping at this step makes Lightning
+                # validate it, and the checkpoints saved after, as base.py does at max_steps.
+                trainer.should_stop = True
         return batch
 
     # ----- documents, for a frozen-document cache -----------------------------------------

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.demo.corpus import DemoCorpusConfig, DemoLanguagePair, generate_demo_corpus
 from datamodules.eval_sets import load_beir_eval_set
@@ -183,6 +187,89 @@ def test_a_loader_with_workers_over_several_shards_resumes_at_the_next_row(
     assert seen + _taken_batches(datamodule, resumed) == uninterrupted
     ids = [i for batch in uninterrupted for i in batch]
     assert len(ids) == 80 and all(ids.count(f"s{s}-r{i}") == 2 for s in range(4) for i in range(10))
+
+
+class _RecordIds(LightningModule):
+    """One weight; records the ids of every batch it trains on, and the steps validated."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.ids: list[list[str]] = []
+        self.validated_at: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.ids.append(list(batch["ids"]))
+        return (self.weight**2).sum() + 1
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_start(self):
+        self.validated_at.append(self.trainer.global_step)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(root, datamodule, max_steps, ckpt_path=None, callbacks=(), **trainer_options) -> tuple:
+    model = _RecordIds()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **trainer_options,
+    )
+    trainer.fit(model, datamodule, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_passes_end_training_after_that_many_passes_each_in_a_new_order(
+    tiny_text_model, corpus_dir, tmp_path
+):
+    rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(12)]
+    datamodule = _datamodule(
+        tiny_text_model,
+        _write_jsonl(tmp_path / "train.jsonl", rows),
+        passes=2,
+        shuffle_block_size=4,
+        eval_sets={"demo": str(corpus_dir / "eval" / "demo")},
+    )
+    validating = dict(
+        val_check_interval=4, check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0
+    )
+    trainer, model = _fit(tmp_path, datamodule, 50, enable_checkpointing=False, **validating)
+    ids = [i for batch in model.ids for i in batch]
+    assert trainer.global_step == len(model.ids) == 6  # 2 passes of 12 rows in batches of 4
+    assert Counter(ids) == {row["id"]: 2 for row in rows}
+    assert sorted(ids[:12]) == sorted(ids[12:]) and ids[:12] != ids[12:]
+    assert model.validated_at == [4, 6]  # the last step too, off the validation interval
+
+
+def test_a_run_with_passes_resumes_at_the_next_batch_and_still_ends(tiny_text_model, tmp_path):
+    rows = [{"id": f"r{i}", "query": "bita", "document": "fèfé"} for i in range(12)]
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def fit(root, max_steps, ckpt_path=None):
+        every_step = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+        datamodule = _datamodule(tiny_text_model, train, passes=2, shuffle_block_size=4)
+        return _fit(root, datamodule, max_steps, ckpt_path, callbacks=[every_step])
+
+    _, straight = fit(tmp_path / "straight", 50)
+    assert len(straight.ids) == 6
+    _, first = fit(tmp_path / "first", 4)  # stops in the second pass
+    trainer, resumed = fit(
+        tmp_path / "resumed", 50, tmp_path / "first" / "checkpoints" / "epoch=0-step=4.ckpt"
+    )
+    assert first.ids + resumed.ids == straight.ids and trainer.global_step == 6
+    # Resumed after the last batch: nothing is left, and no pass starts again.
+    last = tmp_path / "straight" / "checkpoints" / "epoch=0-step=6.ckpt"
+    trainer, after_the_end = fit(tmp_path / "after", 50, last)
+    assert after_the_end.ids == [] and trainer.global_step == 6
 
 
 def test_missing_paths_fail_at_construction_with_the_key(tiny_text_model, tmp_path):
