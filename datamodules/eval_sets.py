@@ -137,7 +137,7 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not data
         for line_number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
@@ -147,7 +147,7 @@ def _read_jsonl(path: Path):
 
 
 def _read_qrels_tsv(path: Path) -> list[tuple[str, str, int]]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:

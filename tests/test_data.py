@@ -56,6 +56,15 @@ def test_qrels_naming_unknown_ids_fail_with_the_id(tmp_path, bad):
         load_beir_eval_set("toy", str(_write_beir(tmp_path / "toy", [("a", "x", 1), bad])))
 
 
+def test_eval_files_with_a_byte_order_mark_load(tmp_path):
+    """Windows tools write UTF-8 with a BOM; training files load that way, so eval files do too."""
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1)])
+    for path in (root / "queries.jsonl", root / "corpus.jsonl", root / "qrels" / "test.tsv"):
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    eval_set = load_beir_eval_set("toy", str(root))
+    assert [row["id"] for row in eval_set.queries] == ["a", "b"] and eval_set.qrels == {0: {0: 1}}
+
+
 def test_missing_eval_folder_is_named(tmp_path):
     with pytest.raises(ConfigError, match="queries.jsonl"):
         load_beir_eval_set("toy", str(tmp_path / "absent"))
