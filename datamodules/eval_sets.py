@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from datamodules.sources import looks_local
 from lightning_modules.components.errors import ConfigError, DataError
@@ -61,19 +64,32 @@ class EvalSet:
         return EvalSet(self.name, queries, self.corpus, qrels, self.root, self.kind)
 
 
-def build_eval_set(name: str, queries: list[dict], corpus: list[dict], qrel_rows, source: str) -> EvalSet:
+class Judgment(NamedTuple):
+    """One qrels row, and where it was read (``file:line``), to name it in an error."""
+
+    query_id: str
+    doc_id: str
+    grade: int
+    where: str
+
+
+def build_eval_set(
+    name: str, queries: list[dict], corpus: list[dict], judgments: Iterable[Judgment], source: str
+) -> EvalSet:
     """Checks ids and turns id-keyed qrels into position-keyed ones; names any unknown id."""
     query_index = _index_by_id(queries, f"{source} queries")
     doc_index = _index_by_id(corpus, f"{source} corpus")
     qrels: dict[int, dict[int, int]] = {}
-    for query_id, doc_id, grade in qrel_rows:
+    for query_id, doc_id, grade, where in judgments:
         if query_id not in query_index:
             raise DataError(
-                f"eval set {name!r}: qrels name query id {query_id!r}, which is not in {source} queries."
+                f"eval set {name!r}, {where}: qrels name query id {query_id!r}, which is not in "
+                f"{source} queries."
             )
         if doc_id not in doc_index:
             raise DataError(
-                f"eval set {name!r}: qrels name corpus id {doc_id!r}, which is not in {source} corpus."
+                f"eval set {name!r}, {where}: qrels name corpus id {doc_id!r}, which is not in "
+                f"{source} corpus."
             )
         if grade > 0:
             qrels.setdefault(query_index[query_id], {})[doc_index[doc_id]] = grade
@@ -96,9 +112,14 @@ def _document_text(row: dict) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-def _normalize_rows(raw_rows, is_corpus: bool) -> list[dict]:
+def _normalize_rows(raw_rows: Iterable[tuple[str, dict]], is_corpus: bool) -> list[dict]:
+    """``(where, row)`` pairs as read (``where``: ``file:line``) -> rows with ``id`` (and ``text``)."""
     rows = []
-    for raw in raw_rows:
+    for where, raw in raw_rows:
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a JSON object with an '_id', got {type(raw).__name__}.")
+        if raw.get("_id") is None or str(raw["_id"]).strip() == "":
+            raise DataError(f"{where}: the row has no '_id' (every query and document needs one).")
         row = {key: value for key, value in raw.items() if key not in ("_id", "title")}
         row["id"] = str(raw["_id"])
         if is_corpus:
@@ -126,30 +147,65 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
         from datamodules.sources import undecoded_audio
 
         queries = _normalize_rows(
-            undecoded_audio(datasets.load_dataset(location, "queries", split="queries")), is_corpus=False
+            _numbered(undecoded_audio(datasets.load_dataset(location, "queries", split="queries")), location),
+            is_corpus=False,
         )
-        corpus = _normalize_rows(datasets.load_dataset(location, "corpus", split="corpus"), is_corpus=True)
-        qrels_table = datasets.load_dataset(f"{location}-qrels", split=split)
-        qrel_rows = [(str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for r in qrels_table]
+        corpus = _normalize_rows(
+            _numbered(datasets.load_dataset(location, "corpus", split="corpus"), location), is_corpus=True
+        )
+        qrels_name = f"{location}-qrels"
+        qrel_rows = [
+            Judgment(str(r["query-id"]), str(r["corpus-id"]), _grade(r["score"], where), where)
+            for where, r in _numbered(datasets.load_dataset(qrels_name, split=split), f"{qrels_name} {split}")
+        ]
     eval_set = build_eval_set(name, queries, corpus, qrel_rows, source=location)
     eval_set.root = Path(location).expanduser() if looks_local(location) else None
     return eval_set
 
 
-def _read_jsonl(path: Path):
+def _numbered(rows: Iterable[dict], source: str) -> Iterable[tuple[str, dict]]:
+    """Hub rows with where they are (``<dataset> row <n>``), as ``_read_jsonl`` gives file lines."""
+    return ((f"{source} row {number}", row) for number, row in enumerate(rows))
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
+    """``(file:line, row)`` for every non-blank line."""
     with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not data
         for line_number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield f"{path}:{line_number}", json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}:{line_number}: not valid JSON ({error}).") from error
 
 
-def _read_qrels_tsv(path: Path) -> list[tuple[str, str, int]]:
+def _grade(value, where: str) -> int:
+    """A qrels score as an integer grade; an integer written as a float (``1.0``) is that integer."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number.is_integer()):
+        raise DataError(
+            f"{where}: score {value!r} is not an integer grade (0: not relevant; 1, 2, ...: relevant)."
+        )
+    return int(number)
+
+
+def _read_qrels_tsv(path: Path) -> list[Judgment]:
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
             raise DataError(f"{path}: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header}.")
-        return [(row[0], row[1], int(row[2])) for row in reader if row]
+        judgments = []
+        for row in reader:
+            if not row:
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) < 3:
+                raise DataError(
+                    f"{where}: expected query-id, corpus-id and score separated by tabs, got {row}."
+                )
+            judgments.append(Judgment(row[0], row[1], _grade(row[2], where), where))
+        return judgments

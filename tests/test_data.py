@@ -65,6 +65,34 @@ def test_eval_files_with_a_byte_order_mark_load(tmp_path):
     assert [row["id"] for row in eval_set.queries] == ["a", "b"] and eval_set.qrels == {0: {0: 1}}
 
 
+def test_an_integer_score_written_as_a_float_is_that_grade(tmp_path):
+    root = _write_beir(tmp_path / "toy", [("a", "x", "1.0"), ("b", "y", "2.0")])
+    assert load_beir_eval_set("toy", str(root)).qrels == {0: {0: 1}, 1: {1: 2}}
+
+
+@pytest.mark.parametrize(
+    "bad_line, problem",
+    [("b\ty\t0.5", "score '0.5' is not an integer grade"), ("b\ty\tyes", "score 'yes'"), ("b\ty", "got")],
+)
+def test_bad_qrels_rows_are_named_by_file_and_line(tmp_path, bad_line, problem):
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1)])
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + bad_line + "\n")
+    with pytest.raises(DataError, match=rf"test\.tsv:3: .*{problem}"):
+        load_beir_eval_set("toy", str(root))
+
+
+@pytest.mark.parametrize(
+    "bad_row", [{"text": "no id"}, {"_id": None, "text": "null id"}, ["not", "an object"]]
+)
+def test_corpus_rows_without_an_id_are_named_by_file_and_line(tmp_path, bad_row):
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1)])
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps(bad_row) + "\n")
+    with pytest.raises(DataError, match=r"corpus\.jsonl:4: "):
+        load_beir_eval_set("toy", str(root))
+
+
 def test_missing_eval_folder_is_named(tmp_path):
     with pytest.raises(ConfigError, match="queries.jsonl"):
         load_beir_eval_set("toy", str(tmp_path / "absent"))
