@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from datamodules.sources import looks_local
 from lightning_modules.components.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +31,7 @@ class EvalSet:
     queries: list[dict]
     """Rows with at least ``id``; ``text`` and ``task`` when the data has them."""
     corpus: list[dict]
-    """Rows with ``id`` and ``text``."""
+    """Rows with ``id`` and ``text`` (the title, if any, then the text; never empty)."""
     qrels: dict[int, dict[int, int]] = field(default_factory=dict)
     """Query position -> {document position: grade > 0}."""
 
@@ -39,6 +42,9 @@ class EvalSet:
     """``retrieval`` (rank the corpus: nDCG, recall, MRR) or ``classification`` (the corpus is
     one text per class, the qrels give each query's class: accuracy and macro recall/F1 of the
     nearest class, e.g. keyword spotting or zero-shot intent)."""
+
+    documents_left_out: list[str] = field(default_factory=list)
+    """Ids of the corpus rows left out for having neither text nor title."""
 
     def gold_labels(self) -> list[int]:
         """Each query's class (its highest-graded document), for a classification set."""
@@ -61,7 +67,7 @@ class EvalSet:
             for new, row in enumerate(queries)
             if old_position[row["id"]] in self.qrels
         }
-        return EvalSet(self.name, queries, self.corpus, qrels, self.root, self.kind)
+        return replace(self, queries=queries, qrels=qrels)
 
 
 class Judgment(NamedTuple):
@@ -74,11 +80,23 @@ class Judgment(NamedTuple):
 
 
 def build_eval_set(
-    name: str, queries: list[dict], corpus: list[dict], judgments: Iterable[Judgment], source: str
+    name: str,
+    queries: list[dict],
+    corpus: list[dict],
+    judgments: Iterable[Judgment],
+    source: str,
+    documents_without_text: dict[str, str] | None = None,
 ) -> EvalSet:
-    """Checks ids and turns id-keyed qrels into position-keyed ones; names any unknown id."""
+    """Checks ids and turns id-keyed qrels into position-keyed ones; names any unknown id.
+
+    ``documents_without_text`` (id -> where it was read) are the corpus rows left out: a
+    judgment of one as not relevant (grade <= 0) changes nothing, one as relevant is an error.
+    """
+    without_text = documents_without_text or {}
     query_index = _index_by_id(queries, f"{source} queries")
     doc_index = _index_by_id(corpus, f"{source} corpus")
+    for doc_id in without_text.keys() & doc_index.keys():
+        raise DataError(f"{source} corpus: id {doc_id!r} appears twice.")
     qrels: dict[int, dict[int, int]] = {}
     for query_id, doc_id, grade, where in judgments:
         if query_id not in query_index:
@@ -86,6 +104,14 @@ def build_eval_set(
                 f"eval set {name!r}, {where}: qrels name query id {query_id!r}, which is not in "
                 f"{source} queries."
             )
+        if doc_id in without_text:
+            if grade > 0:
+                raise DataError(
+                    f"eval set {name!r}, {where}: qrels judge corpus id {doc_id!r} relevant, but its "
+                    f"row ({without_text[doc_id]}) has neither text nor title; give it its text or "
+                    "remove the judgment."
+                )
+            continue
         if doc_id not in doc_index:
             raise DataError(
                 f"eval set {name!r}, {where}: qrels name corpus id {doc_id!r}, which is not in "
@@ -93,7 +119,9 @@ def build_eval_set(
             )
         if grade > 0:
             qrels.setdefault(query_index[query_id], {})[doc_index[doc_id]] = grade
-    return EvalSet(name=name, queries=queries, corpus=corpus, qrels=qrels)
+    return EvalSet(
+        name=name, queries=queries, corpus=corpus, qrels=qrels, documents_left_out=list(without_text)
+    )
 
 
 def _index_by_id(rows: list[dict], what: str) -> dict[str, int]:
@@ -107,25 +135,41 @@ def _index_by_id(rows: list[dict], what: str) -> dict[str, int]:
 
 
 def _document_text(row: dict) -> str:
-    title = (row.get("title") or "").strip()
-    text = row.get("text") or ""
-    return f"{title} {text}".strip() if title else text
+    """The title (if any), then the text, as BEIR's models read a document (non-strings count as empty)."""
+    title, text = (row.get(key) if isinstance(row.get(key), str) else "" for key in ("title", "text"))
+    return f"{title.strip()} {text}".strip() if title.strip() else text
 
 
-def _normalize_rows(raw_rows: Iterable[tuple[str, dict]], is_corpus: bool) -> list[dict]:
-    """``(where, row)`` pairs as read (``where``: ``file:line``) -> rows with ``id`` (and ``text``)."""
-    rows = []
+def _with_id(where: str, raw) -> dict:
+    """A query or corpus row with its ``_id`` as ``id`` (a string); ``where`` names it in an error."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object with an '_id', got {type(raw).__name__}.")
+    if raw.get("_id") is None or str(raw["_id"]).strip() == "":
+        raise DataError(f"{where}: the row has no '_id' (every query and document needs one).")
+    row = {key: value for key, value in raw.items() if key not in ("_id", "title")}
+    row["id"] = str(raw["_id"])
+    return row
+
+
+def _query_rows(raw_rows: Iterable[tuple[str, dict]]) -> list[dict]:
+    """``(where, row)`` pairs as read (``where``: ``file:line``) -> query rows."""
+    return [_with_id(where, raw) for where, raw in raw_rows]
+
+
+def _corpus_rows(raw_rows: Iterable[tuple[str, dict]]) -> tuple[list[dict], dict[str, str]]:
+    """Corpus rows with their ``text``, and (id -> where) of those with neither text nor title,
+    which are left out: an empty document would compete in every ranking."""
+    rows, without_text = [], {}
     for where, raw in raw_rows:
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected a JSON object with an '_id', got {type(raw).__name__}.")
-        if raw.get("_id") is None or str(raw["_id"]).strip() == "":
-            raise DataError(f"{where}: the row has no '_id' (every query and document needs one).")
-        row = {key: value for key, value in raw.items() if key not in ("_id", "title")}
-        row["id"] = str(raw["_id"])
-        if is_corpus:
-            row["text"] = _document_text(raw)
-        rows.append(row)
-    return rows
+        row = _with_id(where, raw)
+        row["text"] = _document_text(raw)
+        if row["text"].strip():
+            rows.append(row)
+        elif row["id"] in without_text:
+            raise DataError(f"{where}: corpus id {row['id']!r} appears twice.")
+        else:
+            without_text[row["id"]] = where
+    return rows, without_text
 
 
 def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet:
@@ -138,27 +182,34 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
                 raise ConfigError(
                     f"eval set {name!r}: {path} is missing (expected BEIR layout under {root})."
                 )
-        queries = _normalize_rows(_read_jsonl(needed[0]), is_corpus=False)
-        corpus = _normalize_rows(_read_jsonl(needed[1]), is_corpus=True)
+        queries = _query_rows(_read_jsonl(needed[0]))
+        corpus, without_text = _corpus_rows(_read_jsonl(needed[1]))
         qrel_rows = _read_qrels_tsv(needed[2])
     else:
         import datasets
 
         from datamodules.sources import undecoded_audio
 
-        queries = _normalize_rows(
-            _numbered(undecoded_audio(datasets.load_dataset(location, "queries", split="queries")), location),
-            is_corpus=False,
+        queries = _query_rows(
+            _numbered(undecoded_audio(datasets.load_dataset(location, "queries", split="queries")), location)
         )
-        corpus = _normalize_rows(
-            _numbered(datasets.load_dataset(location, "corpus", split="corpus"), location), is_corpus=True
+        corpus, without_text = _corpus_rows(
+            _numbered(datasets.load_dataset(location, "corpus", split="corpus"), location)
         )
         qrels_name = f"{location}-qrels"
         qrel_rows = [
             Judgment(str(r["query-id"]), str(r["corpus-id"]), _grade(r["score"], where), where)
             for where, r in _numbered(datasets.load_dataset(qrels_name, split=split), f"{qrels_name} {split}")
         ]
-    eval_set = build_eval_set(name, queries, corpus, qrel_rows, source=location)
+    if without_text:
+        log.warning(
+            "eval set %s: %d corpus rows have neither text nor title and are left out: %s (first at %s)",
+            name,
+            len(without_text),
+            list(without_text)[:20],
+            next(iter(without_text.values())),
+        )
+    eval_set = build_eval_set(name, queries, corpus, qrel_rows, location, without_text)
     eval_set.root = Path(location).expanduser() if looks_local(location) else None
     return eval_set
 

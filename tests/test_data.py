@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -90,6 +91,25 @@ def test_corpus_rows_without_an_id_are_named_by_file_and_line(tmp_path, bad_row)
     corpus = root / "corpus.jsonl"
     corpus.write_text(corpus.read_text() + json.dumps(bad_row) + "\n")
     with pytest.raises(DataError, match=r"corpus\.jsonl:4: "):
+        load_beir_eval_set("toy", str(root))
+
+
+def test_corpus_rows_without_text_are_left_out_and_named(tmp_path, caplog):
+    """A title alone is a document; a row with neither would be embedded empty and ranked."""
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1), ("b", "empty", 0)])
+    with open(root / "corpus.jsonl", "a", encoding="utf-8") as corpus:
+        for row in ({"_id": "empty", "title": "", "text": "  "}, {"_id": "bare"}, {"_id": "t", "title": "T"}):
+            corpus.write(json.dumps(row) + "\n")
+    with caplog.at_level(logging.WARNING):
+        eval_set = load_beir_eval_set("toy", str(root))
+    assert [(row["id"], row["text"]) for row in eval_set.corpus][-2:] == [("z", "doc z"), ("t", "T")]
+    assert eval_set.documents_left_out == ["empty", "bare"]
+    assert "2 corpus rows have neither text nor title" in caplog.text and "'bare'" in caplog.text
+    assert eval_set.qrels == {0: {0: 1}}  # the grade-0 judgment of 'empty' changes nothing
+
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_text(qrels.read_text() + "b\tbare\t1\n")
+    with pytest.raises(DataError, match=r"test\.tsv:4: .*'bare' relevant.*corpus\.jsonl:5"):
         load_beir_eval_set("toy", str(root))
 
 
