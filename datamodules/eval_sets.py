@@ -185,6 +185,11 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
         queries = _query_rows(_read_jsonl(needed[0]))
         corpus, without_text = _corpus_rows(_read_jsonl(needed[1]))
         qrel_rows = _read_qrels_tsv(needed[2])
+        other_splits = {
+            path.stem: _read_qrels_tsv(path)
+            for path in sorted((root / "qrels").glob("*.tsv"))
+            if path.stem != split
+        }
     else:
         import datasets
 
@@ -197,10 +202,18 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
             _numbered(datasets.load_dataset(location, "corpus", split="corpus"), location)
         )
         qrels_name = f"{location}-qrels"
-        qrel_rows = [
-            Judgment(str(r["query-id"]), str(r["corpus-id"]), _grade(r["score"], where), where)
-            for where, r in _numbered(datasets.load_dataset(qrels_name, split=split), f"{qrels_name} {split}")
-        ]
+
+        def hub_qrels(split_name: str) -> list[Judgment]:
+            rows = _numbered(
+                datasets.load_dataset(qrels_name, split=split_name), f"{qrels_name} {split_name}"
+            )
+            return [
+                Judgment(str(r["query-id"]), str(r["corpus-id"]), _grade(r["score"], where), where)
+                for where, r in rows
+            ]
+
+        qrel_rows = hub_qrels(split)
+        other_splits = {s: hub_qrels(s) for s in datasets.get_dataset_split_names(qrels_name) if s != split}
     if without_text:
         log.warning(
             "eval set %s: %d corpus rows have neither text nor title and are left out: %s (first at %s)",
@@ -209,9 +222,37 @@ def load_beir_eval_set(name: str, location: str, split: str = "test") -> EvalSet
             list(without_text)[:20],
             next(iter(without_text.values())),
         )
+    queries = _queries_of_split(name, queries, qrel_rows, other_splits, split)
     eval_set = build_eval_set(name, queries, corpus, qrel_rows, location, without_text)
     eval_set.root = Path(location).expanduser() if looks_local(location) else None
     return eval_set
+
+
+def _queries_of_split(
+    name: str,
+    queries: list[dict],
+    judgments: list[Judgment],
+    other_splits: dict[str, list[Judgment]],
+    split: str,
+) -> list[dict]:
+    """Leaves out the queries that only another split's qrels name.
+
+    BEIR keeps every split's queries in one ``queries.jsonl``: split ``test`` would otherwise
+    embed (and score as unjudged) the dev queries. A query no qrels file names stays: a corpus
+    embedded before any judgment is a supported layout.
+    """
+    judged_here = {judgment.query_id for judgment in judgments}
+    elsewhere = {judgment.query_id for rows in other_splits.values() for judgment in rows} - judged_here
+    kept = [row for row in queries if row["id"] not in elsewhere]
+    if len(kept) < len(queries):
+        log.info(
+            "eval set %s, split %s: %d queries judged only in other splits (%s) are left out",
+            name,
+            split,
+            len(queries) - len(kept),
+            ", ".join(sorted(other_splits)),
+        )
+    return kept
 
 
 def _numbered(rows: Iterable[dict], source: str) -> Iterable[tuple[str, dict]]:

@@ -113,6 +113,70 @@ def test_corpus_rows_without_text_are_left_out_and_named(tmp_path, caplog):
         load_beir_eval_set("toy", str(root))
 
 
+def _write_two_split_beir(root: Path, unjudged: bool = True) -> Path:
+    """BEIR's usual layout: every split's queries in one queries.jsonl, one qrels file per split."""
+    (root / "qrels").mkdir(parents=True)
+    ids = [f"q{i}" for i in range(6)] + (["unjudged"] if unjudged else [])
+    _write_jsonl(root / "queries.jsonl", [{"_id": i, "text": f"query {i}"} for i in ids])
+    _write_jsonl(root / "corpus.jsonl", [{"_id": f"c{i}", "text": f"class {i}"} for i in range(2)])
+    for split, judged in (("dev", range(3)), ("test", range(3, 6))):
+        lines = "".join(f"q{i}\tc{i % 2}\t1\n" for i in judged)
+        (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + lines)
+    return root
+
+
+def test_a_split_leaves_out_the_queries_only_another_split_judges(tmp_path, caplog):
+    root = _write_two_split_beir(tmp_path / "toy")
+    with caplog.at_level(logging.INFO):
+        dev = load_beir_eval_set("toy", str(root), split="dev")
+    test = load_beir_eval_set("toy", str(root), split="test")
+    # A query no qrels file names stays (a corpus embedded before any judgment), unjudged.
+    assert [row["id"] for row in dev.queries] == ["q0", "q1", "q2", "unjudged"]
+    assert [row["id"] for row in test.queries] == ["q3", "q4", "q5", "unjudged"]
+    assert test.qrels == {0: {1: 1}, 1: {0: 1}, 2: {1: 1}} and test.num_queries_without_relevant == 1
+    assert "3 queries judged only in other splits (test) are left out" in caplog.text
+
+
+def test_a_classification_set_with_a_dev_split_loads_each_split(tiny_text_model, tmp_path):
+    root = _write_two_split_beir(tmp_path / "keywords", unjudged=False)
+    datamodule = StreamingPairDataModule(
+        str(tiny_text_model), classification_sets={"keywords": str(root)}, val_split="dev"
+    )
+    for stage, expected, classes in (
+        ("validate", ["q0", "q1", "q2"], [0, 1, 0]),
+        ("test", ["q3", "q4", "q5"], [1, 0, 1]),
+    ):
+        datamodule.setup(stage)
+        eval_set = datamodule.eval_sets["keywords"]
+        assert [row["id"] for row in eval_set.queries] == expected and eval_set.gold_labels() == classes
+
+
+def test_a_hub_eval_set_leaves_out_other_splits_queries_and_reads_float_grades(tmp_path, monkeypatch):
+    """The BeIR hub convention (configs ``queries`` / ``corpus``, qrels in ``<name>-qrels``)."""
+    import datasets
+
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)]
+    corpus = [{"_id": "d0", "title": "", "text": "doc 0"}, {"_id": "d1", "title": "", "text": ""}]
+    qrels = {
+        "test": [{"query-id": "q0", "corpus-id": "d0", "score": 1.0}],
+        "dev": [
+            {"query-id": "q1", "corpus-id": "d0", "score": 1},
+            {"query-id": "q2", "corpus-id": "d1", "score": 0},
+        ],
+    }
+
+    def load_dataset(path, name=None, split=None):
+        if path == "org/toy-qrels":
+            return datasets.Dataset.from_list(qrels[split])
+        return datasets.Dataset.from_list({"queries": queries, "corpus": corpus}[name])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda path: list(qrels))
+    eval_set = load_beir_eval_set("toy", "org/toy", split="test")
+    assert [row["id"] for row in eval_set.queries] == ["q0", "q3"] and eval_set.qrels == {0: {0: 1}}
+    assert [row["id"] for row in eval_set.corpus] == ["d0"] and eval_set.documents_left_out == ["d1"]
+
+
 def test_missing_eval_folder_is_named(tmp_path):
     with pytest.raises(ConfigError, match="queries.jsonl"):
         load_beir_eval_set("toy", str(tmp_path / "absent"))
