@@ -10,13 +10,13 @@ pass, every dim), and this callback writes them for a search index or any other 
     <dirpath>/<eval set>/corpus.ids.json, corpus.d<dim>.npy
 
 Each dim is its own array: for sliced Matryoshka models the normalized prefix of the largest, for
-per-dim heads (``DualEncoder``) that head's output. Queries an eval set leaves out (unusable audio)
-are not in the files; the ids say which rows are. Under DDP every rank embeds a share and rank 0
-writes; an error there is raised on every rank. The folder is written aside (``<dirpath>.partial``)
-and swapped in only when complete, so a failed run never leaves a half-written folder in its place
-(a crash within the swap itself leaves the earlier output as ``<dirpath>.old``), and a new run
-leaves no stale dim of an earlier model behind. A folder is only ever replaced if its manifest
-says this callback wrote it.
+per-dim heads (``DualEncoder``) that head's output. Rows an eval set leaves out (queries with
+unusable audio or no text, documents with no text) are not in the files; the ids say which rows are.
+Under DDP every rank embeds a share and rank 0 writes; an error there is raised on every rank. The
+folder is written aside (``<dirpath>.partial``) and swapped in only when complete, so a failed run
+never leaves a half-written folder in its place (a crash within the swap itself leaves the earlier
+output as ``<dirpath>.old``), and a new run leaves no stale dim of an earlier model behind. A folder
+is only ever replaced if its manifest says this callback wrote it.
 """
 
 from __future__ import annotations

@@ -187,12 +187,27 @@ class StreamingPairDataModule(LightningDataModule):
     def _with_decoded_audio(self, eval_set: EvalSet) -> EvalSet:
         """Decodes eval audio once per run; unusable queries are left out, counted and named."""
         usable, dropped = self.batches.load_eval_waveforms(eval_set.queries, eval_set.root)
+        return self._leaving_out(eval_set, usable, dropped, "unusable audio")
+
+    def _with_query_text(self, eval_set: EvalSet) -> EvalSet:
+        """Text queries: those without text are left out, counted and named (a batch holding
+        one would have no ``query_text`` for the model to embed)."""
+        usable, dropped = [], []
+        for row in eval_set.queries:
+            if usable_text(row.get("text")):
+                usable.append(row)
+            else:
+                dropped.append(f"{row['id']}: missing or empty text")
+        return self._leaving_out(eval_set, usable, dropped, "no text")
+
+    def _leaving_out(self, eval_set: EvalSet, usable: list[dict], dropped: list[str], why: str) -> EvalSet:
         if dropped:
             log.warning(
-                "eval set %s: %d of %d queries have unusable audio and are left out: %s",
+                "eval set %s: %d of %d queries have %s and are left out: %s",
                 eval_set.name,
                 len(dropped),
                 len(eval_set.queries),
+                why,
                 dropped[:20],
             )
         self.eval_queries_dropped[eval_set.name] = dropped
@@ -232,6 +247,8 @@ class StreamingPairDataModule(LightningDataModule):
                     self.prompts.instruction(row.get("task"))  # unknown tasks fail now, not mid-run
                 if self.audio is not None:
                     eval_set = self._with_decoded_audio(eval_set)
+                else:
+                    eval_set = self._with_query_text(eval_set)
                 self.eval_sets[name] = eval_set
                 log.info(
                     "eval set %s: %d queries (%d without relevant documents), %d documents",

@@ -416,6 +416,31 @@ def test_eval_batches_keep_positions_and_sides(tiny_text_model, corpus_dir):
     assert "document" in corpus and "query_text" not in corpus and len(corpus["ids"]) == 64
 
 
+def test_text_eval_queries_without_text_are_left_out_and_named(tiny_text_model, tmp_path, caplog):
+    """One such query in a batch left the whole batch without ``query_text`` (a KeyError in the
+    text model at the first validation: batches run longest first, so the sanity check passed)."""
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1), ("empty", "y", 1)])
+    with open(root / "queries.jsonl", "a", encoding="utf-8") as queries:
+        for row in ({"_id": "empty", "text": " "}, {"_id": "null", "text": None}, {"_id": "absent"}):
+            queries.write(json.dumps(row) + "\n")
+    datamodule = StreamingPairDataModule(
+        str(tiny_text_model), eval_sets={"toy": str(root)}, eval_batch_size=2
+    )
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup("validate")
+    eval_set = datamodule.eval_sets["toy"]
+    assert [row["id"] for row in eval_set.queries] == ["a", "b"] and eval_set.qrels == {0: {0: 1}}
+    assert datamodule.eval_queries_dropped["toy"] == [
+        "empty: missing or empty text",
+        "null: missing or empty text",
+        "absent: missing or empty text",
+    ]
+    assert "3 of 5 queries have no text and are left out" in caplog.text
+    for batch in datamodule.val_dataloader():
+        if batch["side"] == "queries":
+            assert batch["query_text"]["input_ids"].shape[0] == len(batch["ids"])
+
+
 def test_finite_passes_under_ddp_is_a_clear_error(tiny_text_model, tmp_path):
     from types import SimpleNamespace
 
