@@ -45,9 +45,14 @@ log = logging.getLogger(__name__)
 
 
 def assemble(
-    chunks: list[tuple[torch.Tensor, dict[int, torch.Tensor]]], size: int
+    chunks: list[tuple[torch.Tensor, dict[int, torch.Tensor]]], size: int, dims: Sequence[int]
 ) -> dict[int, torch.Tensor] | None:
-    """Places per-batch embeddings at their positions; None if some position never arrived."""
+    """Places per-batch embeddings at their positions; None if some position never arrived.
+
+    A side of zero rows is complete: a ``[0, dim]`` tensor per dim (a corpus without queries yet).
+    """
+    if size == 0:
+        return {dim: torch.zeros(0, dim) for dim in dims}
     if not chunks:
         return None
     seen = torch.zeros(size, dtype=torch.bool)
@@ -210,14 +215,15 @@ class RetrievalEvaluator(Callback):
     def _score(self, trainer: Trainer, chunks: dict[tuple[str, str], list], stage: str) -> None:
         eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
         for name, eval_set in eval_sets.items():
-            queries = assemble(chunks.get((name, "queries"), []), len(eval_set.queries))
-            corpus = assemble(chunks.get((name, "corpus"), []), len(eval_set.corpus))
             if not eval_set.queries or not eval_set.corpus:
                 side = "queries" if not eval_set.queries else "documents"
                 log.warning(
                     "eval set %s has no usable %s (see the warning at setup): no metrics.", name, side
                 )
                 continue
+            dims = trainer.lightning_module.matryoshka_dims
+            queries = assemble(chunks.get((name, "queries"), []), len(eval_set.queries), dims)
+            corpus = assemble(chunks.get((name, "corpus"), []), len(eval_set.corpus), dims)
             if queries is None or corpus is None:
                 log.warning(
                     "eval set %s was not fully encoded (limit_%s_batches?): no metrics this time.",

@@ -109,7 +109,10 @@ class WriteEmbeddings(Callback):
         written = {}
         for name, eval_set in eval_sets.items():
             rows = {"queries": eval_set.queries, "corpus": eval_set.corpus}
-            sides = {side: assemble(chunks.get((name, side), []), len(rows[side])) for side in SIDES}
+            sides = {
+                side: assemble(chunks.get((name, side), []), len(rows[side]), pl_module.matryoshka_dims)
+                for side in SIDES
+            }
             if any(embeddings is None for embeddings in sides.values()):
                 log.warning("eval set %s was not fully embedded (limit_predict_batches?): not written.", name)
                 continue

@@ -130,6 +130,25 @@ def test_a_corpus_without_judgments_is_embedded(trained, tmp_path, corpus_dir):
     np.testing.assert_allclose(values, reference[:20], atol=1e-5)
 
 
+def test_a_corpus_without_queries_is_written_with_empty_query_arrays(trained, tmp_path, corpus_dir):
+    """An empty queries.jsonl and a header-only qrels file: the corpus alone, for an index."""
+    _, checkpoint = trained
+    folder = tmp_path / "corpus_only"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "queries.jsonl").write_text("")
+    lines = (corpus_dir / "eval" / "demo" / "corpus.jsonl").read_text().splitlines()[:20]
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    _predict(tmp_path, f"--ckpt_path={checkpoint}", f"--data.init_args.eval_sets={{corpus_only: {folder}}}")
+    output = tmp_path / "embeddings"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["eval_sets"] == {"corpus_only": {"queries": 0, "corpus": 20}}
+    for dim in DIMS:
+        ids, queries = load_embeddings(output, "corpus_only", "queries", dim)
+        assert ids == [] and queries.shape == (0, dim) and queries.dtype == np.float32
+        assert load_embeddings(output, "corpus_only", "corpus", dim)[1].shape == (20, dim)
+
+
 def test_predict_under_ddp_writes_what_one_process_writes(trained, tmp_path):
     root, checkpoint = trained
     outputs = {}
