@@ -243,8 +243,13 @@ class StreamingPairDataModule(LightningDataModule):
                 eval_set.kind = kinds[name]
                 if eval_set.kind == "classification":
                     eval_set.gold_labels()  # a query without a class fails now, not at the first validation
-                for row in eval_set.queries:
-                    self.prompts.instruction(row.get("task"))  # unknown tasks fail now, not mid-run
+                for row in eval_set.queries:  # unknown tasks fail now, not mid-run
+                    if not self.prompts.has_instruction(row.get("task")):
+                        raise ConfigError(
+                            f"eval set {name!r}: query {row['id']!r} has task {row.get('task')!r}, which has "
+                            f"no instruction; add it under data.prompts.prompts (known tasks: "
+                            f"{sorted(self.prompts.prompts)})."
+                        )
                 if self.audio is not None:
                     eval_set = self._with_decoded_audio(eval_set)
                 else:

@@ -1,9 +1,9 @@
 """Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
 
-A training row needs a document and usable audio; bad audio (undecodable, empty, silent,
-NaN/inf, wrong type, missing, outside the duration limits, too short for the speech model to
-encode) is dropped and named with its reason in ``skipped_ids`` / ``skip_reasons``, which the
-training step counts and logs.
+A training row needs a document, a known task (or none) and usable audio; bad audio (undecodable,
+empty, silent, NaN/inf, wrong type, missing, outside the duration limits, too short for the speech
+model to encode) is dropped and named with its reason in ``skipped_ids`` / ``skip_reasons``, which
+the training step counts and logs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class SpeechBatchBuilder:
         base_dir: Path | Sequence[Path] | None = None,
     ) -> dict:
         """Speech pairs batch; rows without a usable clip or document (or, with
-        ``transcription_required``, transcription) are dropped and named with their reason.
+        ``transcription_required``, transcription), or with an unknown task, are dropped and named
+        with their reason.
         Relative audio paths start at ``base_dir`` (see ``sources.relative_path_roots``)."""
         kept, waveforms, skipped, reasons = [], [], [], []
         for position, row in enumerate(rows):
@@ -55,6 +56,8 @@ class SpeechBatchBuilder:
                 reason = "missing or empty document"
             elif transcription_required and not usable_text(row.get(self.text.columns["query"])):
                 reason = "missing or empty transcription (the alignment objective needs it)"
+            elif (problem := self.text.task_problem(row)) is not None:
+                reason = problem
             else:
                 try:
                     waveforms.append(self.loader.load(row.get(self.settings.column), base_dir))

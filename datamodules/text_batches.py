@@ -41,6 +41,11 @@ class PromptConfig:
                 f"(known tasks: {sorted(self.prompts)}); add it or pick a known task."
             )
 
+    def has_instruction(self, task) -> bool:
+        """Whether ``task`` (None or empty: ``default_task``) names an instruction."""
+        task = task or self.default_task
+        return isinstance(task, str) and task in self.prompts
+
     def instruction(self, task: str | None) -> str:
         task = task or self.default_task
         if task not in self.prompts:
@@ -117,8 +122,15 @@ class TextBatchBuilder:
     def row_id(self, row: Mapping, position: int) -> str:
         return str(row.get(self.columns["id"], f"<row without id #{position}>"))
 
+    def task_problem(self, row: Mapping) -> str | None:
+        """Why a training row's task has no prompt, or None. Such a row is skipped and named like
+        any bad row: one mislabelled row must not stop a run (nor stop it again on resume)."""
+        task = row.get(self.columns["task"])
+        return None if self.prompts.has_instruction(task) else f"unknown task {task!r} (not in data.prompts)"
+
     def training_batch(self, rows: Sequence[Mapping], query_text_required: bool = True) -> dict:
-        """Pairs batch; rows with a missing or empty query/document are dropped and named.
+        """Pairs batch; rows with a missing or empty query/document, or an unknown task, are
+        dropped and named with their reason.
 
         With ``query_text_required=False`` (speech queries) a row needs only its document; the
         batch carries ``query_text`` (the transcription) when every kept row has one.
@@ -130,6 +142,8 @@ class TextBatchBuilder:
                 reason = "missing or empty document"
             elif query_text_required and not usable_text(row.get(c["query"])):
                 reason = "missing or empty query"
+            elif (problem := self.task_problem(row)) is not None:
+                reason = problem
             else:
                 good.append(row)
                 continue

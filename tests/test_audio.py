@@ -151,6 +151,19 @@ def test_training_batch_skips_bad_rows_names_them_and_keeps_the_rest(tiny_text_m
     assert not any(p.endswith("<|endoftext|>") for p in prompts)
 
 
+def test_a_speech_row_with_an_unknown_task_is_skipped_before_decoding(tiny_text_model, tiny_speech_model):
+    builder = _speech_builder(tiny_text_model, tiny_speech_model)
+    good = _wav_bytes(_tone(1.0))
+    rows = [
+        {"id": "asr", "query": "baki", "document": "fêlo", "audio": good, "task": "asr"},
+        {"id": "ok", "query": "baki", "document": "rélo", "audio": _wav_bytes(_tone(1.5))},
+    ]
+    batch = builder.training_batch(rows)
+    assert batch["ids"] == ["ok"] and batch["skipped_ids"] == ["asr"]
+    assert batch["skip_reasons"] == ["unknown task 'asr' (not in data.prompts)"]
+    assert batch["query_audio"]["input_features"].shape[0] == 1 == batch["prompt"]["input_ids"].shape[0]
+
+
 def test_a_clip_too_short_for_the_speech_model_is_skipped_not_crashing(tiny_text_model, tiny_speech_model):
     # No duration floor: 20 ms (320 samples at 16 kHz) is under w2v-BERT's two filterbank frames.
     builder = _speech_builder(tiny_text_model, tiny_speech_model, min_duration=0.0)

@@ -232,6 +232,30 @@ def test_bad_training_rows_are_skipped_counted_and_named(tiny_text_model, tmp_pa
     )
 
 
+def test_training_rows_with_an_unknown_task_are_skipped_counted_and_named(tiny_text_model, tmp_path):
+    """One mislabelled row stopped the run (and stopped it again at the same row on resume)."""
+    rows = [{"id": f"r{i}", "query": "bita", "document": f"fèfé {i}"} for i in range(8)]
+    rows[5]["task"] = "asr"
+    datamodule = _datamodule(tiny_text_model, _write_jsonl(tmp_path / "train.jsonl", rows), passes=1)
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert sorted(i for b in batches for i in b["ids"]) == sorted(f"r{i}" for i in range(8) if i != 5)
+    skipped = [
+        (i, reason) for b in batches for i, reason in zip(b["skipped_ids"], b["skip_reasons"], strict=True)
+    ]
+    assert skipped == [("r5", "unknown task 'asr' (not in data.prompts)")]
+
+
+def test_an_eval_query_with_an_unknown_task_fails_at_setup_with_its_id(tiny_text_model, tmp_path):
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1)])
+    _write_jsonl(
+        root / "queries.jsonl", [{"_id": "a", "text": "query a"}, {"_id": "b", "text": "b", "task": "asr"}]
+    )
+    datamodule = StreamingPairDataModule(str(tiny_text_model), eval_sets={"toy": str(root)})
+    with pytest.raises(ConfigError, match="eval set 'toy': query 'b' has task 'asr'.*data.prompts"):
+        datamodule.setup("validate")
+
+
 def test_queries_carry_their_task_prompt(tiny_text_model):
     from transformers import AutoTokenizer
 
