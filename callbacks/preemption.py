@@ -4,8 +4,9 @@ Clusters announce preemption with a signal and a grace period (SLURM: ``#SBATCH
 --signal=SIGUSR1@120``, SIGTERM before a kill). Lightning's own SIGTERM handler stops without a
 checkpoint (and, with its DDP launcher, kills the other ranks at once), and its SLURM handler
 saves from inside the signal handler, i.e. possibly halfway through an optimizer step. This
-callback only raises a flag in the handler; at the end of the current training step, where
-weights, optimizer, loop counters and dataloader position agree, all ranks learn of the flag
+callback only raises a flag in the handler; at the end of the current optimizer step (the last
+micro-batch of ``accumulate_grad_batches``), where weights, optimizer, loop counters and
+dataloader position agree, all ranks learn of the flag
 (one rank receiving the signal is enough), the checkpoint is written, and training stops.
 
 The file is named ``last-preempted.ckpt`` in the checkpoint folder, so ``fit --ckpt_path last``
@@ -69,6 +70,11 @@ class PreemptionCheckpoint(Callback):
         self.received = signal.Signals(number).name
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # Mid-way through accumulate_grad_batches: the gradients gathered so far are in no
+            # checkpoint while the data position counts their batches, so a save now would drop
+            # them. The save waits for the optimizer step (every rank is at the same micro-batch).
+            return
         # Every rank takes part in the decision every step, whichever rank got the signal.
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return

@@ -243,3 +243,30 @@ def test_under_slurm_the_requeue_signal_requeues_the_job_once_saved(
     )
     assert trainer.global_step == 2 and (tmp_path / "checkpoints" / CHECKPOINT_NAME).exists()
     assert (calls.read_text() if calls.exists() else None) == ("requeue 4242\n" if requeued else None)
+
+
+def test_a_signal_mid_accumulation_saves_after_the_optimizer_step_and_resumes_the_same_run(
+    tmp_path, tiny_text_model, train_file
+):
+    """accumulate_grad_batches=2, signal during micro-batch 3: a save there would hold neither
+    micro-batch 3's gradient nor its row again (the data position counts it)."""
+    accumulating = {"trainer_options": {"accumulate_grad_batches": 2}}
+    _, straight_ids, straight_weights = _fit(
+        tmp_path / "straight", tiny_text_model, train_file, 4, **accumulating
+    )
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    trainer, first_ids, _ = _fit(
+        tmp_path / "first",
+        tiny_text_model,
+        train_file,
+        4,
+        callbacks=[preemption, SignalAtStep(2)],  # sent during step 2's first micro-batch
+        **accumulating,
+    )
+    assert trainer.global_step == 2 and len(first_ids) == 4  # saved after micro-batch 4, the step
+    checkpoint = tmp_path / "checkpoints" / CHECKPOINT_NAME
+    _, resumed_ids, weights = _fit(
+        tmp_path / "second", tiny_text_model, train_file, 4, checkpoint, **accumulating
+    )
+    assert first_ids + resumed_ids == straight_ids
+    _assert_same_weights(weights, straight_weights)
