@@ -30,3 +30,9 @@ class EmbeddingAnalysis:
     def figures(self, eval_set: EvalSet) -> dict:
         """Matplotlib figures of the last ``analyze`` call, keyed by a short name."""
         return {}
+
+    def metric_names(self, dims: list[int]) -> set[str] | None:
+        """Every key ``analyze`` can return for these dims, so that a checkpoint monitor naming
+        one is checked when fit starts; None (the default): not declared, such monitors are
+        taken on trust."""
+        return None

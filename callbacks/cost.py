@@ -53,3 +53,7 @@ class CostPerDimension(EmbeddingAnalysis):
                     timings.append(time.perf_counter() - start)
                 metrics[f"query_ms_{name}/d{dim}"] = 1000 * statistics.median(timings) / max(len(queries), 1)
         return metrics
+
+    def metric_names(self, dims: list[int]) -> set[str]:
+        kinds = ("index_bytes", "query_ms")
+        return {f"{kind}_{name}/d{dim}" for kind in kinds for name in self.dtypes for dim in dims}

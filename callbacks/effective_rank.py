@@ -93,6 +93,16 @@ class EffectiveRank(EmbeddingAnalysis):
         self._curves[eval_set.name] = curves
         return metrics
 
+    def metric_names(self, dims: list[int]) -> set[str]:
+        names = set()
+        for label in ("queries", "documents"):
+            names.add(f"{label}_samples")
+            stats = ["entropy_rank"] + [
+                f"{kind}@{round(level * 100)}" for level in self.levels for kind in ("components", "fraction")
+            ]
+            names |= {f"{label}_{stat}/d{dim}" for stat in stats for dim in dims}
+        return names
+
     def figures(self, eval_set) -> dict:
         curves = self._curves.get(eval_set.name)
         if not curves:

@@ -21,6 +21,7 @@ on rank 0 only.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -174,7 +175,30 @@ class RetrievalEvaluator(Callback):
         if eval_sets[name].kind == "retrieval" and measure in RETRIEVAL_MEASURES:
             if not cutoff.isdigit() or int(cutoff) not in self.ks:
                 return f"the evaluator's cut-offs are ks={list(self.ks)}."
-        return None
+        logged = self.metric_names(eval_sets[name].kind, dims)
+        tag = "/".join(parts[2:])
+        if logged is None or tag in logged:
+            return None
+        close = difflib.get_close_matches(tag, sorted(logged), n=3)
+        hint = f" Did you mean {', '.join(f'val/{name}/{c}' for c in close)}?" if close else ""
+        return f"eval set {name!r} ({eval_sets[name].kind}) logs no {tag!r}.{hint}"
+
+    def metric_names(self, kind: str, dims: Sequence[int]) -> set[str] | None:
+        """Every ``<metric>/d<dim>`` (or ``<metric>``) this evaluator logs for an eval set of this
+        kind; None when an analysis does not declare its names (they cannot all be known)."""
+        if kind == "retrieval":
+            names = {
+                f"{measure}@{k}/d{dim}" for measure in RETRIEVAL_MEASURES for k in self.ks for dim in dims
+            }
+        else:
+            names = {f"{metric}/d{dim}" for metric in CLASSIFICATION_METRICS for dim in dims}
+        names.add("num_queries_evaluated")
+        for analysis in self.analyses:
+            declared = analysis.metric_names(list(dims))
+            if declared is None:
+                return None
+            names |= declared
+        return names
 
     # ----- collection ---------------------------------------------------------------------
     def _reset(self, *args) -> None:

@@ -66,8 +66,10 @@ def _fit(
         ("val/demo/ndcg@10/d1024", "d1024 is not one of the model's matryoshka_dims [32, 256]"),
         ("val/demo/recall@20/d256", "cut-offs are ks=[5, 10]"),
         ("val/demo/ndcg@10", "logs ndcg@10 once per dim: add /d<dim>, e.g. val/demo/ndcg@10/d256"),
+        ("val/demo/nDCG@10/d256", "logs no 'nDCG@10/d256'. Did you mean val/demo/ndcg@10/d256"),
+        ("val/demo/accuracy/d256", "eval set 'demo' (retrieval) logs no 'accuracy/d256'"),
     ],
-    ids=["eval set", "dim", "cut-off", "no dim"],
+    ids=["eval set", "dim", "cut-off", "no dim", "misspelt", "other kind's metric"],
 )
 def test_a_monitor_no_validation_logs_fails_before_the_first_step(
     tmp_path, tiny_text_model, corpus_dir, monitor, says
@@ -81,6 +83,43 @@ def test_a_monitor_the_evaluator_logs_passes(tmp_path, tiny_text_model, corpus_d
     # The tag a real validation logs (the demo recipes monitor it), and a tag of another stage.
     assert _fit(tmp_path, tiny_text_model, corpus_dir, "val/demo/ndcg@10/d256").steps == 1
     assert _fit(tmp_path, tiny_text_model, corpus_dir, "train/loss").steps == 1
+
+
+def test_analyses_metrics_are_checked_when_declared_and_trusted_when_not():
+    from types import SimpleNamespace
+
+    from callbacks.analysis import EmbeddingAnalysis
+    from callbacks.cost import CostPerDimension
+    from callbacks.effective_rank import EffectiveRank
+
+    eval_sets = {"demo": SimpleNamespace(kind="retrieval"), "intents": SimpleNamespace(kind="classification")}
+    evaluator = RetrievalEvaluator(ks=(10,), analyses=[EffectiveRank(), CostPerDimension()])
+    for logged in (
+        "val/demo/documents_entropy_rank/d256",
+        "val/demo/queries_components@90/d32",
+        "val/demo/queries_samples",
+        "val/intents/query_ms_float16/d256",
+        "val/intents/macro_f1/d32",
+        "val/demo/num_queries_evaluated",
+    ):
+        assert evaluator.unknown_monitor(logged, eval_sets, [32, 256]) is None, logged
+    embeddings = {side: {d: torch.randn(8, d) for d in (32, 256)} for side in ("queries", "corpus")}
+    for analysis in evaluator.analyses:  # the declared names are exactly what analyze returns
+        assert set(analysis.analyze(SimpleNamespace(name="demo"), embeddings)) == analysis.metric_names(
+            [32, 256]
+        )
+    problem = evaluator.unknown_monitor("val/demo/documents_entropy_rnak/d256", eval_sets, [32, 256])
+    assert "Did you mean val/demo/documents_entropy_rank/d256" in problem
+    assert "logs no 'ndcg@10/d32'" in evaluator.unknown_monitor(
+        "val/intents/ndcg@10/d32", eval_sets, [32, 256]
+    )
+
+    class Undeclared(EmbeddingAnalysis):  # a user's analysis that does not list its names
+        def analyze(self, eval_set, embeddings):
+            return {"my_score/d32": 1.0}
+
+    trusting = RetrievalEvaluator(ks=(10,), analyses=[Undeclared()])
+    assert trusting.unknown_monitor("val/demo/my_score/d32", eval_sets, [32, 256]) is None
 
 
 def test_without_eval_sets_a_warning_says_no_checkpoint_is_written(
