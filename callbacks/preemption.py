@@ -57,6 +57,15 @@ class PreemptionCheckpoint(Callback):
         self.received: str | None = None
         self.preempted = False  # set on every rank once the checkpoint is written
         self._previous_handlers: dict[int, object] = {}
+        # The step whose validation the preemption skipped (saved in the checkpoint): the
+        # resumed run validates it before training on, since Lightning's restart would not.
+        self.validation_pending_at: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"validation_pending_at": self.validation_pending_at}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.validation_pending_at = state_dict.get("validation_pending_at")
 
     # Installed at train start: Lightning registers its own SIGTERM handler just before, in fit.
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -64,6 +73,13 @@ class PreemptionCheckpoint(Callback):
         for name in self.signals:
             number = getattr(signal, name)
             self._previous_handlers[number] = signal.signal(number, self._handle)
+        if self.validation_pending_at is not None and self.validation_pending_at == trainer.global_step:
+            log.warning(
+                "Resumed at step %d, whose validation the preemption skipped: validating it now.",
+                trainer.global_step,
+            )
+            run_skipped_validation(trainer)
+        self.validation_pending_at = None
 
     def _handle(self, number: int, frame) -> None:
         # Only a flag: the handler runs between two bytecodes, anywhere in the step.
@@ -80,7 +96,13 @@ class PreemptionCheckpoint(Callback):
             return
         path = self.checkpoint_path(trainer)
         partial = path.with_name(path.name + ".partial")
+        epoch_loop = trainer.fit_loop.epoch_loop
+        # A step Lightning would validate now (val_check_interval): that validation is skipped
+        # below, within the grace period, and a restart would step past it; the checkpoint says so.
+        validates = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        self.validation_pending_at = trainer.global_step if validates else None
         trainer.save_checkpoint(partial)
+        self.validation_pending_at = None
         if trainer.is_global_zero:
             os.replace(partial, path)
         trainer.strategy.barrier("preemption_checkpoint")
@@ -115,6 +137,16 @@ class PreemptionCheckpoint(Callback):
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers = {}
+
+
+def run_skipped_validation(trainer: Trainer) -> None:
+    """Runs the fit's validation loop now, as Lightning's training loop runs it after a step."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    trainer.validating = True
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    epoch_loop.val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
 
 
 def slurm_requeue_signal(trainer: Trainer) -> str | None:

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.preemption import CHECKPOINT_NAME, PreemptionCheckpoint
+from callbacks.retrieval import RetrievalEvaluator
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
@@ -270,3 +271,41 @@ def test_a_signal_mid_accumulation_saves_after_the_optimizer_step_and_resumes_th
     )
     assert first_ids + resumed_ids == straight_ids
     _assert_same_weights(weights, straight_weights)
+
+
+def test_a_signal_at_a_validation_step_validates_that_step_when_resumed(
+    tmp_path, tiny_text_model, train_file, corpus_dir
+):
+    """Preempted during step 3 of val_check_interval 3: the save skips the validation (grace
+    period) and Lightning's restart steps past it, so the resumed run validates step 3 first."""
+    first = RecordValidationSteps()
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    _fit(
+        tmp_path / "first",
+        tiny_text_model,
+        train_file,
+        TOTAL_STEPS,
+        callbacks=[first, preemption, SignalAtStep(3)],
+        **_validating(corpus_dir, 3),
+    )
+    assert first.steps == []
+    resumed = RecordValidationSteps()
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "best", monitor="val/demo/ndcg@10/d256", mode="max", save_top_k=-1
+    )
+    checkpoint = tmp_path / "checkpoints" / CHECKPOINT_NAME
+    _fit(
+        tmp_path / "second",
+        tiny_text_model,
+        train_file,
+        TOTAL_STEPS,
+        checkpoint,
+        callbacks=[resumed, PreemptionCheckpoint(str(tmp_path / "checkpoints")), RetrievalEvaluator(), best],
+        **_validating(corpus_dir, 3),
+    )
+    assert resumed.steps == [3, 6, 7]
+    assert sorted(int(path.stem.split("step=")[1]) for path in (tmp_path / "best").glob("*.ckpt")) == [
+        3,
+        6,
+        7,
+    ]
