@@ -73,13 +73,14 @@ class PreemptionCheckpoint(Callback):
         for name in self.signals:
             number = getattr(signal, name)
             self._previous_handlers[number] = signal.signal(number, self._handle)
-        if self.validation_pending_at is not None and self.validation_pending_at == trainer.global_step:
+        # Cleared first: a checkpoint saved during this validation (last.ckpt) must not ask for it again.
+        pending, self.validation_pending_at = self.validation_pending_at, None
+        if pending is not None and pending == trainer.global_step:
             log.warning(
                 "Resumed at step %d, whose validation the preemption skipped: validating it now.",
                 trainer.global_step,
             )
             run_skipped_validation(trainer)
-        self.validation_pending_at = None
 
     def _handle(self, number: int, frame) -> None:
         # Only a flag: the handler runs between two bytecodes, anywhere in the step.

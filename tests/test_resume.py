@@ -304,8 +304,8 @@ def test_a_signal_at_a_validation_step_validates_that_step_when_resumed(
         **_validating(corpus_dir, 3),
     )
     assert resumed.steps == [3, 6, 7]
-    assert sorted(int(path.stem.split("step=")[1]) for path in (tmp_path / "best").glob("*.ckpt")) == [
-        3,
-        6,
-        7,
-    ]
+    saved = {int(path.stem.split("step=")[1]): path for path in (tmp_path / "best").glob("*.ckpt")}
+    assert sorted(saved) == [3, 6, 7]
+    # Written by that validation: resuming from it must not run the validation once more.
+    state = torch.load(saved[3], weights_only=False)["callbacks"]["PreemptionCheckpoint"]
+    assert state == {"validation_pending_at": None}
