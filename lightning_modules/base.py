@@ -374,7 +374,8 @@ class MatryoshkaEmbedder(LightningModule):
         else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
             self.skipped_rows = sum(per_rank) if distributed.rank() == 0 else 0
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
-        regroup_single_group_state(checkpoint, self)  # a run started before the decay groups
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # only fit loads the optimizer
+            regroup_single_group_state(checkpoint, self)  # a run started before the decay groups
         self._restore_own_data_position(checkpoint)
         states = checkpoint.get("rng_states_per_rank") or []
         if len(states) == distributed.world_size():

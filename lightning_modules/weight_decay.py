@@ -48,7 +48,8 @@ def regroup_single_group_state(checkpoint: dict, module: nn.Module) -> None:
     if len(group["params"]) != len(trainable):
         raise ConfigError(
             f"The checkpoint's optimizer holds {len(group['params'])} weights, {type(module).__name__} "
-            f"trains {len(trainable)}: it was written by a different model or freezing config."
+            f"trains {len(trainable)}: it was written by a different model or freezing config (or before "
+            "the speech tower froze the weights its selected layers do not read)."
         )
     # Saved ids follow the one group's order, i.e. module.parameters(); the new ids number the
     # decayed weights first, then the others, each in that same order.

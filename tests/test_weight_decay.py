@@ -123,3 +123,17 @@ def test_fit_resumes_a_checkpoint_written_with_one_group(tmp_path, tiny_text_mod
     optimizer = model.trainer.optimizers[0]
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
     assert all(int(state["step"]) == 3 for state in optimizer.state.values())  # 2 restored + 1
+
+
+def test_only_fit_regroups_a_saved_optimizer_state(tiny_text_model):
+    """validate / test / predict / load_from_checkpoint never load the optimizer: an old state
+    that no longer fits the model must not stop them."""
+    from lightning_modules.components.errors import ConfigError
+
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    stale = {"state": {}, "param_groups": [{"params": list(range(len(trainable) + 2)), "weight_decay": 0.01}]}
+    checkpoint = {"state_dict": trainable, "optimizer_states": [stale]}
+    model.on_load_checkpoint(checkpoint)  # no trainer fitting: the optimizer state is left alone
+    with pytest.raises(ConfigError, match="optimizer holds"):
+        regroup_single_group_state(checkpoint, model)  # what a resumed fit does with it
