@@ -73,6 +73,14 @@ def add_eval_output(chunks: dict[tuple[str, str], list], outputs) -> None:
         chunks[(outputs["eval_set"], outputs["side"])].append((outputs["index"], outputs["embeddings"]))
 
 
+def _resembles(metric: str, names: set[str]) -> bool:
+    """Whether ``metric`` looks like a misspelling of one of ``names`` (case, or a letter or two)."""
+    lowered = {name.lower() for name in names}
+    return metric.lower() in lowered or bool(
+        difflib.get_close_matches(metric.lower(), lowered, n=1, cutoff=0.85)
+    )
+
+
 def chunks_of_all_ranks(
     trainer: Trainer, chunks: dict[tuple[str, str], list]
 ) -> dict[tuple[str, str], list] | None:
@@ -175,24 +183,31 @@ class RetrievalEvaluator(Callback):
         if eval_sets[name].kind == "retrieval" and measure in RETRIEVAL_MEASURES:
             if not cutoff.isdigit() or int(cutoff) not in self.ks:
                 return f"the evaluator's cut-offs are ks={list(self.ks)}."
-        logged = self.metric_names(eval_sets[name].kind, dims)
-        tag = "/".join(parts[2:])
-        if logged is None or tag in logged:
+        kind, tag = eval_sets[name].kind, "/".join(parts[2:])
+        logged = self.metric_names(kind, dims)
+        known = logged if logged is not None else self._own_metric_names(kind, dims)
+        if tag in known:
             return None
-        close = difflib.get_close_matches(tag, sorted(logged), n=3)
+        close = difflib.get_close_matches(tag, sorted(known), n=3)
+        if logged is None and not _resembles(metric or tag, {n.rsplit("/d", 1)[0] for n in known}):
+            return None  # maybe the metric of an analysis that does not list its names
         hint = f" Did you mean {', '.join(f'val/{name}/{c}' for c in close)}?" if close else ""
-        return f"eval set {name!r} ({eval_sets[name].kind}) logs no {tag!r}.{hint}"
+        return f"eval set {name!r} ({kind}) logs no {tag!r}.{hint}"
 
-    def metric_names(self, kind: str, dims: Sequence[int]) -> set[str] | None:
-        """Every ``<metric>/d<dim>`` (or ``<metric>``) this evaluator logs for an eval set of this
-        kind; None when an analysis does not declare its names (they cannot all be known)."""
+    def _own_metric_names(self, kind: str, dims: Sequence[int]) -> set[str]:
+        """What the evaluator itself logs for an eval set of this kind (not its analyses)."""
         if kind == "retrieval":
             names = {
                 f"{measure}@{k}/d{dim}" for measure in RETRIEVAL_MEASURES for k in self.ks for dim in dims
             }
         else:
             names = {f"{metric}/d{dim}" for metric in CLASSIFICATION_METRICS for dim in dims}
-        names.add("num_queries_evaluated")
+        return names | {"num_queries_evaluated"}
+
+    def metric_names(self, kind: str, dims: Sequence[int]) -> set[str] | None:
+        """Every ``<metric>/d<dim>`` (or ``<metric>``) this evaluator logs for an eval set of this
+        kind; None when an analysis does not declare its names (they cannot all be known)."""
+        names = self._own_metric_names(kind, dims)
         for analysis in self.analyses:
             declared = analysis.metric_names(list(dims))
             if declared is None:

@@ -120,6 +120,10 @@ def test_analyses_metrics_are_checked_when_declared_and_trusted_when_not():
 
     trusting = RetrievalEvaluator(ks=(10,), analyses=[Undeclared()])
     assert trusting.unknown_monitor("val/demo/my_score/d32", eval_sets, [32, 256]) is None
+    # ... but a misspelt metric of the evaluator's own is still refused beside it.
+    problem = trusting.unknown_monitor("val/demo/nDCG@10/d256", eval_sets, [32, 256])
+    assert "Did you mean val/demo/ndcg@10/d256" in problem
+    assert "logs no 'ndgc@10/d32'" in trusting.unknown_monitor("val/demo/ndgc@10/d32", eval_sets, [32, 256])
 
 
 def test_without_eval_sets_a_warning_says_no_checkpoint_is_written(
