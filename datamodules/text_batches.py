@@ -47,13 +47,12 @@ class PromptConfig:
         return isinstance(task, str) and task in self.prompts
 
     def instruction(self, task: str | None) -> str:
-        task = task or self.default_task
-        if task not in self.prompts:
+        if not self.has_instruction(task):
             raise ConfigError(
-                f"task {task!r} in the data has no instruction; add it under data.prompts.prompts "
-                f"(known tasks: {sorted(self.prompts)})."
+                f"task {task or self.default_task!r} in the data has no instruction; add it under "
+                f"data.prompts.prompts (known tasks: {sorted(self.prompts)})."
             )
-        return self.prompts[task]
+        return self.prompts[task or self.default_task]
 
     def format_query(self, text: str, task: str | None) -> str:
         return self.query_template.format(instruction=self.instruction(task), query=text)
