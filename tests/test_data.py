@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import quiet_cpu_trainer
 
 from datamodules.demo.corpus import DemoCorpusConfig, DemoLanguagePair, generate_demo_corpus
 from datamodules.eval_sets import load_beir_eval_set
@@ -359,13 +360,9 @@ class _RecordIds(LightningModule):
 
 def _fit(root, datamodule, max_steps, ckpt_path=None, callbacks=(), **trainer_options) -> tuple:
     model = _RecordIds()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         max_steps=max_steps,
         default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=list(callbacks),
         **trainer_options,
     )

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import quiet_cpu_trainer
 
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
@@ -82,15 +83,11 @@ def _fit(root, text_model, train_folder, max_steps, ckpt_path=None, callbacks=()
         max_query_length=32,
         max_document_length=48,
     )
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_steps=max_steps,
         default_root_dir=str(root),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[SaveBatchIdsPerRank(), *callbacks],
     )

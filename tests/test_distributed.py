@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from demo_recipes import ROOT
 from lightning.pytorch import Callback
 from torch.nn.parallel import DistributedDataParallel
+from trainers import quiet_cpu_trainer
 
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
@@ -300,8 +301,6 @@ class _NanOnRankOneAtStep(Callback):
 
 
 def test_a_step_skipped_on_one_rank_is_skipped_on_all_without_hanging(tmp_path, tiny_text_model, corpus_dir):
-    from lightning.pytorch import Trainer
-
     rows = (corpus_dir / "train.jsonl").read_text().splitlines()[:64]
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(rows) + "\n")
@@ -309,16 +308,12 @@ def test_a_step_skipped_on_one_rank_is_skipped_on_all_without_hanging(tmp_path, 
     data = StreamingPairDataModule(
         str(tiny_text_model), train_data=str(train), batch_size=4, max_query_length=32, max_document_length=48
     )
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_steps=4,
         default_root_dir=str(tmp_path),
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[_NanOnRankOneAtStep(step=1)],
     )

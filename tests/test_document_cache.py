@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from speech_inputs import DIMS
+from trainers import quiet_cpu_trainer
 
 from callbacks.document_cache import CacheFrozenDocuments
 from callbacks.retrieval import RetrievalEvaluator
@@ -73,15 +74,11 @@ def _fit(root, model, speech_corpus_dir, text_model, speech_model, cache_dir, st
         max_document_length=64,
     )
     compare = CompareWithoutCache()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         max_steps=steps,
         val_check_interval=steps,
         default_root_dir=root,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[CacheFrozenDocuments(str(cache_dir)), compare, RetrievalEvaluator(dashboards=False)],
     )

@@ -8,8 +8,9 @@ import signal
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import quiet_cpu_trainer
 
 from callbacks.preemption import CHECKPOINT_NAME, PreemptionCheckpoint
 from callbacks.retrieval import RetrievalEvaluator
@@ -66,13 +67,9 @@ def _fit(root, text_model, train_file, max_steps, ckpt_path=None, callbacks=(), 
         | data,
     )
     recorder = RecordBatchIds()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         max_steps=max_steps,
         default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[recorder, *callbacks],
         **({"limit_val_batches": 0} | (trainer_options or {})),
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import quiet_cpu_trainer
 
 from callbacks.retrieval import RetrievalEvaluator
 from datamodules.pairs import StreamingPairDataModule
@@ -44,13 +45,9 @@ def _fit(
         max_document_length=48,
     )
     steps = CountSteps()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_cpu_trainer(
         max_steps=1,
         default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[RetrievalEvaluator(ks=(5, 10)), ModelCheckpoint(tmp_path, monitor=monitor), steps],
         **({"limit_val_batches": 0} | trainer_options),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainers import quiet_cpu_trainer
 
 from lightning_modules import DualEncoder, TextOnly
 from lightning_modules.components.text_encoder import TextEncoderConfig
@@ -74,7 +75,6 @@ def test_a_checkpoint_with_one_group_resumes_with_each_weights_state(tiny_text_m
 
 
 def test_fit_resumes_a_checkpoint_written_with_one_group(tmp_path, tiny_text_model, corpus_dir, monkeypatch):
-    from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     import lightning_modules.base as base
@@ -99,13 +99,9 @@ def test_fit_resumes_a_checkpoint_written_with_one_group(tmp_path, tiny_text_mod
             max_document_length=48,
         )
         every_step = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
-        trainer = Trainer(
-            accelerator="cpu",
+        trainer = quiet_cpu_trainer(
             max_steps=max_steps,
             default_root_dir=tmp_path,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             limit_val_batches=0,
             callbacks=[every_step],
         )
