@@ -188,9 +188,9 @@ class RetrievalEvaluator(Callback):
         known = logged if logged is not None else self._own_metric_names(kind, dims)
         if tag in known:
             return None
-        close = difflib.get_close_matches(tag, sorted(known), n=3)
         if logged is None and not _resembles(metric or tag, {n.rsplit("/d", 1)[0] for n in known}):
             return None  # maybe the metric of an analysis that does not list its names
+        close = difflib.get_close_matches(tag, sorted(known), n=3)
         hint = f" Did you mean {', '.join(f'val/{name}/{c}' for c in close)}?" if close else ""
         return f"eval set {name!r} ({kind}) logs no {tag!r}.{hint}"
 
