@@ -10,6 +10,7 @@ from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.checkpoint_files import resolve_checkpoint
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules.base import MatryoshkaEmbedder
@@ -22,6 +23,23 @@ class EmbeddingCLI(LightningCLI):
         parser.link_arguments(
             "model.init_args.text_encoder.pretrained_model_name_or_path", "data.init_args.tokenizer"
         )
+
+    # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path first, so
+    # `last` is the newest checkpoint that loads and an unreadable file is named, not unpickled.
+    def fit(self, **kwargs) -> None:
+        self.trainer.fit(**self._with_checkpoint(kwargs))
+
+    def validate(self, **kwargs) -> None:
+        self.trainer.validate(**self._with_checkpoint(kwargs))
+
+    def test(self, **kwargs) -> None:
+        self.trainer.test(**self._with_checkpoint(kwargs))
+
+    def predict(self, **kwargs) -> None:
+        self.trainer.predict(**self._with_checkpoint(kwargs))
+
+    def _with_checkpoint(self, kwargs: dict) -> dict:
+        return {**kwargs, "ckpt_path": resolve_checkpoint(self.trainer, kwargs.get("ckpt_path"))}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:

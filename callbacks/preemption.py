@@ -10,8 +10,9 @@ dataloader position agree, all ranks learn of the flag
 (one rank receiving the signal is enough), the checkpoint is written, and training stops.
 
 The file is named ``last-preempted.ckpt`` in the checkpoint folder, so ``fit --ckpt_path last``
-(the newest ``last*.ckpt``) resumes from it. It is written to a temporary name and renamed, so a
-kill during the write never replaces a good checkpoint with half a file. The run stops without
+(the newest ``last*.ckpt``) resumes from it. Like every checkpoint of a run, it is written whole
+or not at all (``callbacks/checkpoint_files.py``), so a kill during the write never replaces a
+good checkpoint with half a file. The run stops without
 the validation Lightning would run before a requested stop (it could outlast the grace period).
 
 Under SLURM with Lightning's auto-requeue (the default there), the requeue signal (SIGUSR1, from
@@ -96,16 +97,13 @@ class PreemptionCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = self.checkpoint_path(trainer)
-        partial = path.with_name(path.name + ".partial")
         epoch_loop = trainer.fit_loop.epoch_loop
         # A step Lightning would validate now (val_check_interval): that validation is skipped
         # below, within the grace period, and a restart would step past it; the checkpoint says so.
         validates = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
         self.validation_pending_at = trainer.global_step if validates else None
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(path)
         self.validation_pending_at = None
-        if trainer.is_global_zero:
-            os.replace(partial, path)
         trainer.strategy.barrier("preemption_checkpoint")
         log.warning(
             "%s received: saved %s at step %d; resume with `fit --ckpt_path last`.",

@@ -336,6 +336,12 @@ class MatryoshkaEmbedder(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- checkpoints: what training changes, not frozen backbones ------------------------
+    def configure_callbacks(self):
+        # Every checkpoint of every run is written whole or not at all, however the Trainer was built.
+        from callbacks.checkpoint_files import AtomicCheckpoints
+
+        return [AtomicCheckpoints()]
+
     def _frozen_parameter_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if not p.requires_grad}
 
