@@ -8,13 +8,28 @@ import sys
 import torch.distributed
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_files import resolve_checkpoint
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules.base import MatryoshkaEmbedder
-from lightning_modules.components.errors import InputError
+from lightning_modules.components.errors import ConfigError, InputError
+from lightning_modules.components.unknown_keys import unknown_key_message
+
+
+class EmbeddingArgumentParser(LightningArgumentParser):
+    def error(self, message: str, ex: Exception | None = None):
+        # A misspelt key: one line with the nearest valid keys, instead of ~50 lines of usage.
+        # Only where the parse ends: a nested parser's error is one union branch's, caught above.
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        keys = [action.dest for action in parser._actions if action.dest not in ("help", "config")]
+        explained = unknown_key_message(message, keys)
+        if explained is not None:
+            raise ConfigError(explained) from ex
+        super().error(message, ex)
 
 
 class EmbeddingCLI(LightningCLI):
@@ -52,6 +67,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
         StreamingPairDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        parser_class=EmbeddingArgumentParser,
         # 'omegaconf+' resolves ${...} after all --config files and overrides are merged, so a
         # recipe can refer to keys set in a shared base file or on the command line.
         parser_kwargs={"parser_mode": "omegaconf+"},

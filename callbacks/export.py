@@ -50,7 +50,7 @@ class ExportTextEncoder(Callback):
                 k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in trainable
             }
             pl_module.load_state_dict(
-                torch.load(best, map_location="cpu", weights_only=False)["state_dict"], strict=False
+                torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False
             )
         pl_module.export_text_encoder(Path(self.dirpath))
         log.info("Exported the text encoder (%s) to %s", best or "last weights", self.dirpath)

@@ -64,7 +64,7 @@ def test_fit_logs_every_dim_then_resumes_from_last(demo_dir, tmp_path):
     metrics = {k: float(v) for k, v in first.trainer.callback_metrics.items()}
     for dim in (32, 64, 128, 256):
         assert 0.0 <= metrics[f"val/demo/ndcg@10/d{dim}"] <= 1.0
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader"), "dataloader state is saved"
     assert (tmp_path / "text_encoder" / "config.json").exists()
@@ -117,3 +117,48 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
         source_path = cli.model.text_encoder.config.pretrained_model_name_or_path
         source = TextEncoder(TextEncoderConfig(source_path)).eval()
         assert not torch.allclose(source(**tokens), model.text_encoder(**tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--model.init_args.temprature=0.1",
+            "lightning_modules.TextOnly (under model) has no option 'temprature': "
+            "did you mean 'temperature'?",
+        ),
+        (
+            "--model.init_args.text_encoder.poolng=mean",
+            "no option 'text_encoder.poolng': did you mean 'pooling'?",
+        ),
+        (
+            "--data.init_args.audio.min_duraton=1",
+            "datamodules.audio.AudioSettings (under data.audio) has no option 'min_duraton': "
+            "did you mean 'min_duration'",
+        ),
+        ("--trainer.max_stepz=3", "unknown option --trainer.max_stepz: did you mean 'trainer.max_steps'"),
+        ("--modle.init_args.temperature=3", "did you mean 'model.init_args.temperature'?"),
+        ("--trainer.callbacks.3.init_args.monitor=x", "cannot be changed by its index on the command line"),
+    ],
+)
+def test_a_misspelt_key_names_the_nearest_valid_one(demo_dir, override, message):
+    with pytest.raises(ConfigError) as error:
+        cli_main(["--config", DEMO, override], run=False)
+    assert message in str(error.value)
+
+
+def test_a_misspelt_key_in_a_config_file_names_the_nearest_valid_one(demo_dir, tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    text = Path(DEMO).read_text()
+    recipe.write_text(text.replace("max_steps: 450", "max_step: 450"))
+    with pytest.raises(ConfigError, match="trainer has no option 'max_step': did you mean 'max_steps'"):
+        cli_main(["--config", str(recipe)], run=False)
+    recipe.write_text(text.replace("    temperature: 0.05", "    temprature: 0.05"))
+    result = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", str(recipe)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "usage:" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: lightning_modules.TextOnly (under model) has no option 'temprature': did you mean "
+        "'temperature'? (`python cli.py fit --help` lists every option.)"
+    )

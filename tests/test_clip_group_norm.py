@@ -162,6 +162,7 @@ def test_conversion_keeps_weights_names_and_copies(group_norm_hubert, layer_norm
     buffer = io.BytesIO()
     torch.save(encoder.clip_norm, buffer)  # HuBERT itself refuses pickling (weight-norm parametrization)
     buffer.seek(0)
+    # A pickled module, not a checkpoint: only weights_only=False loads one (the point of this check).
     assert isinstance(torch.load(buffer, weights_only=False), ClipGroupNorm)
     assert SpeechEncoder(SpeechEncoderConfig(str(layer_norm_hubert))).clip_norm is None
 

@@ -180,7 +180,7 @@ def test_the_final_step_is_validated_and_saved_when_max_steps_is_off_the_validat
         tmp_path, tiny_text_model, train_file, 5, callbacks=[validations, last], **_validating(corpus_dir, 3)
     )
     assert validations.steps == [3, 5]
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
 def test_a_preempted_run_does_not_export_its_text_encoder(tmp_path, tiny_text_model, train_file):
@@ -304,5 +304,5 @@ def test_a_signal_at_a_validation_step_validates_that_step_when_resumed(
     saved = {int(path.stem.split("step=")[1]): path for path in (tmp_path / "best").glob("*.ckpt")}
     assert sorted(saved) == [3, 6, 7]
     # Written by that validation: resuming from it must not run the validation once more.
-    state = torch.load(saved[3], weights_only=False)["callbacks"]["PreemptionCheckpoint"]
+    state = torch.load(saved[3], weights_only=True)["callbacks"]["PreemptionCheckpoint"]
     assert state == {"validation_pending_at": None}

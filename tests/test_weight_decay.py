@@ -113,7 +113,7 @@ def test_fit_resumes_a_checkpoint_written_with_one_group(tmp_path, tiny_text_mod
             base, "parameter_groups", lambda module: [p for p in module.parameters() if p.requires_grad]
         )
         fit(2)
-    old = torch.load(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt", weights_only=False)
+    old = torch.load(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt", weights_only=True)
     assert len(old["optimizer_states"][0]["param_groups"]) == 1
     model = fit(3, tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
     optimizer = model.trainer.optimizers[0]
