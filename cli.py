@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import torch.distributed
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.checkpoint_files import resolve_checkpoint
+from callbacks.checkpoint_files import require_whole, resolve_checkpoint
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules.base import MatryoshkaEmbedder
@@ -55,6 +56,14 @@ class EmbeddingCLI(LightningCLI):
 
     def _with_checkpoint(self, kwargs: dict) -> dict:
         return {**kwargs, "ckpt_path": resolve_checkpoint(self.trainer, kwargs.get("ckpt_path"))}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI unpickles a named checkpoint's hyperparameters before anything else runs.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            require_whole(ckpt_path)
+        super()._parse_ckpt_path()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:

@@ -191,13 +191,18 @@ def resolve_checkpoint(trainer: Trainer, ckpt_path):
     special = ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry")
     if ckpt_path is None or special or _local_path(ckpt_path) is None:
         return ckpt_path
+    require_whole(ckpt_path)
+    return ckpt_path
+
+
+def require_whole(ckpt_path) -> None:
+    """A DataError naming ``ckpt_path`` and the whole checkpoints beside it, unless it is whole."""
     problem = checkpoint_problem(ckpt_path)
     if problem is not None:
         folder = Path(ckpt_path).parent
         whole = _whole_ones(_newest_first(p for p in folder.glob("*.ckpt") if p.is_file()))
         hint = f" Whole checkpoints beside it, newest first: {', '.join(map(str, whole))}." if whole else ""
         raise DataError(f"ckpt_path={ckpt_path}: cannot load this checkpoint: {problem}.{hint}")
-    return ckpt_path
 
 
 def _resolve_last(trainer: Trainer):

@@ -12,7 +12,7 @@ from demo_recipes import ROOT, quick_text_only
 from lightning.pytorch import Callback
 
 from cli import cli_main, find_input_error
-from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.errors import ConfigError, DataError
 
 DEMO = str(ROOT / "configs" / "demo" / "text_only.yaml")
 
@@ -162,3 +162,19 @@ def test_a_misspelt_key_in_a_config_file_names_the_nearest_valid_one(demo_dir, t
         "error: lightning_modules.TextOnly (under model) has no option 'temprature': did you mean "
         "'temperature'? (`python cli.py fit --help` lists every option.)"
     )
+
+
+def test_fit_last_resumes_past_an_empty_last_checkpoint(demo_dir, tmp_path, caplog):
+    """The kill the issue reports: last.ckpt left at 0 bytes beside an intact best checkpoint."""
+    cli_main(["fit", *quick_text_only(tmp_path)])
+    folder = tmp_path / "checkpoints"
+    (best,) = folder.glob("best-*.ckpt")
+    (folder / "last.ckpt").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="callbacks.checkpoint_files"):
+        resumed = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=6", "--ckpt_path=last")])
+    assert f"{folder / 'last.ckpt'}, cannot be loaded (empty (0 bytes" in caplog.text
+    assert f"resuming from {best}" in caplog.text
+    assert resumed.trainer.global_step == 6
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(DataError, match=r"last.ckpt: cannot load this checkpoint: empty \(0 bytes"):
+        cli_main(["validate", *quick_text_only(tmp_path), f"--ckpt_path={folder / 'last.ckpt'}"])
