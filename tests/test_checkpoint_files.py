@@ -82,8 +82,8 @@ def _write_forever(path: str, tmpdir: str, start: int) -> None:
 
 def test_sigkill_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_path):
     """Forty kills at random moments of a writer saving 16 MB checkpoints in a loop; about half
-    are aimed at the moment a temporary file exists (inside a write; at least 8 must land there). After every kill the
-    checkpoint is whole (checked and loaded) and no older than before the kill."""
+    are aimed at the moment a temporary file exists (inside a write; at least 8 must land there).
+    After every kill the checkpoint is whole (checked and loaded) and no older than before it."""
     tmpdir = _other_file_system_tmpdir(tmp_path)
     path = tmp_path / "checkpoints" / "last.ckpt"
     context = multiprocessing.get_context("fork")
