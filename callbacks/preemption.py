@@ -143,6 +143,9 @@ def run_skipped_validation(trainer: Trainer) -> None:
     epoch_loop = trainer.fit_loop.epoch_loop
     trainer.validating = True
     first_loop_iter = trainer._logger_connector._first_loop_iter
+    # A fresh validation, as Lightning's first resumed step makes it: restarting, the loop would
+    # keep the batch counts of the last validation the checkpoint saw and stop that much early.
+    epoch_loop.val_loop.restarting = False
     epoch_loop.val_loop.run()
     trainer.training = True
     trainer._logger_connector._first_loop_iter = first_loop_iter
