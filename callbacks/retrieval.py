@@ -367,8 +367,25 @@ class RetrievalEvaluator(Callback):
 
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                final = {tag: value for tag, value in self.last_metrics.items() if tag.startswith("val/")}
-                logger.log_hyperparams(pl_module.hparams, metrics=final, step=trainer.global_step)
+                final = [tag for tag in self.last_metrics if tag.startswith("val/")]
+                write_hparams_summary(logger, pl_module.hparams, final, trainer.global_step)
+
+
+def write_hparams_summary(logger, params, metric_tags: Sequence[str], step: int) -> None:
+    """The run's row in TensorBoard's HParams tab: its settings, and which scalars are its metrics.
+
+    The tab shows each metric's latest point in the run's own scalars, so only the names are
+    written. Lightning's ``log_hyperparams(params, metrics)`` would also log the values again at
+    the current step: a second point repeating the last validation (at a preemption, at a step
+    that was never validated).
+    """
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(flat, dict.fromkeys(metric_tags, 0.0)):  # the values are not read
+        writer.add_summary(summary, step)
 
 
 def custom_scalars_layout(tags) -> dict:
