@@ -12,6 +12,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_files import require_whole, resolve_checkpoint
+from callbacks.tensorboard_run import continue_tensorboard_run
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules.base import MatryoshkaEmbedder
@@ -43,7 +44,11 @@ class EmbeddingCLI(LightningCLI):
     # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path first, so
     # `last` is the newest checkpoint that loads and an unreadable file is named, not unpickled.
     def fit(self, **kwargs) -> None:
-        self.trainer.fit(**self._with_checkpoint(kwargs))
+        kwargs = self._with_checkpoint(kwargs)
+        # A resumed fit logs on in its run's TensorBoard folder, which the loggers open before
+        # Lightning reads the checkpoint.
+        continue_tensorboard_run(self.trainer, kwargs["ckpt_path"])
+        self.trainer.fit(**kwargs)
 
     def validate(self, **kwargs) -> None:
         self.trainer.validate(**self._with_checkpoint(kwargs))

@@ -337,10 +337,13 @@ class MatryoshkaEmbedder(LightningModule):
 
     # ----- checkpoints: what training changes, not frozen backbones ------------------------
     def configure_callbacks(self):
-        # Every checkpoint of every run is written whole or not at all, however the Trainer was built.
+        # Every checkpoint of every run is written whole or not at all, however the Trainer was built;
+        # TensorBoard draws the scalars at the optimizer step the terminal prints, and a resumed run
+        # writes on in its run's folder (callbacks/tensorboard_run.py).
         from callbacks.checkpoint_files import AtomicCheckpoints
+        from callbacks.tensorboard_run import TensorBoardRun
 
-        return [AtomicCheckpoints()]
+        return [AtomicCheckpoints(), TensorBoardRun()]
 
     def _frozen_parameter_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if not p.requires_grad}

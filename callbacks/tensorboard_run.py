@@ -1,0 +1,102 @@
+"""One TensorBoard run per training run, drawn at the optimizer step the terminal prints.
+
+Left to Lightning's defaults, a run's curves were split and skewed:
+- a resumed fit (``fit --ckpt_path last`` after a preemption or a crash) opened a new
+  ``version_N`` folder, so one training run's curves lay in two TensorBoard runs;
+- scalars were drawn at the number of batches stepped *before* the current one, so the validation
+  the terminal announces as "val at step 300" sat at 299, beside its own figures at 300;
+- the points a killed run wrote after its last checkpoint stayed: the resumed run drew those
+  steps a second time, and TensorBoard joined old and new points into a zig-zag.
+
+``TensorBoardRun`` (every ``MatryoshkaEmbedder`` adds it) logs ``step``, the optimizer steps taken,
+with the scalars of each training step and each validation; Lightning's logger connector takes a
+logged ``step`` as their x-axis. A training step's loss is then at that step's number, and a
+validation at the step it validated. It also records each TensorBoard logger's version in every
+checkpoint. ``continue_tensorboard_run`` (``cli.py fit --ckpt_path ...``) points the loggers back
+at that version before they open their folder, with TensorBoard's ``purge_step`` at the step after
+the checkpoint's: readers drop what earlier writers of the folder wrote from that step on, and the
+resumed run writes those steps again, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+log = logging.getLogger(__name__)
+
+# The checkpoint's record of its run's TensorBoard folders: {logger name: version}.
+CHECKPOINT_KEY = "tensorboard_versions"
+
+
+def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+class TensorBoardRun(Callback):
+    """Scalars at the optimizer step (``step``) and the run's TensorBoard versions in checkpoints."""
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        # After the optimizer step, so ``global_step`` counts it. ModelCheckpoint names its files
+        # by a logged ``step``; Lightning runs checkpoint callbacks after the others, so it reads
+        # this one, the number it would read otherwise. A logged ``step`` also replaces
+        # Lightning's ``epoch`` scalar, kept here beside the training scalars.
+        pl_module.log("step", float(trainer.global_step), batch_size=1)
+        pl_module.log("epoch", float(trainer.current_epoch), batch_size=1)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Identical on every rank; sync_dist keeps Lightning's check on epoch-level values quiet.
+            pl_module.log("step", float(trainer.global_step), batch_size=1, sync_dist=True, reduce_fx="max")
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Rank 0 writes the file and its loggers hold the folder; other ranks never opened one.
+        if trainer.is_global_zero:
+            checkpoint[CHECKPOINT_KEY] = {
+                logger.name: logger.version for logger in tensorboard_loggers(trainer)
+            }
+
+
+def continue_tensorboard_run(trainer: Trainer, checkpoint_path: str | Path | None) -> None:
+    """Before ``trainer.fit(ckpt_path=checkpoint_path)``: each TensorBoard logger writes on in the
+    version folder that the checkpoint's run wrote, and TensorBoard drops what that folder holds
+    after the checkpoint's step (the resumed run writes those steps again).
+
+    Every rank reads the same file, so every rank takes the same version. A logger given a
+    version explicitly keeps it (its folder is the same on every resume anyway).
+    """
+    # A logger already writing (a second fit in one process) stays in its folder.
+    loggers = [logger for logger in tensorboard_loggers(trainer) if logger._experiment is None]
+    if not loggers or checkpoint_path is None or not get_filesystem(checkpoint_path).isfile(checkpoint_path):
+        return  # a fresh run, or a value Lightning resolves itself ("last" with no checkpoint yet)
+    try:
+        checkpoint = _read_checkpoint(checkpoint_path)
+    except Exception as error:  # Lightning's own loader (weights_only=False) reports real damage
+        log.warning("TensorBoard: %s not read (%s); the run logs to a new folder.", checkpoint_path, error)
+        return
+    versions = checkpoint.get(CHECKPOINT_KEY, {})
+    if not versions:
+        log.info("TensorBoard: %s records no version; the run logs to a new folder.", checkpoint_path)
+    for logger in loggers:
+        if logger._version is None and logger.name in versions:
+            logger._version = versions[logger.name]
+        # The checkpoint holds step S and every point of steps <= S was written before it was
+        # saved; points from S + 1 on are the resumed run's to write. (LightningCLI passes every
+        # SummaryWriter argument, so an unset purge_step is there as None.)
+        if logger._kwargs.get("purge_step") is None:
+            logger._kwargs["purge_step"] = checkpoint["global_step"] + 1
+
+
+def _read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's plain data; memory-mapped when local, so its weights are not read."""
+    filesystem = get_filesystem(path)
+    if isinstance(filesystem, LocalFileSystem):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with filesystem.open(path, "rb") as file:
+        return torch.load(file, map_location="cpu", weights_only=True)
