@@ -75,11 +75,9 @@ def continue_tensorboard_run(trainer: Trainer, checkpoint_path: str | Path | Non
     loggers = [logger for logger in tensorboard_loggers(trainer) if logger._experiment is None]
     if not loggers or checkpoint_path is None or not get_filesystem(checkpoint_path).isfile(checkpoint_path):
         return  # a fresh run, or a value Lightning resolves itself ("last" with no checkpoint yet)
-    try:
-        checkpoint = _read_checkpoint(checkpoint_path)
-    except Exception as error:  # Lightning's own loader (weights_only=False) reports real damage
-        log.warning("TensorBoard: %s not read (%s); the run logs to a new folder.", checkpoint_path, error)
-        return
+    # cli.py resolved the path to a whole checkpoint (callbacks/checkpoint_files.py), which holds
+    # plain data only: this load fails only where Lightning's own would.
+    checkpoint = _read_checkpoint(checkpoint_path)
     versions = checkpoint.get(CHECKPOINT_KEY, {})
     if not versions:
         log.info("TensorBoard: %s records no version; the run logs to a new folder.", checkpoint_path)
