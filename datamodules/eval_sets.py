@@ -9,7 +9,6 @@ Layout on disk (as BEIR): ``corpus.jsonl`` (``_id``, ``text``, optional ``title`
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from datamodules.sources import looks_local
+from datamodules.sources import json_lines, looks_local
 from lightning_modules.components.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -262,13 +261,7 @@ def _numbered(rows: Iterable[dict], source: str) -> Iterable[tuple[str, dict]]:
 
 def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
     """``(file:line, row)`` for every non-blank line."""
-    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not data
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{line_number}", json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_number}: not valid JSON ({error}).") from error
+    return ((f"{path}:{number}", row) for number, row in json_lines(path))
 
 
 def _grade(value, where: str) -> int:

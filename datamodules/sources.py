@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
-from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.errors import ConfigError, DataError
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -18,6 +20,25 @@ def looks_local(location: str) -> bool:
         or path.suffix in FILE_BUILDERS
         or location.count("/") > 1
     )
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of every non-blank line of a JSON Lines file.
+
+    A broken line is a ``DataError`` naming the file, its line and the column in that line
+    (``json``'s own "line 1 column 5" counts within the text it was given, beside the real line).
+    """
+    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not data
+        for number, line in enumerate(handle, start=1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                where = "at the end of the line" if error.pos >= len(text) else f"at column {error.colno}"
+                raise DataError(f"{path}:{number}: not valid JSON {where} ({error.msg}).") from error
+            yield number, value
 
 
 def undecoded_audio(dataset):

@@ -95,6 +95,23 @@ def test_corpus_rows_without_an_id_are_named_by_file_and_line(tmp_path, bad_row)
         load_beir_eval_set("toy", str(root))
 
 
+@pytest.mark.parametrize(
+    "broken_line, where",
+    [
+        ('{"_id": "b", "text": ', "at the end of the line (Expecting value)"),  # cut off
+        ('{"_id": "b" "text": "query b"}', "at column 13 (Expecting ',' delimiter)"),
+    ],
+)
+def test_a_broken_json_line_is_named_by_file_line_and_column_only(tmp_path, broken_line, where):
+    """json's own position ("line 2 column 1") counts within the line it was given."""
+    root = _write_beir(tmp_path / "toy", [("a", "x", 1)])
+    queries = root / "queries.jsonl"
+    queries.write_text('{"_id": "a", "text": "query a"}\n' + broken_line + "\n")
+    with pytest.raises(DataError) as error:
+        load_beir_eval_set("toy", str(root))
+    assert str(error.value) == f"{queries}:2: not valid JSON {where}."
+
+
 def test_corpus_rows_without_text_are_left_out_and_named(tmp_path, caplog):
     """A title alone is a document; a row with neither would be embedded empty and ranked."""
     root = _write_beir(tmp_path / "toy", [("a", "x", 1), ("b", "empty", 0)])
