@@ -16,7 +16,7 @@ from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.lengths import clip_seconds, text_length
 from datamodules.loader import STATE_KEY, ConsumedPositionLoader
-from datamodules.sources import load_stream, looks_local, relative_path_roots
+from datamodules.sources import load_stream, looks_local, read_error, relative_path_roots
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
@@ -289,7 +289,14 @@ class StreamingPairDataModule(LightningDataModule):
             )
             grouping = {"length_of": length_of, "batch_size": hp.batch_size}
         return ShuffledEpochStream(
-            dataset, hp.seed, hp.shuffle_block_size, hp.passes, rank=rank, world_size=world_size, **grouping
+            dataset,
+            hp.seed,
+            hp.shuffle_block_size,
+            hp.passes,
+            rank=rank,
+            world_size=world_size,
+            read_error=partial(read_error, "data.train_data", hp.train_data),
+            **grouping,
         )
 
     def train_dataloader(self) -> ConsumedPositionLoader:
@@ -303,12 +310,18 @@ class StreamingPairDataModule(LightningDataModule):
                 transcription_required=getattr(model, "needs_transcriptions", False),
                 base_dir=relative_path_roots(hp.train_data),
             )
+        stream = self._training_stream()
+        source = f"data.train_data={hp.train_data!r}"
+        if stream.world_size > 1:
+            source += f" (the share of rank {stream.rank} of {stream.world_size})"
         self._train_loader = ConsumedPositionLoader(
-            self._training_stream(),
+            stream,
             # Grouped by length, the stream yields whole batches (the builder gets each as is).
             batch_size=None if hp.group_by_length else hp.batch_size,
             collate_fn=collate,
             num_workers=hp.num_workers,
+            source=source,
+            endless=hp.passes is None,
         )
         if hp.passes is not None and self.trainer is not None:
             # All passes are one Lightning epoch: a second one would iterate the loader afresh,

@@ -94,15 +94,16 @@ def load_stream(
         path = Path(location).expanduser()
         if not path.exists():
             raise ConfigError(f"{key}={location!r}: no such file or folder (resolved to {path.resolve()}).")
-        if path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise ConfigError(
-                    f"{key}={location!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}."
-                )
-            dataset = _load_columns(builder, data_files=str(path), split="train", columns=columns)
-        else:
-            dataset = _load_columns(str(path), split=split, columns=columns)
+        builder = FILE_BUILDERS.get(path.suffix) if path.is_file() else None
+        if path.is_file() and builder is None:
+            raise ConfigError(f"{key}={location!r}: unknown file type; use one of {sorted(FILE_BUILDERS)}.")
+        try:
+            if builder is not None:
+                dataset = _load_columns(builder, data_files=str(path), split="train", columns=columns)
+            else:
+                dataset = _load_columns(str(path), split=split, columns=columns)
+        except Exception as error:  # an empty file ends in a bare StopIteration inside datasets
+            raise read_error(key, location, error) from error
         return undecoded_audio(dataset)
     try:
         return undecoded_audio(_load_columns(location, config_name, split=split, columns=columns))
@@ -111,3 +112,55 @@ def load_stream(
             f"{key}={location!r} is neither a local path nor a loadable hub dataset "
             f"({type(error).__name__}: {error})"
         ) from error
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The files ``datasets`` reads for a local file or folder (the formats it is given here)."""
+    if path.is_file():
+        return [path]
+    return sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in FILE_BUILDERS)
+
+
+def _check_json(path: Path) -> None:
+    """Raises the ``DataError`` naming a JSON file's first broken line, if it has one."""
+    with open(path, encoding="utf-8-sig") as handle:
+        whole_document = handle.read(4096).lstrip().startswith("[")  # a .json list, not JSON Lines
+    if not whole_document:
+        for _ in json_lines(path):
+            pass
+        return
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}:{error.lineno}: not valid JSON at column {error.colno} ({error.msg})."
+        ) from error
+
+
+def read_error(key: str, location: str, error: BaseException) -> DataError | None:
+    """What a failure to read local training data means, as a ``DataError`` naming the file (and
+    the line of a broken JSON line); None for a hub dataset, whose errors need not be the data's.
+
+    Called once reading has failed: only then are the files checked (scanned line by line).
+    """
+    if not looks_local(location):
+        return None
+    path = Path(location).expanduser()
+    files = _data_files(path) if path.exists() else []
+    empty = [file for file in files if file.stat().st_size == 0]
+    if empty and path.is_file():
+        return DataError(
+            f"{key}={location!r} is empty (0 bytes): put query/document pairs in it, or point {key} "
+            "at the file that has them."
+        )
+    if empty:
+        return DataError(f"{key}={location!r}: {empty[0]} is empty (0 bytes): fill it or remove it.")
+    for file in files:
+        if file.suffix in (".json", ".jsonl"):
+            try:
+                _check_json(file)
+            except DataError as broken:
+                return DataError(f"{key}={location!r}: {broken} Fix or remove that line.")
+    summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return DataError(f"{key}={location!r} cannot be read ({type(error).__name__}: {summary}).")

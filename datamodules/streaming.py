@@ -51,6 +51,9 @@ class ShuffledEpochStream(IterableDataset):
     line up: in the first epoch, until one rank's shorter last block). A block whose size is
     not a multiple of ``batch_size`` (an epoch's last) also serves one smaller batch. The state then
     counts the block's batches served; a resume recomputes the same batches from the re-read block.
+
+    ``read_error`` (a picklable ``exception -> exception or None``) turns a failure to read the
+    source (a broken line deep in a file) into the error to raise instead, naming the file.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class ShuffledEpochStream(IterableDataset):
         world_size: int = 1,
         length_of: Callable[[dict], float] | None = None,
         batch_size: int | None = None,
+        read_error: Callable[[Exception], Exception | None] | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
@@ -70,6 +74,7 @@ class ShuffledEpochStream(IterableDataset):
             raise ValueError(f"grouping by length needs a batch_size >= 1, got {batch_size}.")
         self.length_of = length_of
         self.batch_size = batch_size
+        self.read_error = read_error
         self.dataset = dataset
         self.seed = seed
         self.block_size = block_size
@@ -144,7 +149,7 @@ class ShuffledEpochStream(IterableDataset):
             rows = _rows(source) if source is not None else iter(())
             served_any = False
             while True:
-                rows_of_block = list(islice(rows, self.block_size))
+                rows_of_block = self._next_block(rows)
                 if not rows_of_block:
                     break
                 for position, index in enumerate(self._block_order(epoch, block, rows_of_block)):
@@ -174,6 +179,15 @@ class ShuffledEpochStream(IterableDataset):
                     _worker_id(),
                 )
                 return
+
+    def _next_block(self, rows: Iterator[dict]) -> list[dict]:
+        try:
+            return list(islice(rows, self.block_size))
+        except Exception as error:
+            described = self.read_error(error) if self.read_error is not None else None
+            if described is None:
+                raise
+            raise described from error
 
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state)

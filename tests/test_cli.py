@@ -43,6 +43,37 @@ def test_cli_prints_input_errors_without_a_traceback(demo_dir, tmp_path):
     assert "error: model.matryoshka_dims" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("case", ["empty file", "broken line read by a worker"])
+def test_unreadable_training_data_ends_fit_with_one_line_naming_it(demo_dir, tmp_path, case):
+    """An empty file ended in a bare StopIteration from datasets; an error in a DataLoader worker
+    came back with the worker's traceback as its message."""
+    workers = 0
+    if case == "empty file":
+        train = tmp_path / "train.jsonl"
+        train.write_bytes(b"")
+    else:
+        workers, train = 2, tmp_path / "train"
+        train.mkdir()
+        rows = "".join(f'{{"id": "a{i}", "query": "q", "document": "d"}}\n' for i in range(8))
+        (train / "a.jsonl").write_text(rows)
+        (train / "b.jsonl").write_text('{"id": "b0", "query": "q",\n')
+    options = [
+        f"--data.init_args.train_data={train}",
+        f"--data.init_args.num_workers={workers}",
+        "--trainer.limit_val_batches=0",
+    ]
+    result = subprocess.run(
+        [sys.executable, "cli.py", "fit", *quick_text_only(tmp_path, *options)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: data.train_data='{train}'")
+    assert ("is empty (0 bytes)" if case == "empty file" else "b.jsonl:1: not valid JSON") in line
+
+
 def test_missing_data_path_fails_at_start_up(demo_dir, tmp_path):
     with pytest.raises(Exception) as error:
         cli_main(["--config", DEMO, f"--data.init_args.train_data={tmp_path / 'missing.jsonl'}"], run=False)

@@ -431,6 +431,101 @@ def test_a_run_with_passes_resumes_at_the_next_batch_and_still_ends(tiny_text_mo
     assert after_the_end.ids == [] and trainer.global_step == 6
 
 
+def test_an_empty_training_file_is_named(tiny_text_model, tmp_path):
+    """It ended in a bare StopIteration inside datasets' JSON builder, never naming the file."""
+    empty = tmp_path / "train.jsonl"
+    empty.write_bytes(b"")
+    datamodule = _datamodule(tiny_text_model, empty)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        datamodule.train_dataloader()
+    assert str(error.value) == (
+        f"data.train_data='{empty}' is empty (0 bytes): put query/document pairs in it, or point "
+        "data.train_data at the file that has them."
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("name, content", [("train.csv", "id,query,document\n"), ("train.jsonl", "\n\n  \n")])
+def test_a_training_file_without_rows_is_named(tiny_text_model, tmp_path, name, content, num_workers):
+    """A header alone, or blank lines: the loader yielded nothing and fit stepped through empty
+    epochs forever."""
+    path = tmp_path / name
+    path.write_text(content)
+    datamodule = _datamodule(tiny_text_model, path, num_workers=num_workers)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        next(iter(datamodule.train_dataloader()))
+    assert str(error.value) == (
+        f"data.train_data='{path}' holds no rows to train on (a CSV file with only its header, a JSON "
+        "Lines file with only blank lines, an empty split): put query/document pairs in it, or point "
+        "data.train_data at the file that has them."
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_training_file_whose_every_row_is_skipped_stops_after_one_pass(
+    tiny_text_model, tmp_path, num_workers
+):
+    """Every step skipped, pass after pass, until max_steps: now one pass and a DataError."""
+    rows = [{"id": f"r{i}", "query": "bita", "text": "fèfé"} for i in range(6)]  # 'text', not 'document'
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    datamodule = _datamodule(tiny_text_model, train, num_workers=num_workers)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        for _ in datamodule.train_dataloader():
+            pass
+    assert str(error.value).startswith(
+        f"data.train_data='{train}': a whole pass over the training data gave no usable row ("
+    )
+    assert "every one skipped: missing or empty document (" in str(error.value)
+    assert "Check that data.query_column, data.document_column and data.audio.column" in str(error.value)
+
+
+def test_a_training_file_with_a_usable_row_per_pass_is_not_refused(tiny_text_model, tmp_path):
+    rows = [{"id": f"r{i}", "query": "bita"} for i in range(15)]  # no document
+    rows.append({"id": "ok", "query": "q", "document": "d"})
+    datamodule = _datamodule(tiny_text_model, _write_jsonl(tmp_path / "train.jsonl", rows), passes=5)
+    datamodule.setup("fit")
+    assert [i for batch in datamodule.train_dataloader() for i in batch["ids"]] == ["ok"] * 5
+
+
+def test_a_broken_json_line_in_a_training_file_is_named_by_line_and_column(tiny_text_model, tmp_path):
+    train = tmp_path / "train.jsonl"
+    lines = ['{"id": "a", "query": "q", "document": "d"}', '{"id": "b", "query": "q" "document": "d"}']
+    train.write_text("\n".join(lines) + "\n")
+    datamodule = _datamodule(tiny_text_model, train)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        next(iter(datamodule.train_dataloader()))
+    assert str(error.value) == (
+        f"data.train_data='{train}': {train}:2: not valid JSON at column 26 (Expecting ',' delimiter). "
+        "Fix or remove that line."
+    )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_broken_line_found_while_streaming_is_named_even_from_a_worker(
+    tiny_text_model, tmp_path, num_workers
+):
+    """The first file reads fine (datasets infers the columns from it), the second breaks while
+    training streams it; from a DataLoader worker the error came back as the worker's traceback."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", [{"id": f"a{i}", "query": "q", "document": "d"} for i in range(8)])
+    broken = folder / "b.jsonl"
+    broken.write_text('{"id": "b0", "query": "q", "document": "d"}\n{"id": "b1", "query": "q",\n')
+    datamodule = _datamodule(tiny_text_model, folder, num_workers=num_workers)
+    datamodule.setup("fit")
+    with pytest.raises(DataError) as error:
+        for _ in datamodule.train_dataloader():
+            pass
+    assert str(error.value) == (
+        f"data.train_data='{folder}': {broken}:2: not valid JSON at the end of the line (Expecting property "
+        "name enclosed in double quotes). Fix or remove that line."
+    )
+
+
 def test_missing_paths_fail_at_construction_with_the_key(tiny_text_model, tmp_path):
     with pytest.raises(ConfigError, match="data.train_data"):
         _datamodule(tiny_text_model, tmp_path / "nope.jsonl")
