@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ class AudioSettings:
     """Training clips shorter than this many seconds are skipped (the paper keeps 3-30 s)."""
     max_duration: float = 30.0
     """Training clips longer than this many seconds are skipped."""
+    allow_outside_paths: bool = False
+    """Read audio paths of local training files and eval sets that lead outside their folder (an
+    absolute path elsewhere, '..', or a symlink to elsewhere, checked after resolving symlinks);
+    false: such rows are skipped (eval queries left out) and named."""
 
     def __post_init__(self):
         if not 0 <= self.min_duration < self.max_duration:
@@ -46,10 +51,43 @@ class AudioSettings:
             )
 
 
-def audio_file(value, base_dir: Path | Sequence[Path] | None = None) -> io.BytesIO | Path:
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies in ``folder`` (symlinks resolved too)."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) == base
+
+
+def _local_file(path: Path, base_dir: Path | Sequence[Path] | None, allow_outside_paths: bool) -> Path:
+    """The file an audio path names: relative to the first of the ``base_dir`` folders that holds
+    it, and inside that folder (or, absolute, inside one of them) unless ``allow_outside_paths``.
+    Without ``base_dir`` (a hub dataset) the path is taken as it is."""
+    if base_dir is None:
+        candidates, allowed = [path], [True]
+    else:
+        folders = [Path(base_dir)] if isinstance(base_dir, (str, Path)) else [Path(f) for f in base_dir]
+        candidates = [path if path.is_absolute() else folder / path for folder in folders]
+        allowed = [
+            allow_outside_paths or _inside(candidate, folder)
+            for candidate, folder in zip(candidates, folders, strict=True)
+        ]
+    found = next((c for c, ok in zip(candidates, allowed, strict=True) if ok and c.exists()), None)
+    if found is not None:
+        return found
+    if not allowed[0]:  # the file itself is never opened: nothing of it is shown
+        raise BadAudio(
+            f"audio path {str(path)!r} resolves outside {folders[0]} (an absolute path elsewhere, '..' "
+            "or a symlink); set data.audio.allow_outside_paths: true to read it"
+        )
+    raise BadAudio(f"audio file {candidates[0]} not found")
+
+
+def audio_file(
+    value, base_dir: Path | Sequence[Path] | None = None, allow_outside_paths: bool = False
+) -> io.BytesIO | Path:
     """What soundfile opens for an undecoded audio cell: its bytes, or its file (``BadAudio`` if none).
 
-    A relative path starts at ``base_dir``, or at the first of several folders that holds it.
+    A relative path starts at ``base_dir``, or at the first of several folders that holds it, and
+    must stay in that folder unless ``allow_outside_paths`` (see ``_local_file``).
     """
     if value is None:
         raise BadAudio("no audio")
@@ -61,25 +99,20 @@ def audio_file(value, base_dir: Path | Sequence[Path] | None = None) -> io.Bytes
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source))
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_absolute() and base_dir is not None:
-            folders = [base_dir] if isinstance(base_dir, (str, Path)) else list(base_dir)
-            candidates = [Path(folder) / path for folder in folders]
-            path = next((candidate for candidate in candidates if candidate.exists()), candidates[0])
-        if not path.exists():
-            raise BadAudio(f"audio file {path} not found")
-        return path
+        return _local_file(Path(source), base_dir, allow_outside_paths)
     raise BadAudio(f"audio cell of type {type(source).__name__}")
 
 
-def decode_audio(value, base_dir: Path | Sequence[Path] | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(
+    value, base_dir: Path | Sequence[Path] | None = None, allow_outside_paths: bool = False
+) -> tuple[np.ndarray, int]:
     """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
     import soundfile
 
     if isinstance(value, dict) and "array" in value:  # already decoded upstream
         samples = np.asarray(value["array"], dtype=np.float32)
         return np.atleast_2d(samples), int(value["sampling_rate"])
-    handle = audio_file(value, base_dir)
+    handle = audio_file(value, base_dir, allow_outside_paths)
     try:
         samples, rate = soundfile.read(handle, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises several types for corrupt data
@@ -96,8 +129,10 @@ class AudioLoader:
         min_duration: float = 0.0,
         max_duration: float | None = None,
         min_samples: int = 1,
+        allow_outside_paths: bool = False,
     ):
         self.sampling_rate = sampling_rate
+        self.allow_outside_paths = allow_outside_paths
         self.min_duration = min_duration
         self.max_duration = max_duration
         self.min_samples = min_samples
@@ -106,7 +141,7 @@ class AudioLoader:
     def load(
         self, value, base_dir: Path | Sequence[Path] | None = None, check_duration: bool = True
     ) -> np.ndarray:
-        samples, rate = decode_audio(value, base_dir)
+        samples, rate = decode_audio(value, base_dir, self.allow_outside_paths)
         if samples.size == 0:
             raise BadAudio("empty audio")
         if not np.isfinite(samples).all():

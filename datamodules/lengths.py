@@ -14,16 +14,18 @@ from pathlib import Path
 from datamodules.audio import audio_file
 
 
-def clip_seconds(row: dict, column: str, base_dir: Path | Sequence[Path] | None = None) -> float:
+def clip_seconds(
+    row: dict, column: str, base_dir: Path | Sequence[Path] | None = None, allow_outside_paths: bool = False
+) -> float:
     """Duration of the row's audio in seconds (0.0 if its header cannot be read); relative paths
-    start at ``base_dir``."""
+    start at ``base_dir`` and stay in it unless ``allow_outside_paths``."""
     import soundfile
 
     value = row.get(column)
     if isinstance(value, dict) and "array" in value:  # already decoded upstream
         return len(value["array"]) / float(value["sampling_rate"])
     try:
-        info = soundfile.info(audio_file(value, base_dir))
+        info = soundfile.info(audio_file(value, base_dir, allow_outside_paths))
     except Exception:  # BadAudio (no usable cell), or soundfile's several types for corrupt data
         return 0.0
     return info.frames / float(info.samplerate)

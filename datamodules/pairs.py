@@ -105,7 +105,8 @@ class StreamingPairDataModule(LightningDataModule):
             task_column: Column naming each row's task (optional in the data).
             id_column: Column holding the row id (used to name skipped rows).
             prompts: Task instructions and the query template.
-            audio: Speech queries: the audio column, the speech model's feature extractor, duration limits.
+            audio: Speech queries: the audio column, the speech model's feature extractor, duration
+                limits, whether audio paths may lead outside the data's folder.
             batch_size: Training pairs per step per device (in-batch negatives = batch_size - 1).
             eval_batch_size: Queries or documents per evaluation forward pass.
             max_query_length: Token limit of a query including its prompt.
@@ -283,7 +284,12 @@ class StreamingPairDataModule(LightningDataModule):
         grouping = {}
         if hp.group_by_length:
             length_of = (
-                partial(clip_seconds, column=self.audio.column, base_dir=relative_path_roots(hp.train_data))
+                partial(
+                    clip_seconds,
+                    column=self.audio.column,
+                    base_dir=relative_path_roots(hp.train_data),
+                    allow_outside_paths=self.audio.allow_outside_paths,
+                )
                 if self.audio is not None
                 else partial(text_length, column=self.columns["document"])
             )

@@ -55,7 +55,8 @@ def undecoded_audio(dataset):
 def relative_path_roots(location: str | None) -> tuple[Path, ...] | None:
     """Where a training file's relative audio paths start: its folder (as an eval set's start at
     its BEIR folder), then the working directory, where a script that wrote the data from the
-    project root would have started them. None for hub datasets (paths start where they are)."""
+    project root would have started them; a path must stay in the folder it starts at (see
+    ``data.audio.allow_outside_paths``). None for hub datasets (paths start where they are)."""
     if not location or not looks_local(location):
         return None
     path = Path(location).expanduser()

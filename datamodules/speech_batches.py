@@ -30,6 +30,7 @@ class SpeechBatchBuilder:
             settings.min_duration,
             settings.max_duration,
             min_samples=minimum_samples(feature_extractor),
+            allow_outside_paths=settings.allow_outside_paths,
         )
 
     def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:

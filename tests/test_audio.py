@@ -15,7 +15,7 @@ from datamodules.audio import AudioLoader, AudioSettings, BadAudio, decode_audio
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
-from lightning_modules.components.errors import ConfigError
+from lightning_modules.components.errors import ConfigError, DataError
 
 RATE = 8000
 
@@ -297,3 +297,112 @@ def test_relative_training_audio_paths_start_at_the_data_files_folder(
     if written_from == "working directory":  # an eval set's paths start at its folder only
         with pytest.raises(BadAudio, match="not found"):
             decode_audio(rows[0]["audio"], base_dir=folder)
+
+
+# ----- audio paths stay inside the data's folder ------------------------------------------------
+def _folder_with_paths_out(tmp_path):
+    """``data/`` holding one clip and a symlink to a clip outside it; (folder, outside clip)."""
+    folder = tmp_path / "data"
+    (folder / "clips").mkdir(parents=True)
+    (folder / "clips" / "inside.wav").write_bytes(_wav_bytes(_tone(1.0, 16000), rate=16000))
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(_wav_bytes(_tone(1.0, 16000), rate=16000))
+    (folder / "clips" / "link.wav").symlink_to(outside)
+    (folder / "clips" / "alias.wav").symlink_to(folder / "clips" / "inside.wav")  # stays inside
+    (tmp_path / "elsewhere").mkdir()  # the working directory, also a start of training paths
+    return folder, outside
+
+
+def _outside(path: str, folder) -> str:
+    return (
+        f"audio path {path!r} resolves outside {folder} (an absolute path elsewhere, '..' or a "
+        "symlink); set data.audio.allow_outside_paths: true to read it"
+    )
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dot-dot", "symlink"])
+def test_audio_paths_leading_outside_the_folder_are_refused_unless_allowed(tmp_path, kind):
+    folder, outside = _folder_with_paths_out(tmp_path)
+    path = {"absolute": str(outside), "dot-dot": "clips/../../outside.wav", "symlink": "clips/link.wav"}[kind]
+    for cell in (path, {"bytes": None, "path": path}):
+        with pytest.raises(BadAudio) as error:
+            AudioLoader(16000).load(cell, base_dir=folder)
+        assert str(error.value) == _outside(path, folder)
+        assert AudioLoader(16000, allow_outside_paths=True).load(cell, base_dir=folder).shape == (16000,)
+    # Paths inside the folder, a symlink to a file in it too, and hub data (no folder) read as before.
+    for inside in ("clips/inside.wav", "clips/alias.wav", str(folder / "clips" / "inside.wav")):
+        assert AudioLoader(16000).load(inside, base_dir=folder).shape == (16000,)
+    assert AudioLoader(16000).load(str(outside)).shape == (16000,)
+
+
+def _speech_data(text_model, speech_model, **kwargs) -> StreamingPairDataModule:
+    settings = {"feature_extractor": str(speech_model), "min_duration": 0.5, **kwargs.pop("audio", {})}
+    return StreamingPairDataModule(
+        tokenizer=str(text_model),
+        audio=AudioSettings(**settings),
+        **{"batch_size": 4, "shuffle_block_size": 4, "max_query_length": 64, **kwargs},
+    )
+
+
+def test_training_rows_whose_audio_leads_outside_are_skipped_and_named(
+    tiny_text_model, tiny_speech_model, tmp_path, monkeypatch
+):
+    folder, outside = _folder_with_paths_out(tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    paths = {"ok": "clips/inside.wav", "abs": str(outside), "up": "../outside.wav", "link": "clips/link.wav"}
+    rows = [{"id": key, "query": "baki", "document": "fêlo", "audio": path} for key, path in paths.items()]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for allowed, kept in ((False, ["ok"]), (True, sorted(paths))):
+        data = _speech_data(
+            tiny_text_model,
+            tiny_speech_model,
+            train_data=str(folder / "train.jsonl"),
+            audio={"allow_outside_paths": allowed},
+            passes=1,
+        )
+        data.setup("fit")
+        (batch,) = list(data.train_dataloader())
+        assert sorted(batch["ids"]) == kept
+        if not allowed:
+            skipped = dict(zip(batch["skipped_ids"], batch["skip_reasons"], strict=True))
+            assert skipped == {key: _outside(paths[key], folder) for key in paths if key != "ok"}
+
+
+def test_a_training_file_whose_every_clip_is_unusable_stops_naming_it(
+    tiny_text_model, tiny_speech_model, tmp_path, monkeypatch
+):
+    folder, _ = _folder_with_paths_out(tmp_path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rows = [{"id": f"r{i}", "query": "baki", "document": "fêlo", "audio": "../outside.wav"} for i in range(3)]
+    train = folder / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = _speech_data(tiny_text_model, tiny_speech_model, train_data=str(train))
+    data.setup("fit")
+    with pytest.raises(DataError) as error:
+        for _ in data.train_dataloader():
+            pass
+    message = str(error.value)
+    assert message.startswith(
+        f"data.train_data='{train}': a whole pass over the training data gave no usable row"
+    )
+    assert _outside("../outside.wav", folder) in message
+
+
+def test_eval_queries_whose_audio_leads_outside_are_left_out_and_named(
+    tiny_text_model, tiny_speech_model, tmp_path
+):
+    root, outside = _folder_with_paths_out(tmp_path)
+    (root / "qrels").mkdir()
+    paths = {"ok": "clips/inside.wav", "abs": str(outside), "up": "../outside.wav", "link": "clips/link.wav"}
+    queries = [{"_id": key, "text": "baki", "audio": path} for key, path in paths.items()]
+    (root / "queries.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries))
+    (root / "corpus.jsonl").write_text(json.dumps({"_id": "d", "text": "fêlo"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{k}\td\t1\n" for k in paths)
+    )
+    data = _speech_data(tiny_text_model, tiny_speech_model, eval_sets={"toy": str(root)})
+    data.setup("validate")
+    assert [row["id"] for row in data.eval_sets["toy"].queries] == ["ok"]
+    assert data.eval_queries_dropped["toy"] == [
+        f"{key}: {_outside(paths[key], root)}" for key in ("abs", "up", "link")
+    ]
