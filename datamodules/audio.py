@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,9 +23,22 @@ import torch
 from datamodules.fast_features import clip_inputs
 from lightning_modules.components.errors import ConfigError
 
+log = logging.getLogger(__name__)
+TRUNCATED_CHOICES = ("skip", "keep")
+
 
 class BadAudio(ValueError):
     """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning."""
+
+
+class TruncatedAudio(BadAudio):
+    """A clip whose file holds fewer samples than its header promises (cut off); carries the
+    samples that are there, for ``AudioSettings.truncated: keep``."""
+
+    def __init__(self, reason: str, samples: np.ndarray, rate: int):
+        super().__init__(reason)
+        self.samples = samples
+        self.rate = rate
 
 
 @dataclass
@@ -42,12 +57,20 @@ class AudioSettings:
     """Read audio paths of local training files and eval sets that lead outside their folder (an
     absolute path elsewhere, '..', or a symlink to elsewhere, checked after resolving symlinks);
     false: such rows are skipped (eval queries left out) and named."""
+    truncated: Literal["skip", "keep"] = "skip"
+    """A clip whose file holds less audio than its header promises (a cut-off copy), in training
+    and eval sets: 'skip' it (named and counted as bad audio) or 'keep' the part that is there
+    (named in a warning)."""
 
     def __post_init__(self):
         if not 0 <= self.min_duration < self.max_duration:
             raise ConfigError(
                 f"data.audio: need 0 <= min_duration < max_duration, got {self.min_duration} "
                 f"and {self.max_duration} seconds."
+            )
+        if self.truncated not in TRUNCATED_CHOICES:
+            raise ConfigError(
+                f"data.audio.truncated={self.truncated!r}: use one of {list(TRUNCATED_CHOICES)}."
             )
 
 
@@ -93,20 +116,55 @@ def audio_file(
         raise BadAudio("no audio")
     source = value
     if isinstance(value, dict):
-        source = value.get("bytes") or value.get("path")
+        # Bytes first, even empty ones: b"" is an empty clip, not a cue to look for the path.
+        source = value["bytes"] if value.get("bytes") is not None else value.get("path")
         if source is None:
             raise BadAudio("audio cell has neither bytes nor path")
     if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise BadAudio("empty audio (0 bytes)")
         return io.BytesIO(bytes(source))
     if isinstance(source, (str, Path)):
         return _local_file(Path(source), base_dir, allow_outside_paths)
     raise BadAudio(f"audio cell of type {type(source).__name__}")
 
 
+def _wav_declared_frames(handle: io.BytesIO | Path) -> int | None:
+    """Frames a RIFF WAV header declares in its data chunk; None for other formats, or a size left
+    unset (0 or 0xFFFFFFFF, as streaming writers leave it). libsndfile counts only the frames that
+    are there, so this is how a cut-off WAV shows."""
+    stream = open(handle, "rb") if isinstance(handle, Path) else handle  # closed below
+    try:
+        stream.seek(0)
+        if stream.read(4) != b"RIFF" or not stream.read(4) or stream.read(4) != b"WAVE":
+            return None
+        block_align = None
+        while len(header := stream.read(8)) == 8:
+            chunk, size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            body = stream.read(size + size % 2)  # chunks are padded to an even size
+            if chunk == b"fmt " and len(body) >= 14:
+                block_align = int.from_bytes(body[12:14], "little")
+        return None
+    finally:
+        if stream is handle:
+            stream.seek(0)
+        else:
+            stream.close()
+
+
 def decode_audio(
-    value, base_dir: Path | Sequence[Path] | None = None, allow_outside_paths: bool = False
+    value,
+    base_dir: Path | Sequence[Path] | None = None,
+    allow_outside_paths: bool = False,
+    name: str | None = None,
 ) -> tuple[np.ndarray, int]:
-    """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes."""
+    """``(samples [channels, frames] float32, sample rate)`` from any form an audio cell takes.
+
+    ``name`` (the row id) names audio held as bytes in a reason; a clip holding fewer frames than
+    its header promises raises ``TruncatedAudio``, which carries what is there.
+    """
     import soundfile
 
     if isinstance(value, dict) and "array" in value:  # already decoded upstream
@@ -114,9 +172,22 @@ def decode_audio(
         return np.atleast_2d(samples), int(value["sampling_rate"])
     handle = audio_file(value, base_dir, allow_outside_paths)
     try:
-        samples, rate = soundfile.read(handle, dtype="float32", always_2d=True)
+        declared = _wav_declared_frames(handle)
+        with soundfile.SoundFile(handle) as sound:
+            declared = max(declared or 0, sound.frames)
+            samples, rate = sound.read(dtype="float32", always_2d=True), sound.samplerate
     except Exception as error:  # soundfile raises several types for corrupt data
-        raise BadAudio(f"undecodable audio ({type(error).__name__}: {error})") from error
+        message = str(error)
+        if isinstance(handle, io.BytesIO):  # soundfile names bytes by their object's repr
+            message = message.replace(repr(handle), f"bytes of row {name}" if name else "the audio bytes")
+        raise BadAudio(f"undecodable audio ({type(error).__name__}: {message})") from error
+    if samples.shape[0] < declared:
+        raise TruncatedAudio(
+            f"truncated audio: its header promises {declared / rate:.2f} s, only "
+            f"{samples.shape[0] / rate:.2f} s are there (data.audio.truncated: skip)",
+            samples.T,
+            int(rate),
+        )
     return samples.T, int(rate)
 
 
@@ -130,18 +201,40 @@ class AudioLoader:
         max_duration: float | None = None,
         min_samples: int = 1,
         allow_outside_paths: bool = False,
+        truncated: str = "skip",
     ):
         self.sampling_rate = sampling_rate
         self.allow_outside_paths = allow_outside_paths
+        self.truncated = truncated
+        """'skip' (a ``BadAudio``) or 'keep' what a cut-off clip holds (named in a warning, counted)."""
+        self.truncated_kept = 0
         self.min_duration = min_duration
         self.max_duration = max_duration
         self.min_samples = min_samples
         """Fewest samples (after resampling) the speech model encodes; shorter clips are bad audio."""
 
     def load(
-        self, value, base_dir: Path | Sequence[Path] | None = None, check_duration: bool = True
+        self,
+        value,
+        base_dir: Path | Sequence[Path] | None = None,
+        check_duration: bool = True,
+        name: str | None = None,
     ) -> np.ndarray:
-        samples, rate = decode_audio(value, base_dir, self.allow_outside_paths)
+        """The clip of an audio cell; ``name`` (its row id) names it in reasons and warnings."""
+        try:
+            samples, rate = decode_audio(value, base_dir, self.allow_outside_paths, name)
+        except TruncatedAudio as cut:
+            if self.truncated != "keep":
+                raise
+            samples, rate = cut.samples, cut.rate
+            self.truncated_kept += 1
+            reason = str(cut).replace("data.audio.truncated: skip", "data.audio.truncated: keep")
+            log.warning(
+                "Kept the audio of row %r, %s; %d truncated clips kept by this loader",
+                name,
+                reason,
+                self.truncated_kept,
+            )
         if samples.size == 0:
             raise BadAudio("empty audio")
         if not np.isfinite(samples).all():

@@ -106,7 +106,7 @@ class StreamingPairDataModule(LightningDataModule):
             id_column: Column holding the row id (used to name skipped rows).
             prompts: Task instructions and the query template.
             audio: Speech queries: the audio column, the speech model's feature extractor, duration
-                limits, whether audio paths may lead outside the data's folder.
+                limits, whether audio paths may lead outside the data's folder, cut-off clips.
             batch_size: Training pairs per step per device (in-batch negatives = batch_size - 1).
             eval_batch_size: Queries or documents per evaluation forward pass.
             max_query_length: Token limit of a query including its prompt.

@@ -1,9 +1,9 @@
 """Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
 
 A training row needs a document, a known task (or none) and usable audio; bad audio (undecodable,
-empty, silent, NaN/inf, wrong type, missing, outside the duration limits, too short for the speech
-model to encode) is dropped and named with its reason in ``skipped_ids`` / ``skip_reasons``, which
-the training step counts and logs.
+empty, silent, NaN/inf, wrong type, missing, outside the data's folder, cut off unless kept,
+outside the duration limits, too short for the speech model to encode) is dropped and named with
+its reason in ``skipped_ids`` / ``skip_reasons``, which the training step counts and logs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class SpeechBatchBuilder:
             settings.max_duration,
             min_samples=minimum_samples(feature_extractor),
             allow_outside_paths=settings.allow_outside_paths,
+            truncated=settings.truncated,
         )
 
     def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:
@@ -61,7 +62,8 @@ class SpeechBatchBuilder:
                 reason = problem
             else:
                 try:
-                    waveforms.append(self.loader.load(row.get(self.settings.column), base_dir))
+                    name = self.text.row_id(row, position)
+                    waveforms.append(self.loader.load(row.get(self.settings.column), base_dir, name=name))
                 except BadAudio as error:
                     reason = str(error)
             if reason is None:
@@ -92,7 +94,8 @@ class SpeechBatchBuilder:
         usable, dropped = [], []
         for row in rows:
             try:
-                waveform = self.loader.load(row.get(self.settings.column), base_dir, check_duration=False)
+                cell = row.get(self.settings.column)
+                waveform = self.loader.load(cell, base_dir, check_duration=False, name=row["id"])
             except BadAudio as error:
                 dropped.append(f"{row['id']}: {error}")
                 continue

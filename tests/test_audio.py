@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,8 @@ def test_resampling_equals_torchaudio_functional_resample(source_rate):
         (12345, "type int"),
         (None, "no audio"),
         ({"bytes": None, "path": None}, "neither bytes nor path"),
+        ({"bytes": b"", "path": "clip.wav"}, r"^empty audio \(0 bytes\)$"),  # was "clip.wav not found"
+        (b"", r"^empty audio \(0 bytes\)$"),
         ("missing.wav", "not found"),
         (_wav_bytes(_tone(0.2)), "duration 0.20 s"),
         (_wav_bytes(_tone(3.0)), "duration 3.00 s"),
@@ -406,3 +409,94 @@ def test_eval_queries_whose_audio_leads_outside_are_left_out_and_named(
     assert data.eval_queries_dropped["toy"] == [
         f"{key}: {_outside(paths[key], root)}" for key in ("abs", "up", "link")
     ]
+
+
+# ----- audio held as bytes, cut-off files ---------------------------------------------------------
+def test_undecodable_bytes_are_named_by_their_row_not_a_bytesio_object(tiny_text_model, tiny_speech_model):
+    builder = _speech_builder(tiny_text_model, tiny_speech_model)
+    good = _wav_bytes(_tone(1.0))
+    rows = [
+        {"id": "ok", "query": "baki", "document": "fêlo", "audio": good},
+        {
+            "id": "corrupt",
+            "query": "baki",
+            "document": "fêlo",
+            "audio": {"bytes": b"junk" * 20, "path": None},
+        },
+    ]
+    batch = builder.training_batch(rows)
+    assert batch["skipped_ids"] == ["corrupt"]
+    (reason,) = batch["skip_reasons"]
+    assert reason.startswith("undecodable audio (") and "Error opening bytes of row corrupt: " in reason
+    assert "BytesIO" not in reason and " at 0x" not in reason
+
+
+def _cut_wav(path: Path, promised: float = 3.0, kept: float = 1.2, rate: int = 16000) -> Path:
+    """A real WAV of ``promised`` seconds whose bytes are cut after ``kept`` seconds."""
+    soundfile.write(path, _tone(promised, rate), rate, subtype="PCM_16")
+    raw = path.read_bytes()
+    header = len(raw) - int(promised * rate) * 2
+    path.write_bytes(raw[: header + int(kept * rate) * 2])
+    return path
+
+
+TRUNCATED = "truncated audio: its header promises 3.00 s, only 1.20 s are there (data.audio.truncated: {})"
+
+
+def test_a_cut_off_wav_is_detected_and_skipped_or_kept(tmp_path, caplog):
+    """libsndfile counts only the frames that are there: the clip decoded silently as 1.2 s."""
+    cut = _cut_wav(tmp_path / "cut.wav")
+    assert soundfile.info(cut).duration == pytest.approx(1.2)  # what soundfile alone reports
+    for cell in (str(cut), cut.read_bytes()):
+        with pytest.raises(BadAudio) as error:
+            AudioLoader(16000).load(cell)
+        assert str(error.value) == TRUNCATED.format("skip")
+    keeping = AudioLoader(16000, truncated="keep")
+    with caplog.at_level("WARNING", logger="datamodules.audio"):
+        assert keeping.load(str(cut), name="q7").shape == (int(1.2 * 16000),)
+    assert caplog.messages == [
+        f"Kept the audio of row 'q7', {TRUNCATED.format('keep')}; 1 truncated clips kept by this loader"
+    ]
+    assert keeping.truncated_kept == 1
+    whole = tmp_path / "whole.wav"
+    soundfile.write(whole, _tone(3.0, 16000), 16000, subtype="PCM_16")
+    assert AudioLoader(16000).load(str(whole)).shape == (48000,)
+    with pytest.raises(ConfigError, match=r"data.audio.truncated='drop': use one of \['skip', 'keep'\]"):
+        AudioSettings(feature_extractor="x", truncated="drop")
+
+
+@pytest.mark.parametrize("truncated", ["skip", "keep"])
+def test_cut_off_clips_follow_the_setting_in_training_and_eval_sets(
+    tiny_text_model, tiny_speech_model, tmp_path, truncated
+):
+    root = tmp_path / "data"
+    (root / "qrels").mkdir(parents=True)
+    soundfile.write(root / "whole.wav", _tone(3.0, 16000), 16000, subtype="PCM_16")
+    _cut_wav(root / "cut.wav")
+    clips = {"whole": "whole.wav", "cut": "cut.wav"}
+    rows = [{"id": key, "query": "baki", "document": "fêlo", "audio": path} for key, path in clips.items()]
+    (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    queries = [{"_id": key, "text": "baki", "audio": path} for key, path in clips.items()]
+    (root / "queries.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries))
+    (root / "corpus.jsonl").write_text(json.dumps({"_id": "d", "text": "fêlo"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nwhole\td\t1\ncut\td\t1\n")
+    data = _speech_data(
+        tiny_text_model,
+        tiny_speech_model,
+        train_data=str(root / "train.jsonl"),
+        eval_sets={"toy": str(root)},
+        audio={"truncated": truncated},
+        passes=1,
+    )
+    data.setup("fit")
+    (batch,) = list(data.train_dataloader())
+    evaluated = [row["id"] for row in data.eval_sets["toy"].queries]
+    if truncated == "skip":
+        assert batch["ids"] == ["whole"] and batch["skipped_ids"] == ["cut"]
+        assert batch["skip_reasons"] == [TRUNCATED.format("skip")]
+        assert evaluated == ["whole"] and data.eval_queries_dropped["toy"] == [
+            f"cut: {TRUNCATED.format('skip')}"
+        ]
+    else:
+        assert sorted(batch["ids"]) == ["cut", "whole"] and batch["skipped_ids"] == []
+        assert evaluated == ["whole", "cut"] and data.eval_queries_dropped["toy"] == []
