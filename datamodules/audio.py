@@ -82,12 +82,15 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _local_file(path: Path, base_dir: Path | Sequence[Path] | None, allow_outside_paths: bool) -> Path:
     """The file an audio path names: relative to the first of the ``base_dir`` folders that holds
-    it, and inside that folder (or, absolute, inside one of them) unless ``allow_outside_paths``.
+    it, and inside that folder unless ``allow_outside_paths``; an absolute path must lie in the
+    first folder (the data's own: a working directory of / would otherwise admit any file).
     Without ``base_dir`` (a hub dataset) the path is taken as it is."""
     if base_dir is None:
         candidates, allowed = [path], [True]
     else:
         folders = [Path(base_dir)] if isinstance(base_dir, (str, Path)) else [Path(f) for f in base_dir]
+        if path.is_absolute():
+            folders = folders[:1]
         candidates = [path if path.is_absolute() else folder / path for folder in folders]
         allowed = [
             allow_outside_paths or _inside(candidate, folder)

@@ -338,6 +338,17 @@ def test_audio_paths_leading_outside_the_folder_are_refused_unless_allowed(tmp_p
     assert AudioLoader(16000).load(str(outside)).shape == (16000,)
 
 
+def test_an_absolute_path_must_lie_in_the_datas_own_folder_not_the_working_directory(tmp_path):
+    """Training paths also start at the working directory; an absolute one is held to the data's
+    folder alone, or a run started from / would read any file."""
+    folder, outside = _folder_with_paths_out(tmp_path)
+    working = tmp_path  # holds outside.wav
+    assert AudioLoader(16000).load("outside.wav", base_dir=(folder, working)).shape == (16000,)
+    with pytest.raises(BadAudio) as error:
+        AudioLoader(16000).load(str(outside), base_dir=(folder, working))
+    assert str(error.value) == _outside(str(outside), folder)
+
+
 def _speech_data(text_model, speech_model, **kwargs) -> StreamingPairDataModule:
     settings = {"feature_extractor": str(speech_model), "min_duration": 0.5, **kwargs.pop("audio", {})}
     return StreamingPairDataModule(
