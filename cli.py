@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import torch.distributed
 from jsonargparse import set_parsing_settings
@@ -41,8 +40,8 @@ class EmbeddingCLI(LightningCLI):
             "model.init_args.text_encoder.pretrained_model_name_or_path", "data.init_args.tokenizer"
         )
 
-    # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path first, so
-    # `last` is the newest checkpoint that loads and an unreadable file is named, not unpickled.
+    # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path last first,
+    # to the newest checkpoint that loads (a named file was checked in _parse_ckpt_path).
     def fit(self, **kwargs) -> None:
         kwargs = self._with_checkpoint(kwargs)
         # A resumed fit logs on in its run's TensorBoard folder, which the loggers open before
@@ -60,14 +59,16 @@ class EmbeddingCLI(LightningCLI):
         self.trainer.predict(**self._with_checkpoint(kwargs))
 
     def _with_checkpoint(self, kwargs: dict) -> dict:
-        return {**kwargs, "ckpt_path": resolve_checkpoint(self.trainer, kwargs.get("ckpt_path"))}
+        if kwargs.get("ckpt_path") != "last":
+            return kwargs
+        return {**kwargs, "ckpt_path": resolve_checkpoint(self.trainer, "last")}
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI unpickles a named checkpoint's hyperparameters before anything else runs.
+        # LightningCLI unpickles a named checkpoint's hyperparameters before anything else runs:
+        # a named file is checked once, here (reading it whole), before that.
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            require_whole(ckpt_path)
+        if subcommand:
+            require_whole(self.config[subcommand].get("ckpt_path"))
         super()._parse_ckpt_path()
 
 

@@ -188,15 +188,18 @@ def resolve_checkpoint(trainer: Trainer, ckpt_path):
     """
     if ckpt_path == "last":
         return _resolve_last(trainer)
-    special = ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry")
-    if ckpt_path is None or special or _local_path(ckpt_path) is None:
-        return ckpt_path
     require_whole(ckpt_path)
     return ckpt_path
 
 
 def require_whole(ckpt_path) -> None:
-    """A DataError naming ``ckpt_path`` and the whole checkpoints beside it, unless it is whole."""
+    """A DataError naming a local checkpoint file and the whole ones beside it, unless it is whole.
+
+    Names Lightning resolves itself (``"last"``, ``"best"``, ...), None and remote paths pass.
+    """
+    special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+    if ckpt_path is None or special or _local_path(ckpt_path) is None:
+        return
     problem = checkpoint_problem(ckpt_path)
     if problem is not None:
         folder = Path(ckpt_path).parent
