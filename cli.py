@@ -14,8 +14,8 @@ from callbacks.checkpoint_files import require_whole, resolve_checkpoint
 from callbacks.tensorboard_run import continue_tensorboard_run
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
+from errors import ConfigError, InputError
 from lightning_modules.base import MatryoshkaEmbedder
-from lightning_modules.components.errors import ConfigError, InputError
 from lightning_modules.components.unknown_keys import unknown_key_message
 
 

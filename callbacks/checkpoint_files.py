@@ -28,7 +28,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_modules.components.errors import DataError
+from errors import DataError
 
 log = logging.getLogger(__name__)
 

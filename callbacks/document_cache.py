@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 from lightning_modules.components.matryoshka import dims_side_by_side
 from lightning_modules.document_cache import DocumentEmbeddingCache, token_keys, tower_fingerprint
 

@@ -40,7 +40,7 @@ from callbacks.metrics import (
     top_k_search,
 )
 from callbacks.score_table import by_metric, headline, score_table
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.retrieval import add_eval_output, assemble, chunks_of_all_ranks
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger(__name__)
 

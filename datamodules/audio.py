@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from datamodules.fast_features import clip_inputs
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger(__name__)
 TRUNCATED_CHOICES = ("skip", "keep")

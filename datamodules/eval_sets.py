@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from datamodules.sources import json_lines, looks_local
-from lightning_modules.components.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lightning_modules.components.errors import DataError, InputError
+from errors import DataError, InputError
 
 STATE_KEY = "loader_state"
 

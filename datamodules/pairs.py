@@ -20,7 +20,7 @@ from datamodules.sources import load_stream, looks_local, read_error, relative_p
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger(__name__)
 

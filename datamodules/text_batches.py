@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 from lightning_modules.document_cache import tokenized_document_keys as document_keys
 
 DEFAULT_PROMPTS = {

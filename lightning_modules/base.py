@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from errors import ConfigError, DataError
 from lightning_modules import distributed
-from lightning_modules.components.errors import ConfigError, DataError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.document_cache import tokenized_document_keys
 from lightning_modules.grad_cache import chunked_no_grad, grad_cached_embeddings

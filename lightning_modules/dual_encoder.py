@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from errors import ConfigError
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.adapters import LayerFusion, validate_fusion
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import (
     MatryoshkaHeads,
     matryoshka_slices,

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from errors import ConfigError
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.adapters import AdapterConfig, SpeechAdapter
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
 from lightning_modules.components.prompt_states import PromptStateCache, PromptStates
 from lightning_modules.components.sequences import concat_masked_sequences

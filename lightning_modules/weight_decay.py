@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 
 def is_decayed(parameter: nn.Parameter) -> bool:

@@ -16,7 +16,7 @@ from datamodules.audio import AudioLoader, AudioSettings, BadAudio, decode_audio
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
-from lightning_modules.components.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 RATE = 8000
 

@@ -18,7 +18,7 @@ from trainers import quiet_cpu_trainer
 
 from callbacks.checkpoint_files import AtomicCheckpointIO, checkpoint_problem, resolve_checkpoint
 from callbacks.preemption import PreemptionCheckpoint
-from lightning_modules.components.errors import DataError
+from errors import DataError
 
 
 def _other_file_system_tmpdir(path: Path) -> Path:

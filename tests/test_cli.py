@@ -12,7 +12,7 @@ from demo_recipes import ROOT, quick_text_only
 from lightning.pytorch import Callback
 
 from cli import cli_main, find_input_error
-from lightning_modules.components.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 DEMO = str(ROOT / "configs" / "demo" / "text_only.yaml")
 

@@ -25,9 +25,9 @@ from transformers import (
     WavLMConfig,
 )
 
+from errors import ConfigError
 from lightning_modules import LateFusion
 from lightning_modules.components.clip_group_norm import ClipGroupNorm, clip_group_norm
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 

@@ -17,7 +17,7 @@ from datamodules.demo.corpus import DemoCorpusConfig, DemoLanguagePair, generate
 from datamodules.eval_sets import load_beir_eval_set
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.text_batches import PromptConfig
-from lightning_modules.components.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 
 def _write_jsonl(path: Path, rows) -> Path:

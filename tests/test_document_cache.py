@@ -15,8 +15,8 @@ from callbacks.document_cache import CacheFrozenDocuments
 from callbacks.retrieval import RetrievalEvaluator
 from datamodules.audio import AudioSettings
 from datamodules.pairs import StreamingPairDataModule
+from errors import ConfigError
 from lightning_modules import LateFusion, TextOnly
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.document_cache import DocumentEmbeddingCache, token_keys, tower_fingerprint
 

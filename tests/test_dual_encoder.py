@@ -18,8 +18,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from cli import cli_main
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
+from errors import ConfigError
 from lightning_modules import DualEncoder
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import MatryoshkaHeads
 from lightning_modules.components.pooling import AttentionPooling
 from lightning_modules.losses import matryoshka_alignment_loss

@@ -10,8 +10,8 @@ from test_distributed import _rows
 
 from datamodules.demo.assets import save_tiny_hubert
 from datamodules.pairs import StreamingPairDataModule
+from errors import ConfigError
 from lightning_modules import DualEncoder, LateFusion, TextOnly
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.grad_cache import chunk_rows, trim_padding
 

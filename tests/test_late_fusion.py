@@ -15,10 +15,10 @@ from speech_inputs import (
 )
 from transformers import AutoTokenizer
 
+from errors import ConfigError
 from lightning_modules import LateFusion
 from lightning_modules.base import eval_mode_modules
 from lightning_modules.components.adapters import ConvDownsampler
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.text_encoder import special_token_affixes
 

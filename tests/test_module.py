@@ -61,8 +61,8 @@ def test_checkpoint_keeps_trainable_weights_only(tiny_text_model):
 
 def test_a_run_whose_batches_are_all_unusable_stops_with_the_reason(tiny_text_model):
     """Skipping batch after batch would run on to max_steps: the 50th in a row stops the run."""
+    from errors import DataError
     from lightning_modules.base import MAX_CONSECUTIVE_UNUSABLE_BATCHES
-    from lightning_modules.components.errors import DataError
 
     model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
     batches = StreamingPairDataModule(str(tiny_text_model)).batches

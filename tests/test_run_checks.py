@@ -14,8 +14,8 @@ from trainers import quiet_cpu_trainer
 
 from callbacks.retrieval import RetrievalEvaluator
 from datamodules.pairs import StreamingPairDataModule
+from errors import ConfigError
 from lightning_modules import TextOnly
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import TextEncoderConfig
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 from lightning_modules.schedules import WarmupCosine
 
 

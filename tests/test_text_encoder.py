@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 from lightning_modules.components.pooling import last_token_pool, mean_pool
 from lightning_modules.components.text_encoder import TextEncoder, TextEncoderConfig
 

@@ -124,7 +124,7 @@ def test_fit_resumes_a_checkpoint_written_with_one_group(tmp_path, tiny_text_mod
 def test_only_fit_regroups_a_saved_optimizer_state(tiny_text_model):
     """validate / test / predict / load_from_checkpoint never load the optimizer: an old state
     that no longer fits the model must not stop them."""
-    from lightning_modules.components.errors import ConfigError
+    from errors import ConfigError
 
     model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
     trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

@@ -19,8 +19,8 @@ from demo_recipes import ROOT, quick_text_only
 
 from callbacks.write_embeddings import WriteEmbeddings, load_embeddings
 from cli import cli_main, find_input_error
+from errors import ConfigError
 from lightning_modules import TextOnly
-from lightning_modules.components.errors import ConfigError
 
 DIMS = (32, 64, 128, 256)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 FUSIONS = ("concat", "weighted_sum")
 OUTPUTS = ("embedding", "token_mixture")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.errors import ConfigError
+from errors import ConfigError
 
 
 def validate_matryoshka_dims(dims: Sequence[int], max_dim: int | None = None) -> list[int]:

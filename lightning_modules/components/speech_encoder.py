@@ -33,13 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from errors import ConfigError
 from lightning_modules.components.clip_group_norm import (
     FAMILIES,
     clip_group_norm,
     first_convolution_lengths,
     statistics_per_clip,
 )
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.text_encoder import DTYPES, checkpointing_activations
 
 log = logging.getLogger(__name__)

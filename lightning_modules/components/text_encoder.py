@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from errors import ConfigError
 from lightning_modules.components.decoder_support import full_attention_decoder, rope_is_length_independent
-from lightning_modules.components.errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS

@@ -1,4 +1,7 @@
-"""Errors that mean "the user's config or data is wrong", reported by the CLI without a traceback."""
+"""Errors that mean "the user's config or data is wrong", shared by every package.
+
+The CLI reports them in one line, without a traceback.
+"""
 
 
 class InputError(ValueError):
