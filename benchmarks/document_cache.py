@@ -31,8 +31,7 @@ from common import (
     wav_bytes,
 )
 
-from callbacks.document_cache import fill_cache
-from lightning_modules.document_cache import DocumentEmbeddingCache
+from lightning_modules.document_cache import DocumentEmbeddingCache, fill_cache
 
 SETTINGS = {  # name: (document cache, cached prompt states)
     "without cache": (False, True),

@@ -25,14 +25,13 @@ import torch
 from common import DIMS, machine, print_table, text_of_tokens, tiny_speech_model, tiny_text_model, vocabulary
 from common import wav_bytes as clip_bytes
 
-from callbacks.document_cache import fill_cache
 from datamodules.audio import AudioSettings
 from datamodules.lengths import clip_seconds
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.streaming import ShuffledEpochStream
 from lightning_modules import LateFusion
 from lightning_modules.components.text_encoder import TextEncoderConfig
-from lightning_modules.document_cache import DocumentEmbeddingCache
+from lightning_modules.document_cache import DocumentEmbeddingCache, fill_cache
 
 
 def block_batches(rows: list[dict], batch_size: int, grouped: bool) -> list[list[dict]]:

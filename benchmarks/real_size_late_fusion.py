@@ -26,11 +26,10 @@ from common import REAL_ADAPTER, REAL_DIMS, machine, print_table, real_size_mode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoFeatureExtractor, AutoTokenizer
 
-from callbacks.document_cache import fill_cache
 from datamodules.audio import pad_waveforms
 from datamodules.text_batches import PromptConfig, TextBatchBuilder
 from lightning_modules import LateFusion
-from lightning_modules.document_cache import DocumentEmbeddingCache
+from lightning_modules.document_cache import DocumentEmbeddingCache, fill_cache
 
 
 def main() -> None:

@@ -123,7 +123,7 @@ class StreamingPairDataModule(LightningDataModule):
                 skipped, as any batch under two rows.
             passes: Passes over the training data, each in a new order; then training ends, its
                 last step validated and checkpointed as at trainer.max_steps (whichever comes
-                first). The passes make one Lightning epoch (trainer.max_epochs is set to 1).
+                first). The passes make one Lightning epoch, which ends fit (callbacks/training_guards.py).
                 None: repeat forever; stop with trainer.max_steps. Must be None under DDP, where
                 ranks may hold different numbers of rows.
             num_workers: DataLoader worker processes.
@@ -309,11 +309,13 @@ class StreamingPairDataModule(LightningDataModule):
         hp = self.hparams
         collate = self.batches.training_batch
         if self.audio is not None:
+            # A row without its transcription would fail an alignment loss for the whole batch; the
+            # model's loss says whether it reads them (its ``needs``, see lightning_modules/losses.py).
             model = self.trainer.lightning_module if self.trainer is not None else None
+            needs = getattr(getattr(model, "loss", None), "needs", frozenset())
             collate = partial(
                 collate,
-                # A row without its transcription would fail the alignment term of the whole batch.
-                transcription_required=getattr(model, "needs_transcriptions", False),
+                transcription_required="transcriptions" in needs,
                 base_dir=relative_path_roots(hp.train_data),
             )
         stream = self._training_stream()
@@ -329,10 +331,6 @@ class StreamingPairDataModule(LightningDataModule):
             source=source,
             endless=hp.passes is None,
         )
-        if hp.passes is not None and self.trainer is not None:
-            # All passes are one Lightning epoch: a second one would iterate the loader afresh,
-            # from the first pass in the same order. A run resumed after the last batch ends too.
-            self.trainer.fit_loop.max_epochs = 1
         return self._train_loader
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -343,11 +341,6 @@ class StreamingPairDataModule(LightningDataModule):
                 self._train_loader.mark_consumed(batch)
             else:
                 batch.pop(STATE_KEY)
-            trainer = self.trainer
-            if trainer is not None and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-                # The stream's last batch (data.passes done): stopping at this step makes Lightning
-                # validate it, and the checkpoints saved after, as base.py does at max_steps.
-                trainer.should_stop = True
         return batch
 
     # ----- documents, for a frozen-document cache -----------------------------------------

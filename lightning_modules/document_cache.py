@@ -8,12 +8,22 @@ buffers, the model class, the Matryoshka dims, the precision). A changed model g
 changed data gets new keys, computed on first sight. Each folder holds parts written atomically
 (``<name>.keys.npy``: uint64 keys, ``<name>.embeddings.npy``: float32 rows, memory-mapped on
 read), so ranks can write their shares side by side.
+
+A model opens its cache itself when ``model.document_cache`` names a folder (``open_document_cache``,
+at the start of fit / validate / test): the distinct documents of the training data and eval
+corpora are tokenized as batches tokenize them, the ones the cache lacks are embedded (each rank
+takes every world_size-th document and writes its own part), and ``document_embeddings`` reads the
+cache from then on. A document the cache lacks (data that changed mid-run) is embedded by the
+model, so the loss is the one without the cache; ``train/document_cache_misses`` counts them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,11 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from errors import ConfigError
 from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
+
+log = logging.getLogger(__name__)
 
 # 64-bit keys: the chance that two of n documents collide is about n**2 / 2**65 (1e6 documents:
 # 3e-8; 1e8 documents: 3e-4), and a collision would hand one document the other's embedding.
 KEY_BYTES = 8
+FLUSH_ROWS = 65_536  # rows held in memory before a part is written
+FILL_BATCH_SIZE = 64  # documents per forward pass while filling
 
 
 def token_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
@@ -154,3 +169,103 @@ class DocumentEmbeddingCache:
         self.hits += int(hit.sum())
         self.misses += int((~hit).sum())
         return split_dims(flat, self.dims)
+
+
+def document_keys(batch: Mapping, queries: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's ``document_keys`` (the batch builder hashes them), or hashed here for a batch
+    built otherwise; None without documents."""
+    keys = batch.get("document_keys")
+    if keys is None and batch.get("document") is not None:
+        keys = tokenized_document_keys(batch["document"])
+    return None if keys is None else keys.to(next(iter(queries.values())).device)
+
+
+def open_document_cache(model, directory: str | Path, include_training: bool) -> DocumentEmbeddingCache:
+    """The model's cache folder for its current frozen document tower, filled with every document of
+    the datamodule (``distinct_documents`` and ``tokenize_documents``, the datamodule's contract)."""
+    trainer = model.trainer
+    if not model.document_tower_frozen:
+        raise ConfigError(
+            f"model.document_cache: the document embeddings of {type(model).__name__} change while it "
+            "trains (a trainable text tower, or LoRA adapters on documents). Remove document_cache, or "
+            "freeze the document path (LateFusion: freeze_text_encoder without lora, or "
+            "adapt_documents: false)."
+        )
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "distinct_documents"):
+        raise ConfigError("model.document_cache needs the StreamingPairDataModule (data: ...).")
+    tower = model.document_tower()
+    settings = [
+        type(model).__name__,
+        repr(getattr(tower, "config", None)),
+        f"dims={model.matryoshka_dims}",
+        f"precision={trainer.precision}",
+    ]
+    started = time.perf_counter()
+    cache = DocumentEmbeddingCache(
+        Path(directory) / tower_fingerprint(tower, settings), model.matryoshka_dims
+    )
+    texts = list(datamodule.distinct_documents(include_training))
+    computed = fill_cache(
+        cache,
+        model,
+        datamodule.tokenize_documents,
+        texts[trainer.global_rank :: trainer.world_size],
+        FILL_BATCH_SIZE,
+        trainer.precision_plugin.forward_context,
+        part_prefix=f"rank{trainer.global_rank}",
+    )
+    trainer.strategy.barrier("document_cache_filled")
+    cache.reload()
+    cache.hits = cache.misses = 0
+    log.info(
+        "document cache %s: %d documents, %d computed by this rank in %.1f s",
+        cache.directory,
+        len(cache),
+        computed,
+        time.perf_counter() - started,
+    )
+    return cache
+
+
+@torch.no_grad()
+def fill_cache(
+    cache: DocumentEmbeddingCache,
+    model,
+    tokenize: Callable[[list[str]], dict],
+    texts: list[str],
+    batch_size: int = 64,
+    forward_context: Callable = contextlib.nullcontext,
+    part_prefix: str = "rank0",
+) -> int:
+    """Embeds the ``texts`` the cache lacks with ``model.embed_documents``; returns how many."""
+    # Longest first: similar lengths share a batch, so padding stays small.
+    texts = sorted(texts, key=len, reverse=True)
+    pending_keys, pending_rows, seen, computed = [], [], set(), 0
+
+    def write():
+        name = f"{part_prefix}-{uuid.uuid4().hex[:12]}"
+        cache.add(np.concatenate(pending_keys), np.concatenate(pending_rows), name=name)
+        pending_keys.clear()
+        pending_rows.clear()
+
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[start : start + batch_size])
+        keys = token_keys(tokens["input_ids"], tokens["attention_mask"])
+        # New to the cache and to this pass (two texts can tokenize alike after truncation).
+        new = (cache.find(keys) < 0) & np.array([key not in seen for key in keys.tolist()])
+        seen.update(keys[new].tolist())
+        if not new.any():
+            continue
+        selected = torch.from_numpy(new)
+        document = {name: value[selected].to(model.device) for name, value in tokens.items()}
+        with forward_context():
+            embeddings = model.embed_documents({"document": document})
+        pending_keys.append(keys[new])
+        pending_rows.append(dims_side_by_side(embeddings).float().cpu().numpy())
+        computed += int(new.sum())
+        if sum(len(k) for k in pending_keys) >= FLUSH_ROWS:
+            write()
+    if pending_keys:
+        write()
+    return computed

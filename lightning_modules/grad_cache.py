@@ -164,3 +164,19 @@ def chunked_no_grad(
             for start in range(0, rows, chunk_size)
         ]
     return {dim: torch.cat([output[dim] for output in outputs]) for dim in outputs[0]}
+
+
+def chunked_embeddings(
+    embed: Callable[[Mapping], Mapping[int, torch.Tensor]],
+    batch: Mapping,
+    chunk_size: int | None,
+    parameters: list[torch.Tensor] | None,
+) -> dict[int, torch.Tensor]:
+    """``embed(batch)``: whole when ``chunk_size`` is None or covers the batch, else in GradCache
+    chunks (``parameters``: the trainable ones; None: a frozen side, chunked without a graph)."""
+    rows = len(batch["ids"]) if chunk_size is not None else 0
+    if chunk_size is None or chunk_size >= rows:
+        return embed(batch)
+    if parameters is None:
+        return chunked_no_grad(embed, batch, rows, chunk_size)
+    return grad_cached_embeddings(embed, batch, rows, chunk_size, parameters)

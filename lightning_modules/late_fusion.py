@@ -2,33 +2,31 @@
 
 Query: waveform -> speech encoder (all layers, frame mask) -> layer fusion -> conv downsampler
 -> projector -> ``[prompt token embeddings | speech tokens | end token]`` as ``inputs_embeds``
-into the text LLM -> last-token pooling -> one slice per Matryoshka dim. Documents go through
-the same text model as text. By default only the downsampler and projector train.
+into the text LLM -> last-token pooling -> one slice per Matryoshka dim. Documents (and
+transcriptions, for an alignment loss) go through the same text model as text. By default only
+the downsampler and projector train.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from errors import ConfigError
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.adapters import AdapterConfig, SpeechAdapter
-from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
-from lightning_modules.components.prompt_states import PromptStateCache, PromptStates
+from lightning_modules.components.matryoshka import matryoshka_slices
+from lightning_modules.components.prompt_states import PromptStateCache
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import (
-    TextEncoder,
     TextEncoderConfig,
-    pretrained_hidden_size,
     special_token_affixes,
+    text_tower,
     transcription_targets,
 )
-from lightning_modules.losses import matryoshka_alignment_loss
 
 
 class LateFusion(MatryoshkaEmbedder):
@@ -41,16 +39,8 @@ class LateFusion(MatryoshkaEmbedder):
         adapter: AdapterConfig | None = None,
         freeze_text_encoder: bool = True,
         adapt_documents: bool = True,
-        alignment_weight: float = 0.0,
-        matryoshka_dims: Sequence[int] = (128, 256, 512, 1024),
-        temperature: float = 0.05,
-        loss_weights: dict[int, float] | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        cross_device_negatives: bool = True,
-        gradient_chunk_size: int | None = None,
-        symmetric_loss: bool = False,
         cache_prompt_states: bool = True,
+        **kwargs,
     ):
         """
         Args:
@@ -60,54 +50,20 @@ class LateFusion(MatryoshkaEmbedder):
             adapter: Layer fusion, downsampling convolution and projector (the trainable part).
             freeze_text_encoder: Keep the text model frozen (with LoRA the base is frozen anyway).
             adapt_documents: With LoRA, whether documents also go through the adapters. False:
-                documents (and alignment targets) keep the text model's own embeddings (the
-                base model in eval mode, as a frozen tower) while only speech queries are
-                adapted, so a document index built with the text model stays valid and the
-                frozen document embeddings can be cached.
-            alignment_weight: Weight of an added alignment term (0: the paper's InfoNCE only): the
-                speech query's embedding is pulled towards the same LLM's embedding of its
-                transcription (cosine + L1 per dim, target without gradient). Needs the
-                transcription of every training row.
-            matryoshka_dims: Sorted embedding sizes trained and evaluated (each a usable prefix).
-            temperature: InfoNCE softmax temperature on cosine similarities.
-            loss_weights: Optional weight per dim in the summed loss (missing dims weigh 1).
-            optimizer: Optimizer factory called on the trainable parameters (default AdamW, lr 1e-4).
-            lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
-            cross_device_negatives: Under DDP, every rank's documents are negatives for every
-                query (global batch); false: each rank contrasts its own batch only.
-            gradient_chunk_size: GradCache chunk (rows embedded at a time; same gradients, memory
-                of one chunk); None: the whole batch in one pass.
-            symmetric_loss: Also score each document against the batch's queries (CLIP-style
-                InfoNCE, the mean of both directions per dim); false: queries -> documents only.
+                documents (and transcriptions) keep the text model's own embeddings, so a document
+                index built with the text model stays valid and can be cached.
             cache_prompt_states: Run the frozen LLM over each task prompt once and reuse its keys
-                and values, so queries run it over the speech tokens only (the same embeddings:
-                ``components/prompt_states.py``). Applies while the text tower is frozen and without
-                LoRA, on Qwen2/3, Llama or Mistral (not sharded strategies); otherwise ignored.
+                and values (the same embeddings: ``components/prompt_states.py``). Applies while
+                the text tower is frozen, without LoRA, on Qwen2/3, Llama or Mistral.
         """
-        super().__init__(
-            matryoshka_dims,
-            temperature,
-            loss_weights,
-            optimizer,
-            lr_scheduler,
-            cross_device_negatives,
-            gradient_chunk_size,
-            symmetric_loss,
-        )
+        super().__init__(**kwargs)
         from transformers import AutoTokenizer
 
-        if alignment_weight < 0:
-            raise ConfigError(f"model.alignment_weight must be >= 0, got {alignment_weight}.")
-        self.alignment_weight = alignment_weight
-
-        text_config = TextEncoderConfig.coerce(text_encoder)
-        name = text_config.pretrained_model_name_or_path
-        validate_matryoshka_dims(self.matryoshka_dims, max_dim=pretrained_hidden_size(name))
-        self.text_encoder = TextEncoder(text_config)
-        self.text_frozen = freeze_text_encoder and text_config.lora is None
-        if not adapt_documents and not self.text_frozen and text_config.lora is None:
-            # Documents would still run on the trainable weights, while the frozen-document cache
-            # (which trusts adapt_documents) served the starting weights' embeddings.
+        self.text_encoder = text_tower(text_encoder, self.matryoshka_dims)
+        lora = self.text_encoder.config.lora
+        self.text_frozen = freeze_text_encoder and lora is None
+        if not adapt_documents and not self.text_frozen and lora is None:
+            # Documents would run on trainable weights, while a document cache served old ones.
             raise ConfigError(
                 "model.adapt_documents=false keeps documents on the text model's own weights, which "
                 "needs those weights frozen: with model.freeze_text_encoder=false and no LoRA they train. "
@@ -124,7 +80,8 @@ class LateFusion(MatryoshkaEmbedder):
             llm_hidden=self.text_encoder.hidden_size,
             vocabulary_size=self.text_encoder.embedding_table().shape[0],
         )
-        opening, closing = special_token_affixes(AutoTokenizer.from_pretrained(name))
+        tokenizer = AutoTokenizer.from_pretrained(self.text_encoder.config.pretrained_model_name_or_path)
+        opening, closing = special_token_affixes(tokenizer)
         self.register_buffer("opening_ids", torch.tensor(opening, dtype=torch.long), persistent=False)
         self.register_buffer("closing_ids", torch.tensor(closing, dtype=torch.long), persistent=False)
         self.prompt_state_cache = PromptStateCache() if cache_prompt_states else None
@@ -139,48 +96,25 @@ class LateFusion(MatryoshkaEmbedder):
         states = self.speech_encoder(**batch["query_audio"])
         return self.adapter(states.hidden_states, states.frame_mask, self.text_encoder.embedding_table())
 
-    # The cached prompt states start afresh at each stage: a write to the LLM's weights through
-    # `.data` (some loaders and EMA helpers) escapes the fingerprint's in-place versions.
-    def _clear_prompt_states(self) -> None:
+    def setup(self, stage: str) -> None:
+        # Each stage starts with fresh prompt states: a write to the LLM's weights through `.data`
+        # (some loaders and EMA helpers) escapes the cache's fingerprint of in-place versions.
         if self.prompt_state_cache is not None:
             self.prompt_state_cache.clear()
 
-    def on_fit_start(self) -> None:
-        self._clear_prompt_states()
-
-    def on_validation_start(self) -> None:
-        self._clear_prompt_states()
-
-    def on_test_start(self) -> None:
-        self._clear_prompt_states()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._clear_prompt_states()
-
-    def _cached_prompt_states(self, prompt: Mapping) -> PromptStates | None:
-        """Each row's ``opening tokens | prompt`` states from the cache (None: run them in full)."""
-        if self.prompt_state_cache is None:
-            return None
+    def _cached_prompt_states(self, prompt: Mapping):
         strategy = type(getattr(self._trainer, "strategy", None)).__name__
-        if strategy.startswith(("FSDP", "DeepSpeed", "ModelParallel")):
-            # Sharded weights: the LLM's forward gathers them collectively, and a rank meeting a
-            # new prompt first would run one forward more than the others (a hang).
+        # Sharded weights are gathered collectively in the LLM's forward: a rank meeting a new
+        # prompt first would run one forward more than the others (a hang).
+        if self.prompt_state_cache is None or strategy.startswith(("FSDP", "DeepSpeed", "ModelParallel")):
             return None
-        opening = self.opening_ids.tolist()
-        prompts = [
-            tuple(opening + [i for i, real in zip(ids, mask, strict=True) if real])
-            for ids, mask in zip(prompt["input_ids"].tolist(), prompt["attention_mask"].tolist(), strict=True)
-        ]
-        return self.prompt_state_cache.states_for(self.text_encoder, prompts, self.opening_ids.device)
+        return self.prompt_state_cache.states_for_batch(self.text_encoder, self.opening_ids, prompt)
 
     def embed_queries(self, batch: Mapping) -> dict[int, torch.Tensor]:
         speech, speech_mask = self.speech_tokens(batch)
-        prompt = batch["prompt"]
-        size = speech.shape[0]
+        prompt, size = batch["prompt"], speech.shape[0]
         cached = self._cached_prompt_states(prompt)
-        # With cached prompt states the LLM starts after the prompt; otherwise it runs it too.
-        parts = []
+        parts = []  # with cached prompt states the LLM starts after the prompt
         if cached is None:
             prompt_embeds = self.text_encoder.embed_tokens(prompt["input_ids"])
             parts = [self._fixed_tokens(self.opening_ids, size), (prompt_embeds, prompt["attention_mask"])]
@@ -193,8 +127,16 @@ class LateFusion(MatryoshkaEmbedder):
         return matryoshka_slices(pooled, self.matryoshka_dims)
 
     def _document_path(self):
-        """Documents (and alignment targets) skip the LoRA adapters unless ``adapt_documents``."""
+        """Documents and transcriptions skip the LoRA adapters unless ``adapt_documents``."""
         return contextlib.nullcontext() if self.adapt_documents else self.text_encoder.base_model_only()
+
+    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        with self._document_path():
+            return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
+
+    def embed_transcriptions(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        with self._document_path():
+            return transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
 
     @property
     def document_tower_frozen(self) -> bool:
@@ -202,23 +144,3 @@ class LateFusion(MatryoshkaEmbedder):
 
     def document_tower(self) -> torch.nn.Module:
         return self.text_encoder
-
-    def embed_documents(self, batch: Mapping) -> dict[int, torch.Tensor]:
-        with self._document_path():
-            return matryoshka_slices(self.text_encoder(**batch["document"]), self.matryoshka_dims)
-
-    @property
-    def needs_transcriptions(self) -> bool:
-        return self.alignment_weight > 0
-
-    def loss_from_embeddings(self, batch, queries, documents) -> torch.Tensor:
-        loss = self.contrastive_loss(batch, queries, documents)
-        if self.alignment_weight == 0:
-            return loss
-        # Why: the text path already embeds the transcription where the speech path must land;
-        # distilling it gives every query a dense target on top of the in-batch contrast.
-        with self._document_path():
-            targets = transcription_targets(self.text_encoder, batch, self.matryoshka_dims)
-        alignment = matryoshka_alignment_loss(queries, targets, self.loss_weights)
-        self.log("train/alignment_loss", alignment, batch_size=len(batch["ids"]))
-        return loss + self.alignment_weight * alignment

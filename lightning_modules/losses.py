@@ -1,12 +1,23 @@
-"""Contrastive losses over Matryoshka embedding dicts ``{dim: [B, dim]}``."""
+"""Contrastive losses over Matryoshka embedding dicts ``{dim: [B, dim]}``, as plain ``nn.Module``s.
+
+A model takes one ``loss`` (``EmbeddingLoss``; a weighted sum of several is ``WeightedSum``) and
+hands it a ``LossInputs``. Each loss declares in ``needs`` which embeddings it reads besides the
+queries (``"documents"``, ``"transcriptions"``): the model computes only those, and the
+datamodule reads from it whether every speech row must carry its transcription. The functions
+below are the arithmetic; the modules hold the settings and gather across ranks through them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from errors import ConfigError
 from lightning_modules import distributed
 from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
 
@@ -137,3 +148,159 @@ def matryoshka_alignment_loss(
     if total is None:
         raise ValueError("matryoshka_alignment_loss got no dims.")
     return total
+
+
+@dataclass
+class LossInputs:
+    """What a loss scores: the batch's query embeddings and what its ``needs`` asked for."""
+
+    queries: Mapping[int, torch.Tensor]
+    documents: Mapping[int, torch.Tensor] | None = None
+    # The frozen text tower's embedding of each query's transcription (alignment targets).
+    transcriptions: Mapping[int, torch.Tensor] | None = None
+    # [B] integers, equal for identical documents: a copy of a row's document is not its negative.
+    document_keys: torch.Tensor | None = None
+
+
+class EmbeddingLoss(nn.Module):
+    """A loss over Matryoshka embeddings; ``terms`` are its named parts, ``forward`` their sum."""
+
+    needs: frozenset[str] = frozenset()
+
+    def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        return sum(self.terms(inputs).values())
+
+    def min_rows(self) -> int:
+        """Rows per rank a batch needs for the loss to mean anything (fewer: the step is skipped)."""
+        return 1
+
+    def check_dims(self, dims: Sequence[int]) -> None:
+        """Raises ConfigError when a setting names a dim the model does not produce."""
+        unknown = set(getattr(self, "dim_weights", {})) - set(dims)
+        if unknown:
+            raise ConfigError(
+                f"model.loss: dim_weights names dims {sorted(unknown)} not in matryoshka_dims {list(dims)}."
+            )
+
+    def config(self) -> dict:
+        """``{"class_path", "init_args"}`` as plain data: checkpoints rebuild the loss from it."""
+        path = f"{type(self).__module__}.{type(self).__qualname__}"
+        return {"class_path": path, "init_args": self.init_args}
+
+
+def loss_from_config(config: Mapping) -> EmbeddingLoss:
+    """The loss an ``EmbeddingLoss.config()`` describes (a checkpoint's hyperparameters)."""
+    module, _, name = config["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**config.get("init_args", {}))
+
+
+class MatryoshkaInfoNCE(EmbeddingLoss):
+    """In-batch InfoNCE of queries against their documents, summed over dims (``matryoshka_info_nce``)."""
+
+    needs = frozenset({"documents"})
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        dim_weights: dict[int, float] | None = None,
+        symmetric: bool = False,
+        cross_device_negatives: bool = True,
+    ):
+        """
+        Args:
+            temperature: Softmax temperature on cosine similarities.
+            dim_weights: Optional weight per dim in the sum (missing dims weigh 1).
+            symmetric: Also score each document against the batch's queries (CLIP-style: the mean
+                of both directions per dim); false: queries -> documents only.
+            cross_device_negatives: Under DDP, every rank's documents are negatives for every
+                query (global batch); false: each rank contrasts its own batch only.
+        """
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"model.loss.temperature must be > 0, got {temperature}.")
+        self.temperature = temperature
+        self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
+        self.symmetric = symmetric
+        self.cross_device_negatives = cross_device_negatives
+        self.init_args = {
+            "temperature": temperature,
+            "dim_weights": self.dim_weights,
+            "symmetric": symmetric,
+            "cross_device_negatives": cross_device_negatives,
+        }
+
+    def min_rows(self) -> int:
+        # Alone on its rank a row still has the other ranks' documents as negatives.
+        return 1 if self.cross_device_negatives and distributed.world_size() > 1 else 2
+
+    def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        loss = matryoshka_info_nce(
+            inputs.queries,
+            inputs.documents,
+            self.temperature,
+            self.dim_weights,
+            self.cross_device_negatives,
+            symmetric=self.symmetric,
+            document_keys=inputs.document_keys,
+        )
+        return {"info_nce": loss}
+
+
+class TranscriptionAlignment(EmbeddingLoss):
+    """Pulls each speech query towards the text tower's embedding of its transcription (cosine + L1)."""
+
+    needs = frozenset({"transcriptions"})
+
+    def __init__(self, dim_weights: dict[int, float] | None = None):
+        """
+        Args:
+            dim_weights: Optional weight per dim in the sum (missing dims weigh 1).
+        """
+        super().__init__()
+        self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
+        self.init_args = {"dim_weights": self.dim_weights}
+
+    def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        loss = matryoshka_alignment_loss(inputs.queries, inputs.transcriptions, self.dim_weights)
+        return {"alignment": loss}
+
+
+class WeightedSum(EmbeddingLoss):
+    """``sum_i weight_i * loss_i``: e.g. InfoNCE plus transcription alignment."""
+
+    def __init__(self, losses: list[EmbeddingLoss], weights: list[float] | None = None):
+        """
+        Args:
+            losses: The terms (each an ``EmbeddingLoss``).
+            weights: One weight per term (default 1 each).
+        """
+        super().__init__()
+        losses = [loss_from_config(loss) if isinstance(loss, Mapping) else loss for loss in losses]
+        weights = [1.0] * len(losses) if weights is None else list(weights)
+        if not losses or len(weights) != len(losses):
+            raise ConfigError(
+                f"model.loss: WeightedSum needs one weight per loss, got {len(weights)} for {len(losses)}."
+            )
+        if any(weight < 0 for weight in weights):
+            raise ConfigError(f"model.loss: WeightedSum weights must be >= 0, got {weights}.")
+        self.losses = nn.ModuleList(losses)
+        self.weights = weights
+        self.needs = frozenset().union(*(loss.needs for loss in losses))
+        self.init_args = {"losses": [loss.config() for loss in losses], "weights": weights}
+
+    def min_rows(self) -> int:
+        return max(loss.min_rows() for loss in self.losses)
+
+    def check_dims(self, dims: Sequence[int]) -> None:
+        for loss in self.losses:
+            loss.check_dims(dims)
+
+    def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for loss, weight in zip(self.losses, self.weights, strict=True):
+            for name, value in loss.terms(inputs).items():
+                out[name if name not in out else f"{name}_{len(out)}"] = weight * value
+        return out

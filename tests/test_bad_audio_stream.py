@@ -48,7 +48,7 @@ BAD_AUDIO = {
     "no-bytes-no-path": {"bytes": None, "path": None},
     "too-short": {"bytes": _wav(np.full(1600, 0.1, np.float32)), "path": None},  # 0.1 s < demo's 0.5 s
 }
-# Good audio, but no transcription for the alignment term (alignment_weight: 1.0 in the recipe).
+# Good audio, but no transcription for the alignment term (the recipe's loss aligns to transcriptions).
 NO_TRANSCRIPTION = {"no-transcription": None, "empty-transcription": " "}
 BAD_ROWS = 10  # 10 % of the stream: every kind once
 
@@ -104,7 +104,7 @@ def test_a_stream_with_ten_percent_bad_audio_trains_to_the_end(
     assert trainer.state.finished and not trainer.interrupted
     # Every batch kept enough rows to train: one optimizer step per batch of the stream.
     assert trainer.global_step == (GOOD_ROWS + BAD_ROWS) // BATCH
-    assert cli.model.skipped_rows == BAD_ROWS
+    assert cli.model.guard.skipped_rows == BAD_ROWS
     (events_file,) = tmp_path.glob("tensorboard/version_*/events.out.tfevents.*")
     events = EventAccumulator(str(events_file), size_guidance={"scalars": 0}).Reload()
     assert events.Scalars("train/skipped_rows")[-1].value == BAD_ROWS

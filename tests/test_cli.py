@@ -154,9 +154,9 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
     "override, message",
     [
         (
-            "--model.init_args.temprature=0.1",
-            "lightning_modules.TextOnly (under model) has no option 'temprature': "
-            "did you mean 'temperature'?",
+            "--model.init_args.gradient_chunk_sise=2",
+            "lightning_modules.TextOnly (under model) has no option 'gradient_chunk_sise': "
+            "did you mean 'gradient_chunk_size'?",
         ),
         (
             "--model.init_args.text_encoder.poolng=mean",
@@ -168,7 +168,7 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
             "did you mean 'min_duration'",
         ),
         ("--trainer.max_stepz=3", "unknown option --trainer.max_stepz: did you mean 'trainer.max_steps'"),
-        ("--modle.init_args.temperature=3", "did you mean 'model.init_args.temperature'?"),
+        ("--modle.init_args.gradient_chunk_size=3", "did you mean 'model.init_args.gradient_chunk_size'?"),
         ("--trainer.callbacks.3.init_args.monitor=x", "cannot be changed by its index on the command line"),
     ],
 )
@@ -184,14 +184,14 @@ def test_a_misspelt_key_in_a_config_file_names_the_nearest_valid_one(demo_dir, t
     recipe.write_text(text.replace("max_steps: 450", "max_step: 450"))
     with pytest.raises(ConfigError, match="trainer has no option 'max_step': did you mean 'max_steps'"):
         cli_main(["--config", str(recipe)], run=False)
-    recipe.write_text(text.replace("    temperature: 0.05", "    temprature: 0.05"))
+    recipe.write_text(text.replace("    matryoshka_dims:", "    matryoshka_dim:"))
     result = subprocess.run(
         [sys.executable, "cli.py", "fit", "--config", str(recipe)], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr and "usage:" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: lightning_modules.TextOnly (under model) has no option 'temprature': did you mean "
-        "'temperature'? (`python cli.py fit --help` lists every option.)"
+        "error: lightning_modules.TextOnly (under model) has no option 'matryoshka_dim': did you mean "
+        "'matryoshka_dims'? (`python cli.py fit --help` lists every option.)"
     )
 
 

@@ -66,7 +66,7 @@ def test_trainer_overlay_composes_with_a_recipe(
     cli = cli_main(args, run=False)
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.trainer.precision == "bf16-mixed"
-    assert cli.model.cross_device_negatives
+    assert cli.model.loss.cross_device_negatives
 
 
 def test_real_late_fusion_recipe_prints_its_config(monkeypatch, capsys):

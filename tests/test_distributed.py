@@ -21,6 +21,7 @@ from trainers import quiet_cpu_trainer
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+from lightning_modules.losses import MatryoshkaInfoNCE
 
 WORDS = "bita saaso mooje vérô fèfé lôrôfê kani dolo siri mana tigi bolo".split()
 
@@ -45,10 +46,8 @@ def _model(
     model = TextOnly(
         config,
         matryoshka_dims=[32, 128, 256],
-        temperature=1.0,
-        cross_device_negatives=cross_device,
+        loss=MatryoshkaInfoNCE(temperature=1.0, cross_device_negatives=cross_device, symmetric=symmetric),
         gradient_chunk_size=chunk,
-        symmetric_loss=symmetric,
     )
     # LoRA's B starts at zero, which would make most gradients trivially zero; start it random.
     with torch.no_grad():
@@ -293,7 +292,7 @@ class _NanOnRankOneAtStep(Callback):
         if trainer.global_rank == 0:
             result = {
                 "steps": trainer.global_step,
-                "nonfinite": pl_module.nonfinite_losses,
+                "nonfinite": pl_module.guard.nonfinite_losses,
                 "unchanged": self.unchanged_at_skipped_step,
                 "moved_later": not self._same_as_before(pl_module),
             }

@@ -11,7 +11,6 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from speech_inputs import DIMS
 from trainers import quiet_cpu_trainer
 
-from callbacks.document_cache import CacheFrozenDocuments
 from callbacks.retrieval import RetrievalEvaluator
 from datamodules.audio import AudioSettings
 from datamodules.pairs import StreamingPairDataModule
@@ -19,6 +18,7 @@ from errors import ConfigError
 from lightning_modules import LateFusion, TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.document_cache import DocumentEmbeddingCache, token_keys, tower_fingerprint
+from lightning_modules.losses import MatryoshkaInfoNCE, TranscriptionAlignment, WeightedSum
 
 
 class CompareWithoutCache(Callback):
@@ -51,19 +51,20 @@ class CompareWithoutCache(Callback):
         self.embedding_diffs += [float((cached[d] - computed[d]).abs().max()) for d in DIMS]
 
 
-def _late_fusion(text_model, speech_model) -> LateFusion:
+def _late_fusion(text_model, speech_model, cache_dir=None) -> LateFusion:
     seed_everything(0)
     return LateFusion(
         TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=0.0)),
         {"pretrained_model_name_or_path": str(speech_model)},
         adapt_documents=False,  # LoRA adapts the speech queries; documents keep the text model's embeddings
-        alignment_weight=0.5,
+        loss=WeightedSum([MatryoshkaInfoNCE(), TranscriptionAlignment()], [1.0, 0.5]),
         matryoshka_dims=DIMS,
+        document_cache=None if cache_dir is None else str(cache_dir),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
     )
 
 
-def _fit(root, model, speech_corpus_dir, text_model, speech_model, cache_dir, steps=3):
+def _fit(root, model, speech_corpus_dir, text_model, speech_model, steps=3):
     data = StreamingPairDataModule(
         str(text_model),
         train_data=str(speech_corpus_dir / "train"),
@@ -80,7 +81,7 @@ def _fit(root, model, speech_corpus_dir, text_model, speech_model, cache_dir, st
         default_root_dir=root,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        callbacks=[CacheFrozenDocuments(str(cache_dir)), compare, RetrievalEvaluator(dashboards=False)],
+        callbacks=[compare, RetrievalEvaluator(dashboards=False)],
     )
     trainer.fit(model, data)
     return compare, data
@@ -94,11 +95,9 @@ def test_training_and_evaluation_read_the_cache_with_the_numbers_of_the_model(
     tmp_path, tiny_text_model, tiny_speech_model, speech_corpus_dir, caplog
 ):
     cache_dir = tmp_path / "cache"
-    model = _late_fusion(tiny_text_model, tiny_speech_model)
-    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
-        compare, data = _fit(
-            tmp_path, model, speech_corpus_dir, tiny_text_model, tiny_speech_model, cache_dir
-        )
+    model = _late_fusion(tiny_text_model, tiny_speech_model, cache_dir)
+    with caplog.at_level(logging.INFO, logger="callbacks.training_guards"):
+        compare, data = _fit(tmp_path, model, speech_corpus_dir, tiny_text_model, tiny_speech_model)
     # At training start the model named the frozen tower behind Lightning's eval-mode warning
     # (the text model trains LoRA adapters here, so it is in train mode).
     assert "of the frozen towers ['speech_encoder.model'] run in eval mode" in caplog.text
@@ -117,11 +116,10 @@ def test_training_and_evaluation_read_the_cache_with_the_numbers_of_the_model(
     assert len(parts) == 1
     _fit(
         tmp_path,
-        _late_fusion(tiny_text_model, tiny_speech_model),
+        _late_fusion(tiny_text_model, tiny_speech_model, cache_dir),
         speech_corpus_dir,
         tiny_text_model,
         tiny_speech_model,
-        cache_dir,
         steps=1,
     )
     assert _parts(cache_dir) == parts
@@ -191,7 +189,9 @@ def test_lookup_gathers_rows_from_every_part_in_the_asked_order(tmp_path, tiny_t
 
 
 def test_a_trainable_document_tower_is_refused(tmp_path, tiny_text_model, corpus_dir):
-    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    model = TextOnly(
+        TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256], document_cache=str(tmp_path)
+    )
     data = StreamingPairDataModule(str(tiny_text_model), train_data=str(corpus_dir / "train.jsonl"))
     trainer = Trainer(
         accelerator="cpu",
@@ -199,7 +199,6 @@ def test_a_trainable_document_tower_is_refused(tmp_path, tiny_text_model, corpus
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=[CacheFrozenDocuments(str(tmp_path))],
     )
     with pytest.raises(ConfigError, match="change while it trains"):
         trainer.fit(model, data)

@@ -22,7 +22,7 @@ from errors import ConfigError
 from lightning_modules import DualEncoder
 from lightning_modules.components.matryoshka import MatryoshkaHeads
 from lightning_modules.components.pooling import AttentionPooling
-from lightning_modules.losses import matryoshka_alignment_loss
+from lightning_modules.losses import MatryoshkaInfoNCE, TranscriptionAlignment, matryoshka_alignment_loss
 
 
 def _model(text_model, speech_model, **kwargs) -> DualEncoder:
@@ -87,7 +87,7 @@ def test_alignment_loss_is_zero_exactly_at_the_targets_and_matches_a_direct_comp
 
 
 def test_alignment_gradient_reaches_the_speech_side_only(tiny_text_model, tiny_speech_model):
-    model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
+    model = _model(tiny_text_model, tiny_speech_model, loss=TranscriptionAlignment())
     model.train()
     assert not model.text_encoder.training
     # Even a text tower that could take gradients gets none: the targets are computed without them.
@@ -104,14 +104,16 @@ def test_alignment_gradient_reaches_the_speech_side_only(tiny_text_model, tiny_s
 
 
 def test_alignment_without_transcriptions_names_the_problem(tiny_text_model, tiny_speech_model):
-    model = _model(tiny_text_model, tiny_speech_model, objective="alignment")
+    model = _model(tiny_text_model, tiny_speech_model, loss=TranscriptionAlignment())
     batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
     with pytest.raises(ValueError, match="transcription"):
         model.training_loss(batch)
 
 
 def test_symmetric_retrieval_adds_the_document_to_query_direction(tiny_text_model, tiny_speech_model):
-    model = _model(tiny_text_model, tiny_speech_model, symmetric_loss=True, temperature=0.5).eval()
+    model = _model(
+        tiny_text_model, tiny_speech_model, loss=MatryoshkaInfoNCE(temperature=0.5, symmetric=True)
+    ).eval()
     batch = speech_text_batch(tiny_text_model, tiny_speech_model)
     text = TextBatchBuilder(AutoTokenizer.from_pretrained(tiny_text_model), PromptConfig(), 64, 64, {})
     batch["document"] = text.documents(["teere bi", "kër gi ak ndox", "xale yi dem"])
@@ -127,9 +129,18 @@ def test_symmetric_retrieval_adds_the_document_to_query_direction(tiny_text_mode
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
-def test_symmetric_loss_without_infonce_is_a_config_error(tiny_text_model, tiny_speech_model):
-    with pytest.raises(ConfigError, match="symmetric_loss"):
-        _model(tiny_text_model, tiny_speech_model, objective="alignment", symmetric_loss=True)
+def test_a_loss_the_model_cannot_feed_is_a_config_error(tiny_text_model):
+    from lightning_modules import TextOnly
+
+    # TextOnly has no speech query to align to a transcription: refused when built, not mid-run.
+    with pytest.raises(ConfigError, match="aligns to transcriptions"):
+        TextOnly({"pretrained_model_name_or_path": str(tiny_text_model)}, loss=TranscriptionAlignment())
+    with pytest.raises(ConfigError, match=r"dim_weights names dims \[48\]"):
+        TextOnly(
+            {"pretrained_model_name_or_path": str(tiny_text_model)},
+            matryoshka_dims=DIMS,
+            loss=MatryoshkaInfoNCE(dim_weights={48: 2.0}),
+        )
 
 
 def test_text_tower_stays_frozen_and_out_of_the_checkpoint(tiny_text_model, tiny_speech_model):

@@ -13,7 +13,9 @@ from datamodules.pairs import StreamingPairDataModule
 from errors import ConfigError
 from lightning_modules import DualEncoder, LateFusion, TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
+from lightning_modules.document_cache import document_keys
 from lightning_modules.grad_cache import chunk_rows, trim_padding
+from lightning_modules.losses import LossInputs, MatryoshkaInfoNCE, TranscriptionAlignment, WeightedSum
 
 
 def _randomize_lora_b(model) -> None:
@@ -49,7 +51,7 @@ def _text_only(text_model, chunk, dropout=0.0) -> TextOnly:
     model = TextOnly(
         TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=dropout)),
         matryoshka_dims=[32, 128, 256],
-        temperature=1.0,
+        loss=MatryoshkaInfoNCE(temperature=1.0),
         gradient_chunk_size=chunk,
     )
     _randomize_lora_b(model)
@@ -125,7 +127,7 @@ def test_dropout_masks_are_replayed_in_the_chunked_backward(tiny_text_model):
     parts_d = [reference_model.embed_documents(chunk_rows(batch, s, s + 3, 9)) for s in range(0, 9, 3)]
     queries = {d: torch.cat([p[d] for p in parts]) for d in parts[0]}
     documents = {d: torch.cat([p[d] for p in parts_d]) for d in parts_d[0]}
-    loss = reference_model.contrastive_loss(batch, queries, documents)
+    loss = reference_model.loss(LossInputs(queries, documents, document_keys=document_keys(batch, queries)))
     loss.backward()
     reference = (
         loss.detach(),
@@ -142,7 +144,6 @@ def _late_fusion(text_model, speech_model, chunk, **kwargs) -> LateFusion:
         TextEncoderConfig(str(text_model), lora=LoraSettings(r=4, dropout=0.0)),
         {"pretrained_model_name_or_path": str(speech_model)},
         matryoshka_dims=DIMS,
-        temperature=1.0,
         gradient_chunk_size=chunk,
         **kwargs,
     )
@@ -164,7 +165,8 @@ def test_late_fusion_chunks_give_the_full_batch_gradients(
     text = StreamingPairDataModule(str(tiny_text_model)).batches
     batch["document"] = text.documents(["kër gi", "ndox mi tàng na", "xale yi dem nañu"])
     batch["ids"] = ["a", "b", "c"]
-    settings = {"alignment_weight": 0.5, "adapt_documents": adapt_documents}
+    loss = WeightedSum([MatryoshkaInfoNCE(temperature=1.0), TranscriptionAlignment()], [1.0, 0.5])
+    settings = {"loss": loss, "adapt_documents": adapt_documents}
     reference = _loss_and_gradients(_late_fusion(tiny_text_model, tiny_speech_model, None, **settings), batch)
     chunked = _loss_and_gradients(_late_fusion(tiny_text_model, tiny_speech_model, 2, **settings), batch)
     _assert_same(reference, chunked)
@@ -181,7 +183,7 @@ def test_dual_encoder_alignment_objective_in_chunks(tiny_text_model, tiny_speech
         text = TextEncoderConfig(str(tiny_text_model))
         speech = {"pretrained_model_name_or_path": str(tiny_speech_model)}
         return DualEncoder(
-            text, speech, objective="alignment", matryoshka_dims=DIMS, gradient_chunk_size=chunk
+            text, speech, loss=TranscriptionAlignment(), matryoshka_dims=DIMS, gradient_chunk_size=chunk
         )
 
     _assert_same(_loss_and_gradients(model(None), batch), _loss_and_gradients(model(1), batch))
@@ -201,7 +203,7 @@ def test_specaugment_masks_of_a_trainable_speech_tower_are_replayed(tiny_text_mo
         encoder = DualEncoder(
             TextEncoderConfig(str(tiny_text_model)),
             speech,
-            objective="alignment",
+            loss=TranscriptionAlignment(),
             matryoshka_dims=DIMS,
             gradient_chunk_size=chunk,
         )
@@ -210,8 +212,9 @@ def test_specaugment_masks_of_a_trainable_speech_tower_are_replayed(tiny_text_mo
     reference_model = model(None)
     np.random.seed(1)
     parts = [reference_model.embed_queries(chunk_rows(batch, s, s + 1, 3)) for s in range(3)]
-    loss = reference_model.loss_from_embeddings(
-        batch, {d: torch.cat([p[d] for p in parts]) for d in DIMS}, None
+    queries = {d: torch.cat([p[d] for p in parts]) for d in DIMS}
+    loss = reference_model.loss(
+        LossInputs(queries, transcriptions=reference_model.embed_transcriptions(batch))
     )
     loss.backward()
     grads = {n: p.grad.clone() for n, p in reference_model.named_parameters() if p.grad is not None}

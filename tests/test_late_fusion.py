@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from speech_inputs import (
 )
 from transformers import AutoTokenizer
 
+from callbacks.training_guards import TrainingSetupCheck, eval_mode_modules
 from errors import ConfigError
 from lightning_modules import LateFusion
-from lightning_modules.base import eval_mode_modules
 from lightning_modules.components.adapters import ConvDownsampler
 from lightning_modules.components.sequences import concat_masked_sequences
 from lightning_modules.components.text_encoder import special_token_affixes
@@ -130,14 +131,15 @@ def test_eval_mode_modules_are_the_frozen_towers_unless_a_trainable_part_is_left
     """Lightning warns "Found N module(s) in eval mode" at every late-fusion fit; the model says
     which: the frozen towers on purpose, or (a warning) a trainable module whose dropout is off."""
     model = _model(tiny_text_model, tiny_speech_model).train()
+    trainer = SimpleNamespace(global_rank=0, accumulate_grad_batches=1)  # what the check reads
     eval_names = [name for name, module in model.named_modules() if not module.training]
     towers, others = eval_mode_modules(model)
     assert towers == ["text_encoder", "speech_encoder.model"] and others == []
     # The reference: every eval-mode module lies inside one of the towers, and all their weights are frozen.
     assert all(any(name == t or name.startswith(f"{t}.") for t in towers) for name in eval_names)
     assert not any(p.requires_grad for t in towers for p in model.get_submodule(t).parameters())
-    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
-        model.on_train_start()
+    with caplog.at_level(logging.INFO, logger="callbacks.training_guards"):
+        TrainingSetupCheck().on_train_start(trainer, model)
     assert f"The {len(eval_names)} modules of the frozen towers {towers}" in caplog.text
     assert "WARNING" not in caplog.text
 
@@ -146,8 +148,8 @@ def test_eval_mode_modules_are_the_frozen_towers_unless_a_trainable_part_is_left
     assert towers == ["text_encoder", "speech_encoder.model"]
     assert others == [name for name, module in model.named_modules() if name.startswith("adapter")]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lightning_modules.base"):
-        model.on_train_start()
+    with caplog.at_level(logging.INFO, logger="callbacks.training_guards"):
+        TrainingSetupCheck().on_train_start(trainer, model)
     assert f"{len(others)} module(s) in eval mode outside the frozen towers" in caplog.text
 
 
@@ -185,9 +187,16 @@ def test_lora_switch_trains_adapters_on_the_llm(tiny_text_model, tiny_speech_mod
 
 
 def test_alignment_term_adds_the_distance_to_the_transcription_embedding(tiny_text_model, tiny_speech_model):
-    from lightning_modules.losses import matryoshka_alignment_loss, matryoshka_info_nce
+    from lightning_modules.losses import (
+        MatryoshkaInfoNCE,
+        TranscriptionAlignment,
+        WeightedSum,
+        matryoshka_alignment_loss,
+        matryoshka_info_nce,
+    )
 
-    model = _model(tiny_text_model, tiny_speech_model, alignment_weight=0.5).eval()
+    loss = WeightedSum([MatryoshkaInfoNCE(), TranscriptionAlignment()], [1.0, 0.5])
+    model = _model(tiny_text_model, tiny_speech_model, loss=loss).eval()
     batch = speech_text_batch(tiny_text_model, tiny_speech_model)
     batch["document"] = batch["query_text"]  # any text works as documents here
     batch["ids"] = ["a", "b", "c"]
@@ -196,7 +205,7 @@ def test_alignment_term_adds_the_distance_to_the_transcription_embedding(tiny_te
         documents = model.embed_documents(batch)
         targets = {d: torch.nn.functional.normalize(documents[d], dim=-1) for d in DIMS}  # same texts
         expected = matryoshka_info_nce(
-            queries, documents, model.temperature
+            queries, documents, temperature=0.05
         ) + 0.5 * matryoshka_alignment_loss(queries, targets)
         assert torch.allclose(model.training_loss(batch), expected, atol=1e-5)
 

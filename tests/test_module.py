@@ -22,13 +22,15 @@ def model_and_batch(tiny_text_model):
     return model, batches.training_batch(rows)
 
 
-def test_training_step_counts_skipped_rows(model_and_batch):
+def test_the_batch_guard_counts_skipped_rows(model_and_batch):
     model, batch = model_and_batch
     assert batch["skipped_ids"] == ["bad"]
     loss = model.training_step(batch, 0)
-    assert torch.isfinite(loss) and model.skipped_rows == 1
-    model.training_step(batch, 1)
-    assert model.skipped_rows == 2
+    assert torch.isfinite(loss)
+    model.guard.on_train_batch_start(None, model, batch, 0)  # the callback the model adds itself
+    assert model.guard.skipped_rows == 1
+    model.guard.on_train_batch_start(None, model, batch, 1)
+    assert model.guard.skipped_rows == 2
 
 
 def test_non_finite_loss_skips_the_step_and_keeps_weights(model_and_batch):
@@ -37,7 +39,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(model_and_batch):
     with torch.no_grad():
         model.text_encoder.model.get_input_embeddings().weight[0, 0] = float("nan")
     assert model.training_step(batch, 0) is None  # Lightning skips backward and the optimizer step
-    assert model.nonfinite_losses == 1
+    assert model.guard.nonfinite_losses == 1
     with torch.no_grad():
         embeddings = model.text_encoder.model.get_input_embeddings().weight
         embeddings.copy_(before["text_encoder.model.embed_tokens.weight"])
@@ -62,9 +64,9 @@ def test_checkpoint_keeps_trainable_weights_only(tiny_text_model):
 def test_a_run_whose_batches_are_all_unusable_stops_with_the_reason(tiny_text_model):
     """Skipping batch after batch would run on to max_steps: the 50th in a row stops the run."""
     from errors import DataError
-    from lightning_modules.base import MAX_CONSECUTIVE_UNUSABLE_BATCHES
 
     model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256])
+    MAX_CONSECUTIVE_UNUSABLE_BATCHES = model.guard.max_unusable_in_a_row
     batches = StreamingPairDataModule(str(tiny_text_model)).batches
     usable = batches.training_batch([{"id": "a", "query": "bita", "document": "vérô"}] * 2)
     unusable = batches.training_batch([{"id": "a", "query": "bita", "document": ""}] * 2)

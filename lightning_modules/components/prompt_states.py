@@ -78,6 +78,15 @@ class PromptStateCache:
         mode = (text_encoder.model.training, text_encoder.model.config._attn_implementation)
         return (device, _autocast_state(device), mode, identity)
 
+    def states_for_batch(self, text_encoder, opening_ids: torch.Tensor, prompt: dict) -> PromptStates | None:
+        """States of each row's ``opening tokens | prompt`` (a tokenized, padded prompt batch)."""
+        opening = opening_ids.tolist()
+        rows = zip(prompt["input_ids"].tolist(), prompt["attention_mask"].tolist(), strict=True)
+        prompts = [
+            tuple(opening + [i for i, real in zip(ids, mask, strict=True) if real]) for ids, mask in rows
+        ]
+        return self.states_for(text_encoder, prompts, opening_ids.device)
+
     def states_for(self, text_encoder, prompts: list[tuple[int, ...]], device: torch.device):
         """``PromptStates`` for rows whose prompts are ``prompts`` (token ids), or None if not cacheable."""
         fingerprint = self._fingerprint_of(text_encoder, device)

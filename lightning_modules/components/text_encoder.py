@@ -17,7 +17,7 @@ from torch import nn
 
 from errors import ConfigError
 from lightning_modules.components.decoder_support import full_attention_decoder, rope_is_length_independent
-from lightning_modules.components.matryoshka import matryoshka_slices
+from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS
 from lightning_modules.components.prompt_states import PromptStates
@@ -273,3 +273,11 @@ def transcription_targets(text_encoder: TextEncoder, batch, dims) -> dict[int, t
         )
     with torch.no_grad():
         return matryoshka_slices(text_encoder(**batch["query_text"]), dims)
+
+
+def text_tower(config: TextEncoderConfig | dict, dims) -> TextEncoder:
+    """The text encoder ``config`` names, once the Matryoshka dims are checked against its width
+    (from its config file, before any weight is loaded)."""
+    config = TextEncoderConfig.coerce(config)
+    validate_matryoshka_dims(dims, max_dim=pretrained_hidden_size(config.pretrained_model_name_or_path))
+    return TextEncoder(config)

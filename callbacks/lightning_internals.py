@@ -1,0 +1,59 @@
+"""Every place this project reaches into Lightning's private or undocumented state, with the reason.
+
+Lightning offers no public way to do these things; keeping them here makes a Lightning upgrade one
+file to check, and ``tests/.../test_lightning_internals.py`` fails when one of them moves.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+
+
+def fit_loop_state(checkpoint: dict) -> dict:
+    """The fit loop's own state in a checkpoint, where Lightning keeps the dataloader position.
+
+    Lightning saves rank 0's position only; exact resume replaces it with each rank's own before
+    Lightning restores the loops (which happens after the callbacks' ``on_load_checkpoint``).
+    """
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+
+
+def is_last_batch(trainer: Trainer) -> bool:
+    """Whether the batch being trained on is the training stream's last (its passes are done)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def accumulating(trainer: Trainer) -> bool:
+    """Mid-way through ``accumulate_grad_batches`` (the optimizer has not stepped on this batch)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def validates_after_this_step(trainer: Trainer) -> bool:
+    """Whether Lightning will run validation after the current step (``val_check_interval``)."""
+    fit_loop = trainer.fit_loop
+    return fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+
+
+def skip_next_validation(trainer: Trainer) -> None:
+    """Lightning validates before a requested stop (meant for early stopping); a preempted run
+    must not spend its grace period on a full evaluation."""
+    trainer.fit_loop.epoch_loop._skip_next_val = True
+
+
+def run_validation_now(trainer: Trainer) -> None:
+    """Runs the fit's validation loop now, as Lightning's training loop runs it after a step."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    trainer.validating = True
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    # A fresh validation, as Lightning's first resumed step makes it: restarting, the loop would
+    # keep the batch counts of the last validation the checkpoint saw and stop that much early.
+    epoch_loop.val_loop.restarting = False
+    epoch_loop.val_loop.run()
+    trainer.training = True
+    trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
+def cluster_environment(trainer: Trainer):
+    """The cluster environment Lightning detected (SLURM, torchelastic, ...), where its own signal
+    set-up reads it: single-device strategies do not expose it."""
+    return trainer._accelerator_connector.cluster_environment
