@@ -125,7 +125,7 @@ def test_changed_llm_weights_recompute_the_states(tiny_text_model, tiny_speech_m
     assert model.prompt_state_cache.computed == 6
     # A write through .data escapes the in-place version; each stage starts afresh.
     model.text_encoder.embedding_table().data.mul_(1.5)
-    model.on_validation_start()
+    model.setup("validate")
     _assert_same(model, batch)
     assert model.prompt_state_cache.computed == 9
 
