@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.preemption import PreemptionCheckpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ class ExportTextEncoder(Callback):
             raise TypeError(
                 f"{type(pl_module).__name__} has no export_text_encoder(); remove ExportTextEncoder."
             )
-        if any(getattr(callback, "preempted", False) for callback in trainer.callbacks):
+        if any(isinstance(c, PreemptionCheckpoint) and c.preempted for c in trainer.callbacks):
             # A later stage would load a half-trained text model as if it were the result.
             log.warning(
                 "Not exporting the text encoder: the run was preempted at step %d; the resumed run "
