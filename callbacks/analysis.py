@@ -1,9 +1,9 @@
-"""Analyses of the embeddings one validation computed: plugged into RetrievalEvaluator.
+"""Analyses of an eval set's embeddings: plugged into ``callbacks.evaluation.Evaluator``.
 
 Every eval set is encoded once per validation (queries and corpus, every Matryoshka dim from one
 pass); the evaluator scores it and then hands the same embeddings to each analysis, so adding an
-analysis never adds an encoding pass. Analyses run on rank 0 under DDP; their numbers are
-broadcast and logged by every rank like the retrieval metrics.
+analysis never adds an encoding pass. An analysis is plain code (no Lightning): under DDP the
+callback runs it on rank 0 and broadcasts its numbers like the retrieval metrics.
 """
 
 from __future__ import annotations

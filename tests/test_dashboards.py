@@ -98,7 +98,7 @@ def test_tensorboard_holds_every_dashboard_piece(demo_run):
 def test_custom_scalars_layout_puts_every_dim_of_a_metric_on_one_chart():
     import re
 
-    from callbacks.retrieval import custom_scalars_layout
+    from callbacks.dashboards import custom_scalars_layout
 
     tags = [f"val/demo/ndcg@10/d{d}" for d in DIMS] + ["val/demo/queries_samples", "val/kw/accuracy/d32"]
     layout = custom_scalars_layout(tags)

@@ -1,0 +1,159 @@
+"""Scoring eval sets from their embeddings, without a Trainer: metrics per Matryoshka dim, analyses.
+
+``Evaluator(ks=(5, 10)).score(eval_set, queries, corpus)`` takes one eval set's query and corpus
+embeddings (``{dim: [rows, dim]}``, rows in the eval set's order) and returns what validation logs
+under ``<stage>/<eval set>/``:
+- retrieval sets: the corpus ranked with an exact chunked top-k; ``ndcg@k``, ``recall@k`` and
+  ``mrr@k`` per dim (``ndcg@10/d256``), and ``num_queries_evaluated``;
+- classification sets (keyword spotting, zero-shot intent): each query takes its nearest class
+  text; ``accuracy``, ``macro_recall`` and ``macro_f1`` per dim, and ``num_queries_evaluated``;
+- then every analysis's numbers (effective rank, cost per dim, ...) on the same embeddings.
+
+``callbacks.retrieval.RetrievalEvaluator`` runs one of these at every validation; embeddings
+that ``predict`` wrote (``callbacks.write_embeddings.read_embeddings``) score the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from callbacks.analysis import EmbeddingAnalysis, Embeddings
+from callbacks.metrics import (
+    CLASSIFICATION_METRICS,
+    RETRIEVAL_MEASURES,
+    classification_metrics,
+    metrics_from_ranking,
+    top_k_search,
+)
+
+if TYPE_CHECKING:
+    from datamodules.eval_sets import EvalSet
+
+
+class Evaluator:
+    """Metrics and analyses of eval sets from their embeddings, one tag per (metric, dim)."""
+
+    def __init__(
+        self,
+        ks: Sequence[int] = (5, 10),
+        query_chunk_size: int = 1024,
+        document_chunk_size: int = 16384,
+        analyses: Sequence[EmbeddingAnalysis] | None = None,
+    ):
+        """
+        Args:
+            ks: Cut-offs of nDCG, Recall and MRR.
+            query_chunk_size: Queries scored at once (memory ~ query_chunk x document_chunk floats).
+            document_chunk_size: Documents scored at once.
+            analyses: Further analyses of the same embeddings (e.g. callbacks.effective_rank.EffectiveRank).
+        """
+        self.ks = tuple(sorted(ks))
+        self.query_chunk_size = query_chunk_size
+        self.document_chunk_size = document_chunk_size
+        self.analyses = list(analyses or [])
+
+    # ----- scoring ------------------------------------------------------------------------
+    def score(
+        self, eval_set: EvalSet, queries: Mapping[int, torch.Tensor], corpus: Mapping[int, torch.Tensor]
+    ) -> dict[str, float]:
+        """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers."""
+        scores = self.metrics(eval_set, queries, corpus)
+        for analysis in self.analyses:
+            scores |= analysis.analyze(eval_set, {"queries": dict(queries), "corpus": dict(corpus)})
+        return scores
+
+    def evaluate(
+        self, eval_sets: Mapping[str, EvalSet], embeddings: Mapping[str, Embeddings]
+    ) -> dict[str, dict[str, float]]:
+        """``score`` of every eval set in ``embeddings`` (``{name: {"queries": ..., "corpus": ...}}``)."""
+        return {
+            name: self.score(eval_sets[name], sides["queries"], sides["corpus"])
+            for name, sides in embeddings.items()
+        }
+
+    def metrics(
+        self, eval_set: EvalSet, queries: Mapping[int, torch.Tensor], corpus: Mapping[int, torch.Tensor]
+    ) -> dict[str, float]:
+        """The evaluator's own metrics (no analyses): ``<metric>/d<dim>`` and ``num_queries_evaluated``."""
+        for side, embeddings, rows in (
+            ("queries", queries, eval_set.queries),
+            ("corpus", corpus, eval_set.corpus),
+        ):
+            if not rows:
+                raise ValueError(f"eval set {eval_set.name!r} has no {side}: nothing to score.")
+            for dim, values in embeddings.items():
+                if values.shape[0] != len(rows):
+                    raise ValueError(
+                        f"eval set {eval_set.name!r}: {values.shape[0]} {side} embeddings at d{dim} for "
+                        f"{len(rows)} rows; rows must be the eval set's, in its order."
+                    )
+        if eval_set.kind == "classification":
+            return self._classification_metrics(eval_set, queries, corpus)
+        return self._retrieval_metrics(eval_set, queries, corpus)
+
+    def _retrieval_metrics(self, eval_set, queries, corpus) -> dict[str, float]:
+        scores = {}
+        for dim in sorted(queries):
+            _, ranked = top_k_search(
+                queries[dim], corpus[dim], max(self.ks), self.query_chunk_size, self.document_chunk_size
+            )
+            results = metrics_from_ranking(ranked, eval_set.qrels, self.ks)
+            for metric in (f"{m}@{k}" for m in RETRIEVAL_MEASURES for k in self.ks):
+                scores[f"{metric}/d{dim}"] = results[metric]
+        scores["num_queries_evaluated"] = results["num_queries"]
+        return scores
+
+    def _classification_metrics(self, eval_set, queries, corpus) -> dict[str, float]:
+        gold = eval_set.gold_labels()
+        classes = sorted(set(gold))
+        scores = {}
+        for dim in sorted(queries):
+            _, nearest = top_k_search(
+                queries[dim], corpus[dim], 1, self.query_chunk_size, self.document_chunk_size
+            )
+            results = classification_metrics(nearest[:, 0].tolist(), gold, classes)
+            scores |= {f"{metric}/d{dim}": value for metric, value in results.items()}
+        scores["num_queries_evaluated"] = len(gold)
+        return scores
+
+    # ----- what it logs -------------------------------------------------------------------
+    def own_metric_names(self, kind: str, dims: Sequence[int]) -> set[str]:
+        """The tags ``metrics`` returns for an eval set of this kind (not the analyses')."""
+        if kind == "retrieval":
+            names = {
+                f"{measure}@{k}/d{dim}" for measure in RETRIEVAL_MEASURES for k in self.ks for dim in dims
+            }
+        else:
+            names = {f"{metric}/d{dim}" for metric in CLASSIFICATION_METRICS for dim in dims}
+        return names | {"num_queries_evaluated"}
+
+    def metric_names(self, kind: str, dims: Sequence[int]) -> set[str] | None:
+        """Every tag ``score`` returns for an eval set of this kind; None when an analysis does not
+        declare its names (they cannot all be known)."""
+        names = self.own_metric_names(kind, dims)
+        for analysis in self.analyses:
+            declared = analysis.metric_names(list(dims))
+            if declared is None:
+                return None
+            names |= declared
+        return names
+
+    def headline_metric(self, kind: str) -> str:
+        """The metric a one-line summary and the metrics figure lead with."""
+        return "accuracy" if kind == "classification" else f"ndcg@{max(self.ks)}"
+
+    # ----- figures ------------------------------------------------------------------------
+    def figures(self, eval_set: EvalSet, scores: Mapping[str, float], title: str) -> dict:
+        """Matplotlib figures of one ``score`` result: the metrics (and costs) against the dim, and
+        each analysis's figures of its last ``analyze`` of this set."""
+        from callbacks.dashboards import metrics_vs_dimension
+
+        classifying = eval_set.kind == "classification"
+        main = ("accuracy", "macro_f1") if classifying else (self.headline_metric(eval_set.kind),)
+        figures = {"metrics_vs_dim": metrics_vs_dimension(scores, main, title)}
+        for analysis in self.analyses:
+            figures |= analysis.figures(eval_set)
+        return figures

@@ -1,0 +1,59 @@
+"""Why a checkpoint monitor will never be logged, from what an Evaluator logs.
+
+A monitor naming a metric no validation logs fails only after the first validation (hours in, at
+the recipes' ``val_check_interval``); the tags are known before the first step, so the callback
+asks here at fit start.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+
+from callbacks.evaluation import Evaluator
+from callbacks.metrics import CLASSIFICATION_METRICS, RETRIEVAL_MEASURES
+
+
+def _resembles(metric: str, names: set[str]) -> bool:
+    """Whether ``metric`` looks like a misspelling of one of ``names`` (case, or a letter or two)."""
+    lowered = {name.lower() for name in names}
+    return metric.lower() in lowered or bool(
+        difflib.get_close_matches(metric.lower(), lowered, n=1, cutoff=0.85)
+    )
+
+
+def unknown_monitor(
+    monitor: str, evaluator: Evaluator, kinds: Mapping[str, str], dims: Sequence[int]
+) -> str | None:
+    """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``) will never be logged, or None.
+
+    ``kinds`` maps each eval set's name to its kind (``retrieval`` or ``classification``);
+    ``dims`` are the model's Matryoshka dims. Tags of other stages (``train/loss``) pass.
+    """
+    parts = monitor.split("/")
+    if len(parts) < 3 or parts[0] != "val":
+        return None  # not one of the evaluator's tags
+    name, metric, last = parts[1], "/".join(parts[2:-1]), parts[-1]
+    if len(parts) == 3 and last.partition("@")[0] in RETRIEVAL_MEASURES + CLASSIFICATION_METRICS:
+        return f"the evaluator logs {last} once per dim: add /d<dim>, e.g. {monitor}/d{max(dims or [0])}."
+    if name not in kinds:
+        return (
+            f"no eval set is named {name!r} (eval sets: {sorted(kinds)}); rename the set in "
+            "data.eval_sets or change the monitor."
+        )
+    if last.startswith("d") and last[1:].isdigit() and int(last[1:]) not in dims:
+        return f"d{last[1:]} is not one of the model's matryoshka_dims {list(dims)}."
+    measure, _, cutoff = metric.partition("@")
+    if kinds[name] == "retrieval" and measure in RETRIEVAL_MEASURES:
+        if not cutoff.isdigit() or int(cutoff) not in evaluator.ks:
+            return f"the evaluator's cut-offs are ks={list(evaluator.ks)}."
+    kind, tag = kinds[name], "/".join(parts[2:])
+    logged = evaluator.metric_names(kind, dims)
+    known = logged if logged is not None else evaluator.own_metric_names(kind, dims)
+    if tag in known:
+        return None
+    if logged is None and not _resembles(metric or tag, {n.rsplit("/d", 1)[0] for n in known}):
+        return None  # maybe the metric of an analysis that does not list its names
+    close = difflib.get_close_matches(tag, sorted(known), n=3)
+    hint = f" Did you mean {', '.join(f'val/{name}/{c}' for c in close)}?" if close else ""
+    return f"eval set {name!r} ({kind}) logs no {tag!r}.{hint}"
