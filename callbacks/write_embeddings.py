@@ -12,6 +12,8 @@ pass, every dim), and this callback writes them for a search index or any other 
 Each dim is its own array: for sliced Matryoshka models the normalized prefix of the largest, for
 per-dim heads (``DualEncoder``) that head's output. Rows an eval set leaves out (queries with
 unusable audio or no text, documents with no text) are not in the files; the ids say which rows are.
+``read_embeddings(dirpath, eval_set)`` reads a set back in its row order, for
+``callbacks.evaluation.Evaluator`` to score as validation does.
 Under DDP every rank embeds a share and rank 0 writes; an error there is raised on every rank. The
 folder is written aside (``<dirpath>.partial``) and swapped in only when complete, so a failed run
 never leaves a half-written folder in its place (a crash within the swap itself leaves the earlier
@@ -27,12 +29,17 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from callbacks.retrieval import add_eval_output, assemble, chunks_of_all_ranks
-from errors import ConfigError
+from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
+from errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from datamodules.eval_sets import EvalSet
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +148,53 @@ def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> 
     folder = Path(dirpath) / eval_set
     ids = json.loads((folder / f"{side}.ids.json").read_text())
     return ids, np.load(folder / f"{side}.d{dim}.npy")
+
+
+def read_embeddings(
+    dirpath: str | Path, eval_set: EvalSet
+) -> tuple[EvalSet, dict[str, dict[int, torch.Tensor]]]:
+    """What ``WriteEmbeddings`` wrote for ``eval_set`` (found by its name), ready to score:
+    the eval set restricted to the written queries, and ``{"queries": {dim: [rows, dim]},
+    "corpus": {...}}`` (float32 tensors) in its row order.
+
+    Written rows are matched to the eval set's by id; the queries predict left out (unusable audio,
+    no text) are left out of the returned set, as validation leaves them out of its scores.
+    """
+    folder = Path(dirpath) / eval_set.name
+    manifest = json.loads((Path(dirpath) / MANIFEST).read_text())
+    if eval_set.name not in manifest["eval_sets"]:
+        raise DataError(
+            f"{dirpath}: no embeddings of eval set {eval_set.name!r} "
+            f"(written: {sorted(manifest['eval_sets'])})."
+        )
+    written_ids = {side: json.loads((folder / f"{side}.ids.json").read_text()) for side in SIDES}
+    rows = {row["id"]: row for row in eval_set.queries}
+    unknown = [query_id for query_id in written_ids["queries"] if query_id not in rows]
+    if unknown:
+        raise DataError(
+            f"{folder}: query ids {unknown[:5]} are not in eval set {eval_set.name!r} "
+            "(another set, or another qrels split?)."
+        )
+    eval_set = eval_set.with_queries([rows[query_id] for query_id in written_ids["queries"]])
+    position = {side: {row_id: i for i, row_id in enumerate(written_ids[side])} for side in SIDES}
+    missing = [row["id"] for row in eval_set.corpus if row["id"] not in position["corpus"]]
+    if missing or len(position["corpus"]) != len(eval_set.corpus):
+        raise DataError(
+            f"{folder}: the embedded corpus ({len(position['corpus'])} documents) is not the corpus of eval "
+            f"set {eval_set.name!r} ({len(eval_set.corpus)} documents; not embedded: {missing[:5]})."
+        )
+    order = {
+        "queries": list(range(len(eval_set.queries))),
+        "corpus": [position["corpus"][row["id"]] for row in eval_set.corpus],
+    }
+    embeddings = {
+        side: {
+            dim: torch.from_numpy(np.load(folder / f"{side}.d{dim}.npy").astype(np.float32)[order[side]])
+            for dim in manifest["dims"]
+        }
+        for side in SIDES
+    }
+    return eval_set, embeddings
 
 
 def _written_here(dirpath: Path) -> bool:
