@@ -8,10 +8,14 @@ import sys
 import torch.distributed
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_files import require_whole, resolve_checkpoint
+from callbacks.preemption import PreemptionCheckpoint
+from callbacks.retrieval import RetrievalEvaluator
 from callbacks.tensorboard_run import continue_tensorboard_run
+from callbacks.write_embeddings import WriteEmbeddings
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from errors import ConfigError, InputError
@@ -28,9 +32,57 @@ class EmbeddingArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         keys = [action.dest for action in parser._actions if action.dest not in ("help", "config")]
         explained = unknown_key_message(message, keys)
+        if explained is not None and "by its index" in explained and "monitor" in explained:
+            explained += " The best checkpoint's metric has its own key: --best_checkpoint.monitor=..."
         if explained is not None:
             raise ConfigError(explained) from ex
         super().error(message, ex)
+
+
+# The callbacks every run has, each under its own top-level key (`--best_checkpoint.monitor=...`),
+# in this order: the first ModelCheckpoint is Lightning's `trainer.checkpoint_callback`, which
+# ExportTextEncoder exports as "best" and PreemptionCheckpoint writes beside.
+RUN_CALLBACKS = {
+    "evaluator": RetrievalEvaluator,
+    "write_embeddings": WriteEmbeddings,
+    "preemption": PreemptionCheckpoint,
+    "best_checkpoint": ModelCheckpoint,
+    "last_checkpoint": ModelCheckpoint,
+}
+
+# Their arguments and the logger's, as defaults a recipe or the command line overrides. ${...} is
+# resolved after every --config and override is merged, so every folder follows
+# trainer.default_root_dir, and --print_config shows the resolved paths. The interpolations are
+# relative to the key's own section (`..` = one section up), as jsonargparse rewrites a config
+# file's: the whole config sits under the subcommand's key (fit.trainer...) when they resolve.
+RUN_DEFAULTS = {
+    "trainer.logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {
+            "save_dir": "${...default_root_dir}",
+            "name": "tensorboard",
+            "default_hp_metric": False,
+        },
+    },
+    # Analyses of the same embeddings (no second encoding): effective rank per dim for queries
+    # and documents, and index size / search latency per dim (float32, float16).
+    "evaluator.analyses": [
+        {"class_path": "callbacks.effective_rank.EffectiveRank"},
+        {"class_path": "callbacks.cost.CostPerDimension"},
+    ],
+    # `predict`: the eval sets' embeddings, one .npy per side and dim, with their ids.
+    "write_embeddings.dirpath": "${..trainer.default_root_dir}/embeddings",
+    # The best model by the recipe's best_checkpoint.monitor (every logged metric is higher-better).
+    "best_checkpoint.dirpath": "${..trainer.default_root_dir}/checkpoints",
+    "best_checkpoint.filename": "best-{step}",
+    "best_checkpoint.mode": "max",
+    # The newest state after every validation, for `fit --ckpt_path last` (Lightning's own
+    # save_last writes only when the monitored metric improved). PreemptionCheckpoint writes
+    # last-preempted.ckpt in the same folder (the first ModelCheckpoint's), found by the same glob.
+    "last_checkpoint.dirpath": "${..trainer.default_root_dir}/checkpoints",
+    "last_checkpoint.filename": "last",
+    "last_checkpoint.enable_version_counter": False,
+}
 
 
 class EmbeddingCLI(LightningCLI):
@@ -39,6 +91,9 @@ class EmbeddingCLI(LightningCLI):
         parser.link_arguments(
             "model.init_args.text_encoder.pretrained_model_name_or_path", "data.init_args.tokenizer"
         )
+        for key, callback in RUN_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
+        parser.set_defaults(RUN_DEFAULTS)
 
     # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path last first,
     # to the newest checkpoint that loads (a named file was checked in _parse_ckpt_path).

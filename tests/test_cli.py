@@ -169,7 +169,9 @@ def test_exported_text_encoder_reproduces_the_model(demo_dir, tmp_path):
         ),
         ("--trainer.max_stepz=3", "unknown option --trainer.max_stepz: did you mean 'trainer.max_steps'"),
         ("--modle.init_args.gradient_chunk_size=3", "did you mean 'model.init_args.gradient_chunk_size'?"),
-        ("--trainer.callbacks.3.init_args.monitor=x", "cannot be changed by its index on the command line"),
+        ("--trainer.callbacks.0.init_args.dirpath=x", "cannot be changed by its index on the command line"),
+        ("--trainer.callbacks.3.init_args.monitor=x", "has its own key: --best_checkpoint.monitor"),
+        ("--best_checkpoint.monitr=x", "--best_checkpoint.monitr: did you mean 'best_checkpoint.monitor'"),
     ],
 )
 def test_a_misspelt_key_names_the_nearest_valid_one(demo_dir, override, message):
@@ -209,3 +211,42 @@ def test_fit_last_resumes_past_an_empty_last_checkpoint(demo_dir, tmp_path, capl
     (folder / "last.ckpt").write_bytes(b"")
     with pytest.raises(DataError, match=r"last.ckpt: cannot load this checkpoint: empty \(0 bytes"):
         cli_main(["validate", *quick_text_only(tmp_path), f"--ckpt_path={folder / 'last.ckpt'}"])
+
+
+def test_the_best_checkpoint_follows_an_eval_set_of_another_name(demo_dir, corpus_dir, tmp_path):
+    """The recipes monitor their own eval set's name; another one is a single override."""
+    eval_sets = f"--data.init_args.eval_sets={{fr2en: {corpus_dir / 'eval' / 'demo'}}}"
+    monitor = "--best_checkpoint.monitor=val/fr2en/ndcg@10/d128"
+    cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2", eval_sets, monitor)])
+    best = cli.trainer.checkpoint_callback
+    assert (
+        best.monitor == "val/fr2en/ndcg@10/d128" and "val/fr2en/ndcg@10/d128" in cli.trainer.callback_metrics
+    )
+    assert Path(best.best_model_path) == tmp_path / "checkpoints" / "best-step=2.ckpt"
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "monitor, says",
+    [
+        ("val/demo/nDCG@10/d256", "Did you mean val/demo/ndcg@10/d256"),
+        ("val/fr2en/ndcg@10/d256", "no eval set is named 'fr2en' (eval sets: ['demo'])"),
+    ],
+)
+def test_a_monitor_from_the_command_line_is_checked_before_the_first_step(demo_dir, tmp_path, monitor, says):
+    steps = RecordSteps()
+    cli = cli_main(quick_text_only(tmp_path, f"--best_checkpoint.monitor={monitor}"), run=False)
+    cli.trainer.callbacks.append(steps)
+    with pytest.raises(ConfigError) as error:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert f"ModelCheckpoint.monitor={monitor!r}" in str(error.value) and says in str(error.value)
+    assert steps.steps == []
+
+
+def test_a_run_without_eval_sets_trains_and_says_nothing_is_selected(demo_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="callbacks.retrieval"):
+        cli = cli_main(
+            ["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2", "--data.init_args.eval_sets={}")]
+        )
+    assert cli.trainer.global_step == 2
+    assert "No eval sets (data.eval_sets): no validation runs" in caplog.text

@@ -44,11 +44,42 @@ def test_config_instantiates(
     cli = cli_main(args, run=False)
     assert isinstance(cli.model, MatryoshkaEmbedder)
     assert cli.model.matryoshka_dims == sorted(cli.model.matryoshka_dims)
+    _assert_run_callbacks(cli.trainer, tmp_path)
     cli.datamodule.setup("fit")
     assert cli.datamodule.eval_sets, "every recipe evaluates on at least one eval set"
     batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
     assert sorted(embeddings) == cli.model.matryoshka_dims
+
+
+def _assert_run_callbacks(trainer, root: Path) -> None:
+    """What cli.py gives every recipe: one of each run callback, best checkpoint first, every
+    folder under trainer.default_root_dir, and the TensorBoard logger there too."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks.preemption import PreemptionCheckpoint
+    from callbacks.retrieval import RetrievalEvaluator
+    from callbacks.write_embeddings import WriteEmbeddings
+
+    def of_type(cls):
+        return [c for c in trainer.callbacks if isinstance(c, cls)]
+
+    (evaluator,) = of_type(RetrievalEvaluator)
+    assert len(evaluator.analyses) == 2
+    (writer,) = of_type(WriteEmbeddings)
+    assert writer.dirpath == root / "embeddings"
+    (preemption,) = of_type(PreemptionCheckpoint)
+    best, last = of_type(ModelCheckpoint)
+    # ExportTextEncoder exports trainer.checkpoint_callback as "best"; preemption writes beside it.
+    assert trainer.checkpoint_callback is best
+    assert best.monitor.startswith("val/") and best.mode == "max" and best.filename == "best-{step}"
+    assert last.monitor is None and last.filename == "last" and not last._enable_version_counter
+    assert Path(best.dirpath) == Path(last.dirpath) == root / "checkpoints"
+    assert preemption.checkpoint_path(trainer) == root / "checkpoints" / "last-preempted.ckpt"
+    (logger,) = trainer.loggers
+    assert isinstance(logger, TensorBoardLogger)
+    assert Path(logger.save_dir) == root and logger.name == "tensorboard"
 
 
 @pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=str)
@@ -84,3 +115,47 @@ def test_real_late_fusion_recipe_prints_its_config(monkeypatch, capsys):
     assert model["speech_encoder"]["pretrained_model_name_or_path"] == "facebook/hubert-base-ls960"
     assert model["text_encoder"]["pretrained_model_name_or_path"] == "runs/text_only/text_encoder"
     assert model["matryoshka_dims"] == [128, 256, 512, 1024]
+
+
+def test_print_config_shows_the_defaults_every_recipe_gets(demo_dir, monkeypatch, capsys, tmp_path):
+    """`fit --config configs/demo/late_fusion.yaml --print_config`: the logger and run callbacks
+    that cli.py adds are printed with the recipe, their folders resolved under default_root_dir."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", "configs/demo/late_fusion.yaml", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["default_root_dir"] == "runs/demo_late_fusion"
+    logger = printed["trainer"]["logger"]
+    assert logger["class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert logger["init_args"]["save_dir"] == "runs/demo_late_fusion"
+    assert logger["init_args"]["name"] == "tensorboard"
+    analyses = [a["class_path"] for a in printed["evaluator"]["analyses"]]
+    assert analyses == ["callbacks.effective_rank.EffectiveRank", "callbacks.cost.CostPerDimension"]
+    assert printed["write_embeddings"]["dirpath"] == "runs/demo_late_fusion/embeddings"
+    assert "signals" in printed["preemption"]
+    best, last = printed["best_checkpoint"], printed["last_checkpoint"]
+    assert best["monitor"] == "val/demo/ndcg@10/d256" and best["mode"] == "max"
+    assert best["dirpath"] == last["dirpath"] == "runs/demo_late_fusion/checkpoints"
+    assert best["filename"] == "best-{step}" and last["filename"] == "last"
+    assert last["enable_version_counter"] is False
+
+    # A run folder given on the command line moves every folder with it.
+    with pytest.raises(SystemExit):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                "configs/demo/late_fusion.yaml",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--best_checkpoint.monitor=val/demo/recall@10/d128",
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path)
+    assert printed["last_checkpoint"]["dirpath"] == f"{tmp_path}/checkpoints"
+    assert printed["write_embeddings"]["dirpath"] == f"{tmp_path}/embeddings"
+    assert printed["best_checkpoint"]["monitor"] == "val/demo/recall@10/d128"
