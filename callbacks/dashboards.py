@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from callbacks.lightning_internals import summary_file_writer
+
 
 def custom_scalars_layout(tags: Iterable[str]) -> dict:
     """TensorBoard custom-scalars layout: a category per (stage, eval set), a chart per metric
@@ -49,6 +51,6 @@ def write_hparams_summary(
     """
     from torch.utils.tensorboard.summary import hparams
 
-    file_writer = writer._get_file_writer()
+    file_writer = summary_file_writer(writer)
     for summary in hparams(dict(params), dict.fromkeys(metric_tags, 0.0)):  # the values are not read
         file_writer.add_summary(summary, step)

@@ -6,7 +6,10 @@ file to check, and ``tests/.../test_lightning_internals.py`` fails when one of t
 
 from __future__ import annotations
 
-from lightning.pytorch import Trainer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the TensorBoard helpers below are used by Lightning-free code too
+    from lightning.pytorch import Trainer
 
 
 def fit_loop_state(checkpoint: dict) -> dict:
@@ -57,3 +60,32 @@ def cluster_environment(trainer: Trainer):
     """The cluster environment Lightning detected (SLURM, torchelastic, ...), where its own signal
     set-up reads it: single-device strategies do not expose it."""
     return trainer._accelerator_connector.cluster_environment
+
+
+def tensorboard_started(logger) -> bool:
+    """Whether a ``TensorBoardLogger`` has opened its version folder (its writer exists)."""
+    return logger._experiment is not None
+
+
+def continue_tensorboard_version(logger, version: int | None, purge_step: int) -> None:
+    """Points a ``TensorBoardLogger`` that has not opened its folder yet at a resumed run's version,
+    and has TensorBoard drop that folder's points from ``purge_step`` on. Lightning takes neither
+    once the logger exists, and the CLI builds the logger before the checkpoint is read. A version
+    or purge_step the user set is kept (LightningCLI passes an unset purge_step as None)."""
+    if logger._version is None and version is not None:
+        logger._version = version
+    if logger._kwargs.get("purge_step") is None:
+        logger._kwargs["purge_step"] = purge_step
+
+
+def tensorboard_hparams(logger, hparams) -> dict:
+    """The module's hyperparameters flattened and sanitized as ``TensorBoardLogger.log_hyperparams``
+    does, for writing the HParams summary without the metric values it would log again."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+    return logger._sanitize_params(_flatten_dict(_convert_params(hparams)))
+
+
+def summary_file_writer(writer):
+    """torch's ``SummaryWriter`` file writer, which takes raw summaries (the HParams plugin's)."""
+    return writer._get_file_writer()

@@ -35,6 +35,14 @@ from pathlib import Path
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from callbacks.lightning_internals import (
+    accumulating,
+    cluster_environment,
+    run_validation_now,
+    skip_next_validation,
+    validates_after_this_step,
+)
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last-preempted.ckpt"
@@ -81,14 +89,14 @@ class PreemptionCheckpoint(Callback):
                 "Resumed at step %d, whose validation the preemption skipped: validating it now.",
                 trainer.global_step,
             )
-            run_skipped_validation(trainer)
+            run_validation_now(trainer)
 
     def _handle(self, number: int, frame) -> None:
         # Only a flag: the handler runs between two bytecodes, anywhere in the step.
         self.received = signal.Signals(number).name
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        if trainer.fit_loop.epoch_loop._should_accumulate():
+        if accumulating(trainer):
             # Mid-way through accumulate_grad_batches: the gradients gathered so far are in no
             # checkpoint while the data position counts their batches, so a save now would drop
             # them. The save waits for the optimizer step (every rank is at the same micro-batch).
@@ -97,10 +105,9 @@ class PreemptionCheckpoint(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = self.checkpoint_path(trainer)
-        epoch_loop = trainer.fit_loop.epoch_loop
         # A step Lightning would validate now (val_check_interval): that validation is skipped
         # below, within the grace period, and a restart would step past it; the checkpoint says so.
-        validates = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        validates = validates_after_this_step(trainer)
         self.validation_pending_at = trainer.global_step if validates else None
         trainer.save_checkpoint(path)
         self.validation_pending_at = None
@@ -121,7 +128,7 @@ class PreemptionCheckpoint(Callback):
         self.preempted = True
         # Lightning validates before a requested stop (meant for early stopping): a full
         # evaluation inside the grace period would risk the kill. The checkpoint is written.
-        trainer.fit_loop.epoch_loop._skip_next_val = True
+        skip_next_validation(trainer)
 
     def checkpoint_path(self, trainer: Trainer) -> Path:
         if self.dirpath is not None:
@@ -138,23 +145,10 @@ class PreemptionCheckpoint(Callback):
         self._previous_handlers = {}
 
 
-def run_skipped_validation(trainer: Trainer) -> None:
-    """Runs the fit's validation loop now, as Lightning's training loop runs it after a step."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    trainer.validating = True
-    first_loop_iter = trainer._logger_connector._first_loop_iter
-    # A fresh validation, as Lightning's first resumed step makes it: restarting, the loop would
-    # keep the batch counts of the last validation the checkpoint saw and stop that much early.
-    epoch_loop.val_loop.restarting = False
-    epoch_loop.val_loop.run()
-    trainer.training = True
-    trainer._logger_connector._first_loop_iter = first_loop_iter
-
-
 def slurm_requeue_signal(trainer: Trainer) -> str | None:
     """The signal name that asks to requeue, when the run is a SLURM job with auto-requeue on."""
     # Where Lightning's own signal set-up reads it (single-device strategies have no attribute).
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
         return None
     return signal.Signals(environment.requeue_signal).name

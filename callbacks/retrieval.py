@@ -32,6 +32,7 @@ from callbacks.analysis import EmbeddingAnalysis
 from callbacks.dashboards import custom_scalars_layout, write_hparams_summary
 from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
 from callbacks.evaluation import Evaluator
+from callbacks.lightning_internals import tensorboard_hparams
 from callbacks.monitors import unknown_monitor
 from callbacks.score_table import by_metric, headline, score_table
 from errors import ConfigError
@@ -214,10 +215,8 @@ class RetrievalEvaluator(Callback):
         # The hparams tab: this run's settings next to its final numbers, comparable across runs.
         if not self.dashboards or not self.last_metrics:
             return
-        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-
         final = [tag for tag in self.last_metrics if tag.startswith("val/")]
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                params = logger._sanitize_params(_flatten_dict(_convert_params(pl_module.hparams)))
+                params = tensorboard_hparams(logger, pl_module.hparams)
                 write_hparams_summary(logger.experiment, params, final, trainer.global_step)

@@ -29,6 +29,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.lightning_internals import continue_tensorboard_version, tensorboard_started
+
 log = logging.getLogger(__name__)
 
 # The checkpoint's record of its run's TensorBoard folders: {logger name: version}.
@@ -72,7 +74,7 @@ def continue_tensorboard_run(trainer: Trainer, checkpoint_path: str | Path | Non
     version explicitly keeps it (its folder is the same on every resume anyway).
     """
     # A logger already writing (a second fit in one process) stays in its folder.
-    loggers = [logger for logger in tensorboard_loggers(trainer) if logger._experiment is None]
+    loggers = [logger for logger in tensorboard_loggers(trainer) if not tensorboard_started(logger)]
     if not loggers or checkpoint_path is None or not get_filesystem(checkpoint_path).isfile(checkpoint_path):
         return  # a fresh run, or a value Lightning resolves itself ("last" with no checkpoint yet)
     # cli.py resolved the path to a whole checkpoint (callbacks/checkpoint_files.py), which holds
@@ -82,13 +84,9 @@ def continue_tensorboard_run(trainer: Trainer, checkpoint_path: str | Path | Non
     if not versions:
         log.info("TensorBoard: %s records no version; the run logs to a new folder.", checkpoint_path)
     for logger in loggers:
-        if logger._version is None and logger.name in versions:
-            logger._version = versions[logger.name]
         # The checkpoint holds step S and every point of steps <= S was written before it was
-        # saved; points from S + 1 on are the resumed run's to write. (LightningCLI passes every
-        # SummaryWriter argument, so an unset purge_step is there as None.)
-        if logger._kwargs.get("purge_step") is None:
-            logger._kwargs["purge_step"] = checkpoint["global_step"] + 1
+        # saved; points from S + 1 on are the resumed run's to write.
+        continue_tensorboard_version(logger, versions.get(logger.name), checkpoint["global_step"] + 1)
 
 
 def _read_checkpoint(path: str | Path) -> dict:
