@@ -28,7 +28,7 @@ from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import TextEncoderConfig
 
 SETTINGS = {
-    "chunks keep the batch's padding": grad_cache.batch_rows,  # the behaviour before trimming
+    "chunks keep the batch's padding": grad_cache.batch_rows,  # baseline: each chunk at the batch's width
     "chunks trimmed (the project)": grad_cache.chunk_rows,
 }
 

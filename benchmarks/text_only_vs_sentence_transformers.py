@@ -11,7 +11,7 @@ Qwen3-0.6B's 28 about 3 %, so ``--layers`` sets the depth and ``--full-final-lay
 Each step is timed from its start to the next step's start (data fetch included) after
 ``--warmup`` steps; each side runs ``--rounds`` times, alternating. Two figures per side: the median
 step over all rounds (robust to the spikes another process on this 2-core machine causes, which
-hit one side or the other at random) and the best round's mean, the earlier statistic.
+hit one side or the other at random) and the best round's mean (the least disturbed round).
 
     python benchmarks/text_only_vs_sentence_transformers.py [--batch-size 32] [--steps 30]
         [--rounds 2] [--layers 2] [--full-final-layer]

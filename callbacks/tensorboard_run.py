@@ -1,12 +1,12 @@
 """One TensorBoard run per training run, drawn at the optimizer step the terminal prints.
 
-Left to Lightning's defaults, a run's curves were split and skewed:
-- a resumed fit (``fit --ckpt_path last`` after a preemption or a crash) opened a new
-  ``version_N`` folder, so one training run's curves lay in two TensorBoard runs;
-- scalars were drawn at the number of batches stepped *before* the current one, so the validation
-  the terminal announces as "val at step 300" sat at 299, beside its own figures at 300;
-- the points a killed run wrote after its last checkpoint stayed: the resumed run drew those
-  steps a second time, and TensorBoard joined old and new points into a zig-zag.
+Left to Lightning's defaults, a run's curves are split and skewed:
+- a resumed fit (``fit --ckpt_path last`` after a preemption or a crash) opens a new
+  ``version_N`` folder, so one training run's curves lie in two TensorBoard runs;
+- scalars are drawn at the number of batches stepped *before* the current one, so the validation
+  the terminal announces as "val at step 300" sits at 299, beside its own figures at 300;
+- the points a killed run wrote after its last checkpoint stay: the resumed run draws those
+  steps a second time, and TensorBoard joins old and new points into a zig-zag.
 
 ``TensorBoardRun`` (every ``MatryoshkaEmbedder`` adds it) logs ``step``, the optimizer steps taken,
 with the scalars of each training step and each validation; Lightning's logger connector takes a

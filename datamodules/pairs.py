@@ -377,9 +377,10 @@ class StreamingPairDataModule(LightningDataModule):
         """Every eval set's queries then corpus, in batches of one set and side, in one loader.
 
         One loader, not one per set and side: Lightning prints and returns every epoch-level
-        metric once per dataloader (the validate table had six identical columns for the late-
-        fusion demo). Each item is a whole batch (``batch_size=None``), so under DDP the
-        distributed sampler deals out batches, and a batch never mixes sets or sides.
+        metric once per dataloader, so one loader per set and side would repeat each metric in as
+        many identical columns of the validate table (six for the late-fusion demo). Each item is
+        a whole batch (``batch_size=None``), so under DDP the distributed sampler deals out
+        batches, and a batch never mixes sets or sides.
         """
         size = self.hparams.eval_batch_size
         batches = []

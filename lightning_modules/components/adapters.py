@@ -99,7 +99,7 @@ class ConvDownsampler(nn.Module):
         """``self.conv`` over time, ``[B, T, C]`` -> ``[B, T', channels]``.
 
         On CPU as one matrix product over the unfolded windows (the same weights and sums): for
-        this strided convolution oneDNN's backward was about 2x slower than the product's
+        this strided convolution oneDNN's backward is about 2x slower than the product's
         (``benchmarks/README.md``). GPUs keep cuDNN's convolution, which needs no unfolded copy.
         """
         if frames.device.type != "cpu":
