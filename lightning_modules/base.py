@@ -15,9 +15,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from callbacks.checkpoint_files import AtomicCheckpoints
+from callbacks.exact_resume import ExactResume
+from callbacks.tensorboard_run import TensorBoardRun
+from callbacks.training_guards import BatchGuard, StopAtLastStep, TrainingSetupCheck, skipped_step
 from errors import ConfigError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
-from lightning_modules.document_cache import document_keys, open_document_cache
+from lightning_modules.document_cache import CachedDocuments, document_keys
 from lightning_modules.frozen_towers import FrozenTowers
 from lightning_modules.grad_cache import chunked_embeddings
 from lightning_modules.losses import EmbeddingLoss, LossInputs, MatryoshkaInfoNCE, loss_from_config
@@ -26,7 +30,7 @@ from lightning_modules.weight_decay import parameter_groups
 Embeddings = dict[int, torch.Tensor]
 
 
-class MatryoshkaEmbedder(FrozenTowers):
+class MatryoshkaEmbedder(FrozenTowers, CachedDocuments):
     """Base of every model: ``embed_queries`` / ``embed_documents`` -> ``{dim: [B, dim]}`` unit vectors."""
 
     def __init__(
@@ -70,10 +74,7 @@ class MatryoshkaEmbedder(FrozenTowers):
             raise ConfigError(f"model.gradient_chunk_size must be >= 1 or null, got {gradient_chunk_size}.")
         self.gradient_chunk_size = gradient_chunk_size
         self.document_cache_dir = document_cache
-        self.document_cache = None  # opened at the start of a stage when document_cache is set
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        from callbacks.training_guards import BatchGuard
-
         self.guard = BatchGuard()
 
     def _overrides(self, name: str) -> bool:
@@ -90,24 +91,7 @@ class MatryoshkaEmbedder(FrozenTowers):
         """Alignment targets: the text tower's embedding of each query's transcription, no gradient."""
         raise NotImplementedError
 
-    @property
-    def document_tower_frozen(self) -> bool:
-        """True when no trainable weight shapes a document's embedding (it can then be cached)."""
-        return False
-
-    def document_tower(self) -> torch.nn.Module | None:
-        """The module whose frozen weights make the document embeddings (the cache's fingerprint)."""
-        return None
-
     # ----- training ---------------------------------------------------------------------------
-    def document_embeddings(self, batch: Mapping) -> Embeddings:
-        """``embed_documents``, read from the frozen-document cache when one is open."""
-        if self.document_cache is None:
-            return self.embed_documents(batch)
-        return self.document_cache.lookup(
-            batch["document"], lambda docs: self.embed_documents({"document": docs})
-        )
-
     def loss_inputs(self, batch: Mapping) -> LossInputs:
         """The embeddings the loss needs, whole or in GradCache chunks (same values and gradients)."""
         chunk, trainable = self.gradient_chunk_size, [p for p in self.parameters() if p.requires_grad]
@@ -127,8 +111,6 @@ class MatryoshkaEmbedder(FrozenTowers):
         return self.loss(self.loss_inputs(batch))
 
     def training_step(self, batch: Mapping, batch_idx: int):
-        from callbacks.training_guards import skipped_step
-
         if not self.guard.usable(batch, self.loss.min_rows(), self.device):
             return skipped_step(self.device)
         terms = self.loss.terms(self.loss_inputs(batch))
@@ -147,24 +129,10 @@ class MatryoshkaEmbedder(FrozenTowers):
     def evaluation_step(self, batch: Mapping, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
         embed = self.document_embeddings if batch["side"] == "corpus" else self.embed_queries
         embeddings = {dim: value.detach().float().cpu() for dim, value in embed(batch).items()}
-        return {
-            "eval_set": batch["eval_set"],
-            "side": batch["side"],
-            "index": batch["index"].cpu(),
-            "embeddings": embeddings,
-        }
+        where = {"eval_set": batch["eval_set"], "side": batch["side"], "index": batch["index"].cpu()}
+        return where | {"embeddings": embeddings}
 
     validation_step = test_step = predict_step = evaluation_step
-
-    def on_fit_start(self) -> None:
-        if self.document_cache_dir is not None:
-            self.document_cache = open_document_cache(self, self.document_cache_dir, include_training=True)
-
-    def on_validation_start(self) -> None:
-        if self.document_cache_dir is not None and self.document_cache is None:
-            self.document_cache = open_document_cache(self, self.document_cache_dir, include_training=False)
-
-    on_test_start = on_validation_start
 
     # ----- optimization, and the callbacks every run needs ----------------------------------
     def configure_optimizers(self):
@@ -173,27 +141,14 @@ class MatryoshkaEmbedder(FrozenTowers):
             raise ConfigError(
                 f"{type(self).__name__} has no trainable parameters: check the freezing options."
             )
-        optimizer = (
-            torch.optim.AdamW(groups, lr=1e-4)
-            if self.optimizer_factory is None
-            else self.optimizer_factory(groups)
-        )
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        optimizer = factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        from callbacks.checkpoint_files import AtomicCheckpoints
-        from callbacks.exact_resume import ExactResume
-        from callbacks.tensorboard_run import TensorBoardRun
-        from callbacks.training_guards import StopAtLastStep, TrainingSetupCheck
-
-        return [
-            self.guard,
-            ExactResume(),
-            StopAtLastStep(),
-            TrainingSetupCheck(),
-            AtomicCheckpoints(),
-            TensorBoardRun(),
-        ]
+        # In every run, however the Trainer was built: no recipe can forget them.
+        guards = [self.guard, ExactResume(), StopAtLastStep(), TrainingSetupCheck()]
+        return guards + [AtomicCheckpoints(), TensorBoardRun()]

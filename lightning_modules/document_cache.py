@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from errors import ConfigError
@@ -269,3 +270,43 @@ def fill_cache(
     if pending_keys:
         write()
     return computed
+
+
+class CachedDocuments(LightningModule):
+    """The seam between a model and its frozen-document cache: ``document_embeddings`` reads it.
+
+    A model sets ``document_cache_dir`` (its ``document_cache`` argument) and says whether its
+    document path is frozen; the cache opens at the start of fit / validate / test.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.document_cache_dir: str | None = None
+        self.document_cache: DocumentEmbeddingCache | None = None
+
+    @property
+    def document_tower_frozen(self) -> bool:
+        """True when no trainable weight shapes a document's embedding (it can then be cached)."""
+        return False
+
+    def document_tower(self) -> torch.nn.Module | None:
+        """The module whose frozen weights make the document embeddings (the cache's fingerprint)."""
+        return None
+
+    def document_embeddings(self, batch: Mapping) -> dict[int, torch.Tensor]:
+        """``embed_documents``, read from the frozen-document cache when one is open."""
+        if self.document_cache is None:
+            return self.embed_documents(batch)
+        return self.document_cache.lookup(
+            batch["document"], lambda docs: self.embed_documents({"document": docs})
+        )
+
+    def on_fit_start(self) -> None:
+        if self.document_cache_dir is not None:
+            self.document_cache = open_document_cache(self, self.document_cache_dir, include_training=True)
+
+    def on_validation_start(self) -> None:
+        if self.document_cache_dir is not None and self.document_cache is None:
+            self.document_cache = open_document_cache(self, self.document_cache_dir, include_training=False)
+
+    on_test_start = on_validation_start

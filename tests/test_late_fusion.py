@@ -254,7 +254,7 @@ def test_documents_cannot_keep_the_text_models_weights_while_those_weights_train
     tiny_text_model, tiny_speech_model
 ):
     # Documents would run on the training weights while the document cache served stale ones.
-    with pytest.raises(ConfigError, match="adapt_documents=false .* needs those weights frozen"):
+    with pytest.raises(ConfigError, match="adapt_documents=false .* which train with freeze_text"):
         _model(tiny_text_model, tiny_speech_model, freeze_text_encoder=False, adapt_documents=False)
     lora = {"pretrained_model_name_or_path": str(tiny_text_model), "lora": {"r": 2}}
     model = _model(tiny_text_model, tiny_speech_model, text_encoder=lora, adapt_documents=False)

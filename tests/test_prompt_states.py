@@ -104,13 +104,13 @@ def test_the_cache_is_on_by_default_and_a_mutated_mask_is_caught(tiny_text_model
     with torch.no_grad():
         expected = model.embed_queries(batch)
         assert model.prompt_state_cache.computed == 3
-        broken = model._cached_prompt_states(batch["prompt"])
+        broken = model._prompt_states(batch["prompt"])
         broken.mask[:, 0] = 1  # attend to one padding slot of the shorter prompts
-        original, model._cached_prompt_states = model._cached_prompt_states, lambda prompt: broken
+        original, model._prompt_states = model._prompt_states, lambda prompt: broken
         try:
             mutated = model.embed_queries(batch)
         finally:
-            model._cached_prompt_states = original
+            model._prompt_states = original
     assert not torch.allclose(mutated[DIMS[-1]][1], expected[DIMS[-1]][1], atol=1e-4)  # a short prompt
     assert torch.allclose(mutated[DIMS[-1]][0], expected[DIMS[-1]][0], atol=1e-6)  # the longest
 
@@ -159,7 +159,7 @@ def test_no_cache_with_lora(tiny_text_model, tiny_speech_model):
     """LoRA makes the prompt's states depend on trained weights: the whole sequence runs."""
     model = _model(tiny_text_model, tiny_speech_model, lora={"r": 4, "alpha": 8})
     batch = _batch(tiny_text_model, tiny_speech_model)
-    assert model._cached_prompt_states(batch["prompt"]) is None
+    assert model._prompt_states(batch["prompt"]) is None
     sum(e.sum() for e in model.embed_queries(batch).values()).backward()
     assert model.prompt_state_cache.computed == 0
 
@@ -173,14 +173,14 @@ def test_gradient_checkpointing_keeps_the_cache_only_in_eval_mode(tiny_text_mode
     _assert_same(model, batch)
     assert model.prompt_state_cache.computed == 3
     model.text_encoder.train()
-    assert model._cached_prompt_states(batch["prompt"]) is None
+    assert model._prompt_states(batch["prompt"]) is None
 
 
 def test_no_cache_while_the_llm_is_unfrozen(tiny_text_model, tiny_speech_model):
     model = _model(tiny_text_model, tiny_speech_model)
     batch = _batch(tiny_text_model, tiny_speech_model)
     model.text_encoder.embedding_table().requires_grad_(True)
-    assert model._cached_prompt_states(batch["prompt"]) is None
+    assert model._prompt_states(batch["prompt"]) is None
 
 
 def test_a_pickled_cache_drops_its_tensors(tiny_text_model, tiny_speech_model):

@@ -78,8 +78,16 @@ class PromptStateCache:
         mode = (text_encoder.model.training, text_encoder.model.config._attn_implementation)
         return (device, _autocast_state(device), mode, identity)
 
-    def states_for_batch(self, text_encoder, opening_ids: torch.Tensor, prompt: dict) -> PromptStates | None:
-        """States of each row's ``opening tokens | prompt`` (a tokenized, padded prompt batch)."""
+    def states_for_batch(
+        self, text_encoder, opening_ids: torch.Tensor, prompt: dict, sharded: bool = False
+    ) -> PromptStates | None:
+        """States of each row's ``opening tokens | prompt`` (a tokenized, padded prompt batch).
+
+        None under sharded weights (FSDP, DeepSpeed): the LLM's forward gathers them collectively,
+        and a rank meeting a new prompt first would run one forward more than the others (a hang).
+        """
+        if sharded:
+            return None
         opening = opening_ids.tolist()
         rows = zip(prompt["input_ids"].tolist(), prompt["attention_mask"].tolist(), strict=True)
         prompts = [

@@ -32,3 +32,30 @@ def concat_masked_sequences(
         output_mask[index] = 1
         start = start + mask.sum(dim=1)
     return output, output_mask
+
+
+def speech_after_prompt(
+    embed_tokens,
+    speech: torch.Tensor,
+    speech_mask: torch.Tensor,
+    prompt: dict,
+    opening_ids: torch.Tensor,
+    closing_ids: torch.Tensor,
+    prompt_cached: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``[opening tokens | prompt | speech tokens | closing tokens]`` as ``inputs_embeds``
+    and mask, with no padding between the parts (``concat_masked_sequences``). ``prompt_cached``:
+    the LLM's states of ``opening | prompt`` are cached, so the sequence starts at the speech."""
+    rows = speech.shape[0]
+
+    def same_in_every_row(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return embed_tokens(ids)[None].expand(rows, -1, -1), ids.new_ones(rows, len(ids))
+
+    parts = []
+    if not prompt_cached:
+        parts = [
+            same_in_every_row(opening_ids),
+            (embed_tokens(prompt["input_ids"]), prompt["attention_mask"]),
+        ]
+    parts += [(speech, speech_mask), same_in_every_row(closing_ids)]
+    return concat_masked_sequences(parts)

@@ -157,6 +157,12 @@ class TextEncoder(nn.Module):
         if config.pooled_final_layer and config.pooling == "last_token" and final_layer_is_prunable(decoder):
             self.pooled_final_layer = PooledFinalLayer(decoder.layers[-1])
 
+    def special_affixes(self) -> tuple[list[int], list[int]]:
+        """The special token ids the model's tokenizer puts before and after a text."""
+        from transformers import AutoTokenizer
+
+        return special_token_affixes(AutoTokenizer.from_pretrained(self.config.pretrained_model_name_or_path))
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
