@@ -4,7 +4,8 @@
 Kaldi-style log-mel frames in a Python loop, one FFT per 10 ms frame: a 64-clip batch of 2 s
 clips takes ~0.8 s of one core, as long as the demo's whole training step, and a 30 s clip
 ~0.2 s. Here the same arithmetic runs on all frames at once (one strided view, one batched
-FFT); ``tests/test_fast_features.py`` checks it against the original on clips of many lengths.
+FFT); ``tests/unit/datamodules/test_fast_features.py`` checks it against the original on
+clips of many lengths.
 Other extractors (HuBERT / wav2vec2: a normalized waveform) are already cheap and are called
 as they are.
 """

@@ -1,4 +1,9 @@
-"""Shared fixtures: the demo assets are built once per session into a temporary folder."""
+"""Shared fixtures: the demo assets are built once per session into a temporary folder.
+
+Tests mirror the packages: ``tests/unit/<package>/`` build tiny models and data in-process;
+``tests/integration/`` run the CLI, DDP processes or fits on the demo corpus, and carry the
+``integration`` mark (``pytest -m "not integration"`` runs the unit tests alone).
+"""
 
 from __future__ import annotations
 
@@ -77,3 +82,9 @@ def group_norm_hubert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def speech_corpus_dir(demo_dir) -> Path:
     return assets.speech_corpus_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -45,7 +45,8 @@ from lightning_modules.components.text_encoder import DTYPES, checkpointing_acti
 log = logging.getLogger(__name__)
 
 # transformers model types whose batched output (with the mask) is each clip's own: checked in
-# tests/test_clip_group_norm.py against clips run alone. The GroupNorm ones need clip_group_norm.
+# tests/unit/lightning_modules/test_clip_group_norm.py against clips run alone. The GroupNorm ones
+# need clip_group_norm.
 BATCHED_FAMILIES = FAMILIES | {"wav2vec2-bert"}
 
 

@@ -127,7 +127,7 @@ def test_the_evaluation_core_runs_without_lightning():
         assert not loaded, loaded[:5]
         """
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -138,6 +138,7 @@ def _readme_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.integration
 def test_scoring_what_predict_wrote_gives_validates_numbers(tmp_path, tiny_text_model, corpus_dir):
     """validate's logged numbers, and README's path: predict's files read back and scored with the
     core, for a retrieval set and a classification set, every tag to 1e-6."""

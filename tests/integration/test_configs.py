@@ -9,7 +9,7 @@ import pytest
 from cli import cli_main
 from lightning_modules.base import MatryoshkaEmbedder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
     p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer"
 )

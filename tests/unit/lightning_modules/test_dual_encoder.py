@@ -152,6 +152,7 @@ def test_text_tower_stays_frozen_and_out_of_the_checkpoint(tiny_text_model, tiny
     assert set(checkpoint["state_dict"]) == trainable
 
 
+@pytest.mark.integration
 def test_models_swap_by_config_on_one_datamodule_and_one_callback_list(demo_dir, tmp_path, monkeypatch):
     """Every demo model runs on the late-fusion recipe's data and callbacks; only ``--model`` changes."""
     monkeypatch.chdir(ROOT)

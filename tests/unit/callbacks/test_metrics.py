@@ -111,7 +111,7 @@ def test_chunked_search_of_a_large_corpus_is_exact_and_never_dense():
         """
     )
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
         subprocess.run([sys.executable, "-c", script], cwd=tmp, check=True, env=env)
         result = torch.load(Path(tmp) / "out.pt")
     dense_bytes = 1000 * 100_000 * 4

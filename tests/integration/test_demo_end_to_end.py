@@ -12,8 +12,8 @@ import pytest
 
 from cli import cli_main
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "text_only.yaml")
-LATE_FUSION_DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "late_fusion.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "text_only.yaml")
+LATE_FUSION_DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo" / "late_fusion.yaml")
 
 
 @pytest.mark.slow
