@@ -100,6 +100,7 @@ def test_embeddings_not_in_the_eval_sets_row_order_are_refused():
         Evaluator().score(eval_set, embeddings, _matryoshka(torch.Generator(), 5))
 
 
+@pytest.mark.integration  # a fresh interpreter, to see what it imports
 def test_the_evaluation_core_runs_without_lightning():
     """Scoring, analyses, monitor checks, the terminal table and the figures import no Lightning."""
     script = textwrap.dedent(

@@ -95,6 +95,8 @@ def test_chunked_search_is_exact_with_ties_and_ragged_chunks():
     assert torch.equal(scores, dense.gather(1, reference))
 
 
+# A fresh interpreter, so its peak memory is the search's own: ~20 s, hence out of the quick unit run.
+@pytest.mark.integration
 def test_chunked_search_of_a_large_corpus_is_exact_and_never_dense():
     """1,000 x 100,000: same ranking as the dense reference; peak memory far below a dense Q x D."""
     script = textwrap.dedent(

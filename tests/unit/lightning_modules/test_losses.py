@@ -1,13 +1,23 @@
-"""matryoshka_info_nce against a direct, loop-based computation."""
+"""The losses: matryoshka_info_nce against a direct, loop-based computation; the loss modules' settings,
+weighted sums and rebuilding from a checkpoint's plain data."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
 
-from lightning_modules.losses import matryoshka_info_nce
+from errors import ConfigError
+from lightning_modules.losses import (
+    LossInputs,
+    MatryoshkaInfoNCE,
+    TranscriptionAlignment,
+    WeightedSum,
+    loss_from_config,
+    matryoshka_info_nce,
+)
 
 
 def _direct_info_nce(queries: torch.Tensor, documents: torch.Tensor, temperature: float) -> float:
@@ -111,3 +121,63 @@ def test_copies_of_a_rows_own_document_are_not_its_negatives(symmetric):
         queries, documents, temperature=0.1, symmetric=symmetric, document_keys=distinct
     )
     assert float(plain) == float(unmasked)
+
+
+def _direct_alignment(queries, targets) -> float:
+    """sum over dims of mean_i [(1 - cos(q_i, t_i)) + mean_k |q_ik - t_ik|], unit vectors, float64."""
+    total = 0.0
+    for dim in queries:
+        q = torch.nn.functional.normalize(queries[dim].double(), dim=-1)
+        t = torch.nn.functional.normalize(targets[dim].double(), dim=-1)
+        total += float((1 - (q * t).sum(-1)).mean() + (q - t).abs().mean())
+    return total
+
+
+def test_infonce_module_applies_its_settings():
+    queries, documents = _embeddings(3)
+    loss = MatryoshkaInfoNCE(temperature=0.2, dim_weights={8: 3.0})
+    expected = sum(
+        (3.0 if d == 8 else 1.0) * _direct_info_nce(queries[d], documents[d], 0.2) for d in queries
+    )
+    assert float(loss(LossInputs(queries, documents))) == pytest.approx(expected, rel=1e-5)
+    assert loss.needs == {"documents"} and loss.min_rows() == 2  # one process: two rows at least
+
+
+def test_weighted_sum_names_weights_and_needs_its_terms():
+    queries, documents = _embeddings(4)
+    targets, _ = _embeddings(5)
+    loss = WeightedSum([MatryoshkaInfoNCE(temperature=0.1), TranscriptionAlignment()], [1.0, 0.5])
+    terms = loss.terms(LossInputs(queries, documents, transcriptions=targets))
+    assert set(terms) == {"info_nce", "alignment"}
+    info_nce = sum(_direct_info_nce(queries[d], documents[d], 0.1) for d in queries)
+    assert float(terms["info_nce"]) == pytest.approx(info_nce, rel=1e-5)
+    assert float(terms["alignment"]) == pytest.approx(0.5 * _direct_alignment(queries, targets), rel=1e-5)
+    total = loss(LossInputs(queries, documents, transcriptions=targets))
+    assert float(total) == pytest.approx(info_nce + 0.5 * _direct_alignment(queries, targets), rel=1e-5)
+    assert loss.needs == {"documents", "transcriptions"} and loss.min_rows() == 2
+
+
+def test_a_loss_rebuilds_from_its_plain_config():
+    loss = WeightedSum(
+        [MatryoshkaInfoNCE(temperature=0.3, symmetric=True, dim_weights={4: 2.0}), TranscriptionAlignment()],
+        [1.0, 0.25],
+    )
+    config = loss.config()
+    # Plain data only: checkpoints are read with torch.load(weights_only=True).
+    buffer = io.BytesIO()
+    torch.save(config, buffer)
+    buffer.seek(0)
+    rebuilt = loss_from_config(torch.load(buffer, weights_only=True))
+    assert rebuilt.config() == config
+    queries, documents = _embeddings(6)
+    inputs = LossInputs(queries, documents, transcriptions=documents)
+    assert torch.equal(rebuilt(inputs), loss(inputs))
+
+
+def test_bad_loss_settings_are_named():
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        MatryoshkaInfoNCE(temperature=0)
+    with pytest.raises(ConfigError, match="one weight per loss"):
+        WeightedSum([MatryoshkaInfoNCE()], [1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"dim_weights names dims \[3\]"):
+        WeightedSum([TranscriptionAlignment(dim_weights={3: 1.0})]).check_dims([4, 8])

@@ -77,3 +77,14 @@ def test_a_run_whose_batches_are_all_unusable_stops_with_the_reason(tiny_text_mo
         model.training_step(unusable, step)
     with pytest.raises(DataError, match=r"50 training batches in a row .*'missing or empty document'"):
         model.training_step(unusable, 0)
+
+
+def test_the_loss_is_rebuilt_from_the_models_hyperparameters(tiny_text_model):
+    """load_from_checkpoint calls the class with the saved hyperparameters: the same loss comes back."""
+    from lightning_modules.losses import MatryoshkaInfoNCE, WeightedSum
+
+    loss = WeightedSum([MatryoshkaInfoNCE(temperature=0.3, symmetric=True)], [2.0])
+    model = TextOnly(TextEncoderConfig(str(tiny_text_model)), matryoshka_dims=[32, 256], loss=loss)
+    rebuilt = TextOnly(**model.hparams)
+    assert isinstance(rebuilt.loss, WeightedSum) and rebuilt.loss.config() == loss.config()
+    assert rebuilt.loss.losses[0].temperature == 0.3 and rebuilt.loss.weights == [2.0]
