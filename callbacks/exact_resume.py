@@ -12,9 +12,9 @@ import logging
 
 from lightning.pytorch import Callback
 
+import collectives
 from callbacks.lightning_internals import fit_loop_state
-from lightning_modules import distributed
-from lightning_modules.random_state import collect_random_states, restore_random_states
+from callbacks.random_state import collect_random_states, restore_random_states
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class ExactResume(Callback):
         self._states_to_restore: dict | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        per_rank = distributed.gather_objects(
+        per_rank = collectives.gather_objects(
             (collect_random_states(), fit_loop_state(checkpoint).get("combined_loader"))
         )
         checkpoint["rng_states_per_rank"] = [states for states, _ in per_rank]
@@ -35,7 +35,7 @@ class ExactResume(Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if trainer.state.fn != "fit":  # only a resumed fit reads positions and draws on
             return
-        world, rank = distributed.world_size(), distributed.rank()
+        world, rank = collectives.world_size(), collectives.rank()
         positions = checkpoint.get("loader_states_per_rank")
         loop_state = fit_loop_state(checkpoint)
         if positions and "combined_loader" in loop_state:

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 import torch
 from lightning.pytorch import Callback
 
+import collectives
 from callbacks.lightning_internals import is_last_batch
 from errors import DataError
-from lightning_modules import distributed
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class BatchGuard(Callback):
         """Whether every rank's batch has ``needed`` rows (a collective: every rank asks)."""
         rows = len(batch["ids"])
         # One rank skipping backward while the others run it would leave them waiting forever.
-        if distributed.all_ranks_agree(rows >= needed, device):
+        if collectives.all_ranks_agree(rows >= needed, device):
             self._unusable_in_a_row = 0
             return True
         log.warning("Skipping a training batch with %d usable rows (on some rank).", rows)
@@ -77,7 +77,7 @@ class BatchGuard(Callback):
 
     def finite(self, loss: torch.Tensor, batch: Mapping) -> bool:
         """Whether the loss is finite on every rank (a collective)."""
-        if distributed.all_ranks_agree(bool(torch.isfinite(loss)), loss.device):
+        if collectives.all_ranks_agree(bool(torch.isfinite(loss)), loss.device):
             self._nonfinite_in_a_row = 0
             return True
         self.nonfinite_losses += 1
@@ -94,17 +94,17 @@ class BatchGuard(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Rank 0 writes the checkpoint; each rank counted the bad rows of its own share (one collective).
         checkpoint["embedder_counters"] = {
-            "skipped_rows_per_rank": distributed.gather_objects(self.skipped_rows),
+            "skipped_rows_per_rank": collectives.gather_objects(self.skipped_rows),
             "nonfinite_losses": self.nonfinite_losses,
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         counters = checkpoint.get("embedder_counters", {})
         per_rank = counters.get("skipped_rows_per_rank") or [0]
-        if len(per_rank) == distributed.world_size():
-            self.skipped_rows = per_rank[distributed.rank()]
+        if len(per_rank) == collectives.world_size():
+            self.skipped_rows = per_rank[collectives.rank()]
         else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
-            self.skipped_rows = sum(per_rank) if distributed.rank() == 0 else 0
+            self.skipped_rows = sum(per_rank) if collectives.rank() == 0 else 0
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
 
 
@@ -115,7 +115,7 @@ def skipped_step(device: torch.device) -> torch.Tensor | None:
     refuses None, so every rank returns a zero that is connected to no parameter: backward gives
     no parameter a gradient, and the optimizer leaves parameters without gradients untouched.
     """
-    if distributed.world_size() == 1:
+    if collectives.world_size() == 1:
         return None
     return torch.zeros((), device=device, requires_grad=True)
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import collectives
 from errors import ConfigError
-from lightning_modules import distributed
 from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
 
 
@@ -39,7 +39,7 @@ def matryoshka_info_nce(
     ``weights`` maps dim -> weight; missing dims weigh 1.
 
     ``cross_device`` (under ``torch.distributed``): the documents of every rank join the negatives
-    (gathered with their gradients, see ``distributed.gather_with_grad``) and each rank scores its
+    (gathered with their gradients, see ``collectives.gather_with_grad``) and each rank scores its
     own queries against them: ``[local, global]`` logits, memory linear in the global batch.
     The local loss is scaled so that DDP's gradient averaging yields exactly the gradient of the
     mean over the global batch, even when ranks hold different numbers of rows.
@@ -73,21 +73,21 @@ def matryoshka_info_nce(
     documents = {dim: F.normalize(document_embeddings[dim].float(), dim=-1) for dim in dims}
     all_queries, all_documents = queries, documents  # the candidates each side is scored against
     offset, global_rows, scale = 0, local_rows, 1.0
-    if cross_device and distributed.world_size() > 1:
-        sizes = distributed.gathered_sizes(local_rows, documents[dims[0]].device)
+    if cross_device and collectives.world_size() > 1:
+        sizes = collectives.gathered_sizes(local_rows, documents[dims[0]].device)
         # One collective for all dims (and both sides): columns side by side, split again after.
         local = dims_side_by_side(documents)
         if symmetric:
             local = torch.cat([local, dims_side_by_side(queries)], dim=1)
-        gathered = distributed.gather_with_grad(local, sizes)
+        gathered = collectives.gather_with_grad(local, sizes)
         width = sum(dims)
         all_documents = split_dims(gathered[:, :width], dims)
         if symmetric:
             all_queries = split_dims(gathered[:, width:], dims)
-        offset, global_rows = sum(sizes[: distributed.rank()]), sum(sizes)
+        offset, global_rows = sum(sizes[: collectives.rank()]), sum(sizes)
         scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
         if document_keys is not None:
-            all_keys = distributed.gather_with_grad(document_keys, sizes)  # integers: no gradient
+            all_keys = collectives.gather_with_grad(document_keys, sizes)  # integers: no gradient
     elif document_keys is not None:
         all_keys = document_keys
     device = documents[dims[0]].device
@@ -234,7 +234,7 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
 
     def min_rows(self) -> int:
         # Alone on its rank a row still has the other ranks' documents as negatives.
-        return 1 if self.cross_device_negatives and distributed.world_size() > 1 else 2
+        return 1 if self.cross_device_negatives and collectives.world_size() > 1 else 2
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         loss = matryoshka_info_nce(

@@ -1,4 +1,4 @@
-"""Collectives the training step needs under DDP: a gradient-keeping all-gather and agreement.
+"""Collectives shared by the loss (a gradient-keeping all-gather) and the training guards (agreement).
 
 Plain ``torch.distributed.all_gather`` returns tensors without autograd history, so the
 documents of other ranks would be negatives that send no gradient back, and the local shard's
