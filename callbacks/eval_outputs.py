@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 
 def add_eval_output(chunks: dict[tuple[str, str], list], outputs) -> None:
-    """Files one eval batch's embeddings (an ``_embed_eval_batch`` output) under (eval set, side)."""
+    """Files one eval batch's embeddings (an ``evaluation_step`` output) under (eval set, side)."""
     if isinstance(outputs, dict) and "embeddings" in outputs:
         chunks[(outputs["eval_set"], outputs["side"])].append((outputs["index"], outputs["embeddings"]))
 

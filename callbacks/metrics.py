@@ -101,20 +101,6 @@ def metrics_from_ranking(
     return results
 
 
-def retrieval_metrics(
-    scores: torch.Tensor, qrels: Mapping[int, Mapping[int, float]], ks: Sequence[int] = (5, 10)
-) -> dict[str, float]:
-    """Metrics from a dense score matrix ``[num_queries, num_docs]`` (higher is better).
-
-    ``qrels`` maps query index -> {doc index: grade}; grades <= 0 count as not relevant.
-    Returns ``ndcg@k``, ``recall@k``, ``mrr@k`` for each k, plus the query counts.
-    """
-    k = max(ks)
-    indices = torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
-    _, ranked = _stable_top_k(scores, indices, k)
-    return metrics_from_ranking(ranked, qrels, ks)
-
-
 # The measures each scoring function reports (retrieval ones at every cut-off k, as "ndcg@10").
 RETRIEVAL_MEASURES = ("ndcg", "recall", "mrr")
 CLASSIFICATION_METRICS = ("accuracy", "macro_recall", "macro_f1")

@@ -274,7 +274,7 @@ def transcription_targets(text_encoder: TextEncoder, batch, dims) -> dict[int, t
     """
     if batch.get("query_text") is None:
         raise ConfigError(
-            "the alignment objective needs the transcription of every training query (the data's "
+            "an alignment loss needs the transcription of every training query (the data's "
             "query text column); this batch has rows without one."
         )
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""retrieval_metrics and top_k_search against pytrec_eval and a dense reference."""
+"""The retrieval metrics and top_k_search against pytrec_eval and a dense reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.metrics import metrics_from_ranking, retrieval_metrics, top_k_search
+from callbacks.metrics import metrics_from_ranking, top_k_search
+
+
+def retrieval_metrics(scores: torch.Tensor, qrels, ks=(5, 10)) -> dict[str, float]:
+    """The metrics of a dense ``[queries, documents]`` score matrix, through the evaluator's path:
+    scores @ identity are the scores, searched and ranked as eval sets are."""
+    _, ranked = top_k_search(scores, torch.eye(scores.shape[1], dtype=scores.dtype), max(ks))
+    return metrics_from_ranking(ranked, qrels, ks)
+
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
