@@ -28,6 +28,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.lightning_internals import last_checkpoints_of
 from errors import DataError
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _lightning_last_candidates(trainer: Trainer) -> set[str]:
     candidates: set[str] = set()
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and not callback.dirpath:
-            candidates |= callback._find_last_checkpoints(trainer)
+            candidates |= last_checkpoints_of(callback, trainer)
     return candidates
 
 

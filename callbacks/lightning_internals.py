@@ -89,3 +89,13 @@ def tensorboard_hparams(logger, hparams) -> dict:
 def summary_file_writer(writer):
     """torch's ``SummaryWriter`` file writer, which takes raw summaries (the HParams plugin's)."""
     return writer._get_file_writer()
+
+
+def last_checkpoints_of(callback, trainer: Trainer) -> set[str]:
+    """The ``last*.ckpt`` files a ``ModelCheckpoint`` without a dirpath would resume from: its folder
+    is resolved from the logger, which Lightning alone knows how to do."""
+    return callback._find_last_checkpoints(trainer)
+
+
+# cli.py also overrides ``LightningCLI._parse_ckpt_path`` (to check a named checkpoint whole before
+# LightningCLI unpickles its hyperparameters); the test checks that the method still exists.

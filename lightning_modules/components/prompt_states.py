@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.components.transformers_internals import attention_implementation
+
 
 @dataclass
 class PromptStates:
@@ -75,7 +77,7 @@ class PromptStateCache:
             tensors.append(parameter)
         tensors.extend(text_encoder.buffers())  # e.g. RoPE frequencies
         identity = tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
-        mode = (text_encoder.model.training, text_encoder.model.config._attn_implementation)
+        mode = (text_encoder.model.training, attention_implementation(text_encoder.model))
         return (device, _autocast_state(device), mode, identity)
 
     def states_for_batch(

@@ -26,7 +26,6 @@ masked as it is alone.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from lightning_modules.components.clip_group_norm import (
     statistics_per_clip,
 )
 from lightning_modules.components.text_encoder import DTYPES, checkpointing_activations
+from lightning_modules.components.transformers_internals import speech_frame_lengths
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +238,7 @@ class SpeechEncoder(nn.Module):
 
     def frame_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """Hidden-state frames per clip, from its input length (samples or filterbank frames)."""
-        lengths = self.model._get_feat_extract_output_lengths
-        # wav2vec2-style models may end in an adapter that shortens only the last output; the
-        # hidden states read here come before it.
-        if "add_adapter" in inspect.signature(lengths).parameters:
-            return lengths(input_lengths, add_adapter=False).to(torch.long)
-        return lengths(input_lengths).to(torch.long)
+        return speech_frame_lengths(self.model, input_lengths)
 
     @property
     def clip_norm(self):

@@ -96,3 +96,20 @@ def test_validation_can_be_skipped_and_run_on_demand(tmp_path):
     )
     trainer.fit(Model())
     assert Model.validations == 1  # run on demand at train start; the stop's own was skipped again
+
+
+def test_a_checkpoint_folder_resolved_from_the_logger_is_found(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import CSVLogger
+
+    checkpoint = ModelCheckpoint(save_last=True)  # no dirpath: <logger folder>/checkpoints
+    trainer = quiet_cpu_trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path),
+        callbacks=[checkpoint],
+    )
+    trainer.fit(BoringModel())
+    assert {p.rsplit("/", 1)[-1] for p in internals.last_checkpoints_of(checkpoint, trainer)} == {"last.ckpt"}
+    assert callable(LightningCLI._parse_ckpt_path)  # overridden by cli.py
