@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.lightning_internals import last_checkpoints_of
+from callbacks.preemption import PreemptionCheckpoint
 from errors import DataError
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,8 @@ def _checkpoint_folders(trainer: Trainer) -> list[Path]:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             folders.append(Path(callback.dirpath))
     for callback in trainer.callbacks:
-        path_of = getattr(callback, "checkpoint_path", None)  # PreemptionCheckpoint
-        if callable(path_of):
-            folders.append(Path(path_of(trainer)).parent)
+        if isinstance(callback, PreemptionCheckpoint):
+            folders.append(Path(callback.checkpoint_path(trainer)).parent)
     return list(dict.fromkeys(folders))
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -92,7 +93,9 @@ class RetrievalEvaluator(Callback):
                     "nothing (a preemption checkpoint still is)."
                 )
             return
-        watchers = [c for c in trainer.callbacks if isinstance(getattr(c, "monitor", None), str)]
+        watchers = [
+            c for c in trainer.callbacks if isinstance(c, (ModelCheckpoint, EarlyStopping)) and c.monitor
+        ]
         dims = list(getattr(pl_module, "matryoshka_dims", []))
         for callback in watchers:
             problem = self.unknown_monitor(callback.monitor, eval_sets, dims)
