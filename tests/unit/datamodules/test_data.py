@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from trainers import quiet_cpu_trainer
 
+from callbacks.training_guards import StopAtLastStep
 from datamodules.demo.corpus import DemoCorpusConfig, DemoLanguagePair, generate_demo_corpus
 from datamodules.eval_sets import load_beir_eval_set
 from datamodules.pairs import StreamingPairDataModule
@@ -380,7 +381,8 @@ def _fit(root, datamodule, max_steps, ckpt_path=None, callbacks=(), **trainer_op
     trainer = quiet_cpu_trainer(
         max_steps=max_steps,
         default_root_dir=root,
-        callbacks=list(callbacks),
+        # What every framework model adds itself: the stream's end (its passes) ends fit.
+        callbacks=[StopAtLastStep(), *callbacks],
         **trainer_options,
     )
     trainer.fit(model, datamodule, ckpt_path=ckpt_path)
