@@ -126,9 +126,9 @@ class WriteEmbeddings(Callback):
             folder = staging / name
             folder.mkdir()
             for side, embeddings in sides.items():
-                (folder / f"{side}.ids.json").write_text(json.dumps([row["id"] for row in rows[side]]))
+                _ids_file(folder, side).write_text(json.dumps([row["id"] for row in rows[side]]))
                 for dim, values in embeddings.items():
-                    np.save(folder / f"{side}.d{dim}.npy", values.numpy().astype(self.dtype))
+                    np.save(_array_file(folder, side, dim), values.numpy().astype(self.dtype))
             written[name] = {side: len(rows[side]) for side in SIDES}
         manifest = {
             "writer": WRITER,
@@ -146,8 +146,7 @@ class WriteEmbeddings(Callback):
 def load_embeddings(dirpath: str | Path, eval_set: str, side: str, dim: int) -> tuple[list[str], np.ndarray]:
     """The ids and the ``[rows, dim]`` array that ``WriteEmbeddings`` wrote for one set, side and dim."""
     folder = Path(dirpath) / eval_set
-    ids = json.loads((folder / f"{side}.ids.json").read_text())
-    return ids, np.load(folder / f"{side}.d{dim}.npy")
+    return json.loads(_ids_file(folder, side).read_text()), np.load(_array_file(folder, side, dim))
 
 
 def read_embeddings(
@@ -167,7 +166,7 @@ def read_embeddings(
             f"{dirpath}: no embeddings of eval set {eval_set.name!r} "
             f"(written: {sorted(manifest['eval_sets'])})."
         )
-    written_ids = {side: json.loads((folder / f"{side}.ids.json").read_text()) for side in SIDES}
+    written_ids = {side: json.loads(_ids_file(folder, side).read_text()) for side in SIDES}
     rows = {row["id"]: row for row in eval_set.queries}
     unknown = [query_id for query_id in written_ids["queries"] if query_id not in rows]
     if unknown:
@@ -189,12 +188,21 @@ def read_embeddings(
     }
     embeddings = {
         side: {
-            dim: torch.from_numpy(np.load(folder / f"{side}.d{dim}.npy").astype(np.float32)[order[side]])
+            dim: torch.from_numpy(np.load(_array_file(folder, side, dim)).astype(np.float32)[order[side]])
             for dim in manifest["dims"]
         }
         for side in SIDES
     }
     return eval_set, embeddings
+
+
+# The layout of one eval set's folder (the module docstring), shared by the writer and the readers.
+def _ids_file(folder: Path, side: str) -> Path:
+    return folder / f"{side}.ids.json"
+
+
+def _array_file(folder: Path, side: str, dim: int) -> Path:
+    return folder / f"{side}.d{dim}.npy"
 
 
 def _written_here(dirpath: Path) -> bool:
