@@ -36,6 +36,7 @@ from callbacks.evaluation import Evaluator
 from callbacks.lightning_internals import tensorboard_hparams
 from callbacks.monitors import unknown_monitor
 from callbacks.score_table import by_metric, headline, score_table
+from callbacks.tensorboard_run import tensorboard_loggers
 from errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class RetrievalEvaluator(Callback):
 
     # ----- TensorBoard dashboards -----------------------------------------------------------
     def _tensorboard(self, trainer: Trainer) -> TensorBoardLogger | None:
-        return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+        return next(iter(tensorboard_loggers(trainer)), None)
 
     def _write_figures(self, trainer: Trainer, eval_set, scores: dict[str, float]) -> None:
         logger = self._tensorboard(trainer)
@@ -219,7 +220,6 @@ class RetrievalEvaluator(Callback):
         if not self.dashboards or not self.last_metrics:
             return
         final = [tag for tag in self.last_metrics if tag.startswith("val/")]
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                params = tensorboard_hparams(logger, pl_module.hparams)
-                write_hparams_summary(logger.experiment, params, final, trainer.global_step)
+        for logger in tensorboard_loggers(trainer):
+            params = tensorboard_hparams(logger, pl_module.hparams)
+            write_hparams_summary(logger.experiment, params, final, trainer.global_step)
