@@ -125,7 +125,14 @@ def run_child(script: Path, arguments: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
+def accelerator(device: str) -> str:
+    """Lightning's name for a torch device type."""
+    return "gpu" if device == "cuda" else device
+
+
+def machine(device: str = "cpu") -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()}, {threads} torch threads, torch {torch.__version__}"
 
@@ -138,13 +145,13 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
-def sentence_transformer(text_model: str, max_length: int):
+def sentence_transformer(text_model: str, max_length: int, device: str = "cpu"):
     """The tiny Qwen3 as a SentenceTransformer: last-token pooling, normalized (as Qwen3-Embedding)."""
     from sentence_transformers import SentenceTransformer, models
 
     transformer = models.Transformer(text_model, max_seq_length=max_length)
     pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken")
-    return SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu")
+    return SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device=device)
 
 
 def synthetic_pairs(

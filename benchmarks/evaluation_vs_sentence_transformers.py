@@ -6,6 +6,7 @@ the queries and the corpus again each time. This project's ``RetrievalEvaluator`
 same eval set (BEIR folder), same batch size; nDCG@10 per dim must agree to 1e-4.
 
     python benchmarks/evaluation_vs_sentence_transformers.py [--queries 500] [--documents 4000]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from common import (
     DIMS,
+    accelerator,
     machine,
     print_table,
     sentence_transformer,
@@ -65,7 +67,8 @@ def this_project(text_model, eval_dir, args) -> tuple[float, dict[int, float]]:
         max_document_length=args.max_length,
     )
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=accelerator(args.device),
+        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -87,7 +90,7 @@ def sentence_transformers_side(text_model, eval_dir, args) -> tuple[float, dict[
     for line in (eval_dir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
         query, document, _ = line.split("\t")
         relevant.setdefault(query, set()).add(document)
-    model = sentence_transformer(text_model, args.max_length)
+    model = sentence_transformer(text_model, args.max_length, args.device)
     started = time.perf_counter()
     scores = {}
     for dim in DIMS:  # as the paper's code: one evaluator, one full encoding, per dim
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4000)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both stacks on it)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -122,7 +126,7 @@ def main() -> None:
         write_beir(eval_dir, tokenizer, args.queries, args.documents, args.max_length)
         ours_seconds, ours = this_project(text_model, eval_dir, args)
         st_seconds, theirs = sentence_transformers_side(text_model, eval_dir, args)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     print(
         f"{args.queries} queries (16 tokens), {args.documents} documents ({args.max_length} tokens), "
         f"batch {args.batch_size}, dims {DIMS}"

@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from common import (
     DIMS,
+    accelerator,
     assets,
     machine,
     print_table,
+    real_size_models,
     sentence_transformer,
     synthetic_pairs,
     tiny_text_model,
@@ -45,6 +47,7 @@ from datamodules.pairs import StreamingPairDataModule
 from datamodules.text_batches import PromptConfig
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import TextEncoderConfig
+from lightning_modules.losses import MatryoshkaInfoNCE
 
 
 class _StepClock:
@@ -82,7 +85,7 @@ def this_project(text_model, train_file, args) -> tuple[list[float], float]:
     model = TextOnly(
         TextEncoderConfig(text_model, pooled_final_layer=not args.full_final_layer),
         matryoshka_dims=DIMS,
-        temperature=0.05,
+        loss=MatryoshkaInfoNCE(temperature=0.05),
         # Fused, as the HF Trainer's default (adamw_torch_fused): the same optimizer on both sides.
         optimizer=lambda params: torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True),
     )
@@ -97,7 +100,9 @@ def this_project(text_model, train_file, args) -> tuple[list[float], float]:
     )
     clock = _LightningClock(args.warmup)
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator=accelerator(args.device),
+        devices=1,
+        precision="bf16-mixed" if args.bf16 else "32-true",
         max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
@@ -116,7 +121,7 @@ def sentence_transformers_side(text_model, pairs, args, output_dir) -> tuple[lis
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
     torch.manual_seed(0)
-    model = sentence_transformer(text_model, args.max_length)
+    model = sentence_transformer(text_model, args.max_length, args.device)
     loss = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=20.0), matryoshka_dims=DIMS[::-1])
     dataset = Dataset.from_list([{"anchor": p["query"], "positive": p["document"]} for p in pairs])
     training_args = SentenceTransformerTrainingArguments(
@@ -131,7 +136,8 @@ def sentence_transformers_side(text_model, pairs, args, output_dir) -> tuple[lis
         logging_steps=args.steps,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
         dataloader_drop_last=True,
         seed=0,
         disable_tqdm=True,
@@ -155,6 +161,13 @@ def main() -> None:
     parser.add_argument(
         "--full-final-layer", action="store_true", help="this project's final layer at every position too"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both stacks on it)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="Qwen3-0.6B's shapes (random weights) instead of the tiny model",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -163,13 +176,22 @@ def main() -> None:
     losses = {}
     with tempfile.TemporaryDirectory() as directory:
         text_model = tiny_text_model()
-        if args.layers != 2:
+        if args.real_size:
+            text_model = real_size_models(Path(directory), args.layers if args.layers != 2 else None)[0]
+        elif args.layers != 2:
             text_model = str(Path(directory) / f"tiny-qwen3-{args.layers}-layers")
             assets.save_tiny_text_model(
                 Path(text_model), tokenizer_source=tiny_text_model(), num_layers=args.layers
             )
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         pairs = synthetic_pairs(tokenizer, args.batch_size * args.steps, 16, args.max_length)
+        # Real tokens per example (query + document, as truncated): the tokens/s column.
+        lengths = [
+            min(len(tokenizer(p[side])["input_ids"]), args.max_length)
+            for p in pairs
+            for side in ("query", "document")
+        ]
+        tokens_per_example = sum(lengths) / len(pairs)
         train_file = Path(directory) / "pairs.jsonl"
         train_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         for _ in range(args.rounds):
@@ -186,20 +208,30 @@ def main() -> None:
     round_rates = {
         name: [args.batch_size * len(r) / sum(r) for r in rounds] for name, rounds in steps.items()
     }
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     final_layer = "every position" if args.full_final_layer else "the pooled token only"
+    model_name = "Qwen3-0.6B shapes" if args.real_size else "tiny Qwen3"
+    model_name += f" of {args.layers if not args.real_size or args.layers != 2 else 28} layers"
     print(
         f"batch {args.batch_size}, {args.steps} steps ({args.warmup} warm-up), queries of 16 or "
-        f"more tokens, documents of {args.max_length}, dims {DIMS}, rounds {args.rounds}; tiny Qwen3 "
-        f"of {args.layers} layers, this project's final layer at {final_layer}"
+        f"more tokens, documents of {args.max_length}, dims {DIMS}, rounds {args.rounds}; {model_name}, "
+        f"this project's final layer at {final_layer}; {'bf16-mixed' if args.bf16 else 'float32'}"
     )
     print_table(
-        "Text-only training throughput (CPU)",
-        ["stack", "examples/s (median step)", "examples/s (best round)", "all rounds", "final loss"],
+        f"Text-only training throughput ({args.device})",
+        [
+            "stack",
+            "examples/s (median step)",
+            "tokens/s (median step)",
+            "examples/s (best round)",
+            "all rounds",
+            "final loss",
+        ],
         [
             [
                 name,
                 f"{median_rate[name]:.1f}",
+                f"{median_rate[name] * tokens_per_example:.0f}",
                 f"{max(round_rates[name]):.1f}",
                 ", ".join(f"{r:.1f}" for r in round_rates[name]),
                 f"{losses[name]:.3f}",

@@ -2,7 +2,8 @@
 
 Tests mirror the packages: ``tests/unit/<package>/`` build tiny models and data in-process;
 ``tests/integration/`` run the CLI, DDP processes or fits on the demo corpus, and carry the
-``integration`` mark (``pytest -m "not integration"`` runs the unit tests alone).
+``integration`` mark (``pytest -m "not integration"`` runs the unit tests alone); ``tests/gpu/``
+carry the ``gpu`` mark and run only with ``-m gpu``, on CUDA.
 """
 
 from __future__ import annotations
@@ -88,3 +89,5 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+        if "gpu" in item.path.parts:  # tests/gpu/: run on CUDA, skipped without it
+            item.add_marker(pytest.mark.gpu)
