@@ -28,7 +28,12 @@ TRUNCATED_CHOICES = ("skip", "keep")
 
 
 class BadAudio(ValueError):
-    """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning."""
+    """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning, ``kind``
+    the short name it is counted under in the skip summary (e.g. ``silent``)."""
+
+    def __init__(self, reason: str, kind: str = "bad audio"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 class TruncatedAudio(BadAudio):
@@ -36,7 +41,7 @@ class TruncatedAudio(BadAudio):
     samples that are there, for ``AudioSettings.truncated: keep``."""
 
     def __init__(self, reason: str, samples: np.ndarray, rate: int):
-        super().__init__(reason)
+        super().__init__(reason, kind="truncated audio")
         self.samples = samples
         self.rate = rate
 
@@ -102,9 +107,10 @@ def _local_file(path: Path, base_dir: Path | Sequence[Path] | None, allow_outsid
     if not allowed[0]:  # the file itself is never opened: nothing of it is shown
         raise BadAudio(
             f"audio path {str(path)!r} resolves outside {folders[0]} (an absolute path elsewhere, '..' "
-            "or a symlink); set data.audio.allow_outside_paths: true to read it"
+            "or a symlink); set data.audio.allow_outside_paths: true to read it",
+            kind="audio path outside the data folder",
         )
-    raise BadAudio(f"audio file {candidates[0]} not found")
+    raise BadAudio(f"audio file {candidates[0]} not found", kind="audio file not found")
 
 
 def audio_file(
@@ -116,20 +122,20 @@ def audio_file(
     must stay in that folder unless ``allow_outside_paths`` (see ``_local_file``).
     """
     if value is None:
-        raise BadAudio("no audio")
+        raise BadAudio("no audio", kind="missing audio")
     source = value
     if isinstance(value, dict):
         # Bytes first, even empty ones: b"" is an empty clip, not a cue to look for the path.
         source = value["bytes"] if value.get("bytes") is not None else value.get("path")
         if source is None:
-            raise BadAudio("audio cell has neither bytes nor path")
+            raise BadAudio("audio cell has neither bytes nor path", kind="missing audio")
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise BadAudio("empty audio (0 bytes)")
+            raise BadAudio("empty audio (0 bytes)", kind="empty audio")
         return io.BytesIO(bytes(source))
     if isinstance(source, (str, Path)):
         return _local_file(Path(source), base_dir, allow_outside_paths)
-    raise BadAudio(f"audio cell of type {type(source).__name__}")
+    raise BadAudio(f"audio cell of type {type(source).__name__}", kind="missing audio")
 
 
 def _wav_declared_frames(handle: io.BytesIO | Path) -> int | None:
@@ -183,7 +189,9 @@ def decode_audio(
         message = str(error)
         if isinstance(handle, io.BytesIO):  # soundfile names bytes by their object's repr
             message = message.replace(repr(handle), f"bytes of row {name}" if name else "the audio bytes")
-        raise BadAudio(f"undecodable audio ({type(error).__name__}: {message})") from error
+        raise BadAudio(
+            f"undecodable audio ({type(error).__name__}: {message})", kind="undecodable audio"
+        ) from error
     if samples.shape[0] < declared:
         raise TruncatedAudio(
             f"truncated audio: its header promises {declared / rate:.2f} s, only "
@@ -239,24 +247,28 @@ class AudioLoader:
                 self.truncated_kept,
             )
         if samples.size == 0:
-            raise BadAudio("empty audio")
+            raise BadAudio("empty audio", kind="empty audio")
         if not np.isfinite(samples).all():
-            raise BadAudio("NaN or infinite samples")
+            raise BadAudio("NaN or infinite samples", kind="NaN or infinite samples")
         mono = samples.mean(axis=0)
         if not np.any(mono):
-            raise BadAudio("all-zero audio")
+            raise BadAudio("all-zero audio", kind="silent")
         if check_duration:
             seconds = mono.shape[0] / rate
             if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
                 raise BadAudio(
-                    f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s"
+                    f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s",
+                    kind="duration outside data.audio limits",
                 )
         if rate != self.sampling_rate:
             with torch.inference_mode():
                 mono = _resampler(rate, self.sampling_rate)(torch.from_numpy(mono)).numpy()
         if mono.shape[0] < self.min_samples:
             minimum = self.min_samples
-            raise BadAudio(f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}")
+            raise BadAudio(
+                f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}",
+                kind="too short for the speech model",
+            )
         return mono
 
 

@@ -129,31 +129,33 @@ class TextBatchBuilder:
 
     def training_batch(self, rows: Sequence[Mapping], query_text_required: bool = True) -> dict:
         """Pairs batch; rows with a missing or empty query/document, or an unknown task, are
-        dropped and named with their reason.
+        dropped and named with their reason (``skip_reasons``) and its kind (``skip_kinds``).
 
         With ``query_text_required=False`` (speech queries) a row needs only its document; the
         batch carries ``query_text`` (the transcription) when every kept row has one.
         """
         c = self.columns
-        good, skipped, reasons = [], [], []
+        good, skipped, reasons, kinds = [], [], [], []
         for position, row in enumerate(rows):
             if not usable_text(row.get(c["document"])):
-                reason = "missing or empty document"
+                reason = kind = "missing or empty document"
             elif query_text_required and not usable_text(row.get(c["query"])):
-                reason = "missing or empty query"
+                reason = kind = "missing or empty query"
             elif (problem := self.task_problem(row)) is not None:
-                reason = problem
+                reason, kind = problem, "unknown task"
             else:
                 good.append(row)
                 continue
             skipped.append(self.row_id(row, position))
             reasons.append(reason)
+            kinds.append(kind)
         tasks = [row.get(c["task"]) or self.prompts.default_task for row in good]
         batch = {
             "ids": [str(row.get(c["id"], "")) for row in good],
             "tasks": tasks,
             "skipped_ids": skipped,
             "skip_reasons": reasons,
+            "skip_kinds": kinds,
         }
         if good:
             if all(usable_text(row.get(c["query"])) for row in good):
