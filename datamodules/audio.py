@@ -25,6 +25,7 @@ from errors import ConfigError
 
 log = logging.getLogger(__name__)
 TRUNCATED_CHOICES = ("skip", "keep")
+DEFAULT_SILENCE_THRESHOLD_DBFS = -60.0
 
 
 class BadAudio(ValueError):
@@ -66,6 +67,12 @@ class AudioSettings:
     """A clip whose file holds less audio than its header promises (a cut-off copy), in training
     and eval sets: 'skip' it (named and counted as bad audio) or 'keep' the part that is there
     (named in a warning)."""
+    silence_threshold_dbfs: float | None = DEFAULT_SILENCE_THRESHOLD_DBFS
+    """A clip whose peak sample (of the mono down-mix, in dBFS: 0 is full scale, 1.0) is below
+    this level is silent: skipped in training (counted as 'silent') and left out of eval sets,
+    named with its level. The peak, not the RMS: speech with long pauses, or recorded quietly,
+    keeps a clear peak while its RMS sinks, and dithered or hissing silence stays far below
+    -60 dBFS. null: only all-zero clips are silent."""
 
     def __post_init__(self):
         if not 0 <= self.min_duration < self.max_duration:
@@ -76,6 +83,11 @@ class AudioSettings:
         if self.truncated not in TRUNCATED_CHOICES:
             raise ConfigError(
                 f"data.audio.truncated={self.truncated!r}: use one of {list(TRUNCATED_CHOICES)}."
+            )
+        if self.silence_threshold_dbfs is not None and not self.silence_threshold_dbfs <= 0:
+            raise ConfigError(
+                f"data.audio.silence_threshold_dbfs={self.silence_threshold_dbfs}: a level in dBFS is at "
+                "most 0 (full scale), e.g. -60; null switches the level check off."
             )
 
 
@@ -213,12 +225,15 @@ class AudioLoader:
         min_samples: int = 1,
         allow_outside_paths: bool = False,
         truncated: str = "skip",
+        silence_threshold_dbfs: float | None = DEFAULT_SILENCE_THRESHOLD_DBFS,
     ):
         self.sampling_rate = sampling_rate
         self.allow_outside_paths = allow_outside_paths
         self.truncated = truncated
         """'skip' (a ``BadAudio``) or 'keep' what a cut-off clip holds (named in a warning, counted)."""
         self.truncated_kept = 0
+        self.silence_threshold_dbfs = silence_threshold_dbfs
+        """Clips whose peak is below this level (dBFS) are silent bad audio; None: all-zero ones only."""
         self.min_duration = min_duration
         self.max_duration = max_duration
         self.min_samples = min_samples
@@ -251,8 +266,7 @@ class AudioLoader:
         if not np.isfinite(samples).all():
             raise BadAudio("NaN or infinite samples", kind="NaN or infinite samples")
         mono = samples.mean(axis=0)
-        if not np.any(mono):
-            raise BadAudio("all-zero audio", kind="silent")
+        self._check_level(mono)
         if check_duration:
             seconds = mono.shape[0] / rate
             if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
@@ -270,6 +284,19 @@ class AudioLoader:
                 kind="too short for the speech model",
             )
         return mono
+
+    def _check_level(self, mono: np.ndarray) -> None:
+        """``BadAudio`` (kind ``silent``) for an all-zero clip, or one whose peak is below the threshold."""
+        peak = float(np.abs(mono).max())
+        if peak == 0:
+            raise BadAudio("silent: all-zero audio", kind="silent")
+        threshold = self.silence_threshold_dbfs
+        level = 20 * np.log10(peak)
+        if threshold is not None and level < threshold:
+            raise BadAudio(
+                f"silent: peak {level:.1f} dBFS below data.audio.silence_threshold_dbfs={threshold:g}",
+                kind="silent",
+            )
 
 
 @functools.lru_cache(maxsize=16)

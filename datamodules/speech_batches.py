@@ -1,7 +1,7 @@
 """Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
 
 A training row needs a document, a known task (or none) and usable audio; bad audio (undecodable,
-empty, silent, NaN/inf, wrong type,
+empty, silent: all-zero or its peak below ``silence_threshold_dbfs``, NaN/inf, wrong type,
 missing, outside the data's folder, cut off unless kept, outside the duration limits, too short
 for the speech model to encode) is dropped and named with its reason in ``skipped_ids`` /
 ``skip_reasons`` (and its kind, for counting, in ``skip_kinds``), which the training step counts
@@ -34,6 +34,7 @@ class SpeechBatchBuilder:
             min_samples=minimum_samples(feature_extractor),
             allow_outside_paths=settings.allow_outside_paths,
             truncated=settings.truncated,
+            silence_threshold_dbfs=settings.silence_threshold_dbfs,
         )
 
     def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:
