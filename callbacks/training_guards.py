@@ -1,6 +1,7 @@
 """Guards every model adds itself (``MatryoshkaEmbedder.configure_callbacks``), so no recipe forgets them.
 
-- ``BatchGuard``: bad training rows are named and counted; a batch without enough usable rows, or
+- ``BatchGuard``: bad training rows are counted, and named once (at their first skip); a summary
+  by kind follows each pass over the data and ends fit; a batch without enough usable rows, or
   whose loss is not finite, leaves the weights untouched; when either repeats, the run stops with
   the reason instead of skipping on until ``max_steps``.
 - ``StopAtLastStep``: the last step (``max_steps``, or the data's last batch) is validated and
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -25,7 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class BatchGuard(Callback):
-    """Counts skipped rows; ``usable`` / ``finite`` decide (on every rank alike) whether a step runs."""
+    """Counts skipped rows; ``usable`` / ``finite`` decide (on every rank alike) whether a step runs.
+
+    A skipped row (``batch["skipped_ids"]``, with ``skip_reasons`` and ``skip_kinds``) is named
+    with its reason in a warning the first time only: read again in a later pass, it is counted,
+    not named again. After each pass over the data (``batch["data_pass"]`` moves on) an info line,
+    and at the end of fit a warning, sums up the skips by kind. Each rank counts and names the rows
+    of its own share; the counts, and the ids already named, resume from a checkpoint.
+    """
 
     def __init__(self, max_unusable_in_a_row: int = 50, max_nonfinite_in_a_row: int = 20):
         """
@@ -37,17 +46,54 @@ class BatchGuard(Callback):
         self.max_unusable_in_a_row = max_unusable_in_a_row
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.skipped_rows = 0
+        self.skips_by_kind: Counter[str] = Counter()
+        """Skipped rows (every skip, repeats included) by kind: ``silent``, ``undecodable audio``..."""
+        self.named_rows: set[str] = set()
+        """Ids of the skipped rows already named in a warning."""
         self.nonfinite_losses = 0
         self._unusable_in_a_row = 0
         self._nonfinite_in_a_row = 0
+        self._data_pass: int | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        skipped = batch.get("skipped_ids") or [] if isinstance(batch, Mapping) else []
-        if skipped:
-            self.skipped_rows += len(skipped)
-            reasons = batch.get("skip_reasons") or [""] * len(skipped)
-            named = [f"{row} ({why})" if why else row for row, why in zip(skipped, reasons, strict=True)]
-            log.warning("Skipped %d bad training rows (total %d): %s", len(skipped), self.skipped_rows, named)
+        if not isinstance(batch, Mapping):
+            return
+        data_pass = batch.get("data_pass")
+        if data_pass is not None:
+            if self._data_pass is not None and data_pass > self._data_pass and self.skipped_rows:
+                log.info("%s", self.summary(f"after pass {self._data_pass + 1} over the training data"))
+            self._data_pass = data_pass
+        skipped = batch.get("skipped_ids") or []
+        if not skipped:
+            return
+        self.skipped_rows += len(skipped)
+        reasons = batch.get("skip_reasons") or [""] * len(skipped)
+        self.skips_by_kind.update(batch.get("skip_kinds") or [why or "no reason given" for why in reasons])
+        first = [(row, why) for row, why in zip(skipped, reasons, strict=True) if row not in self.named_rows]
+        self.named_rows.update(row for row, _ in first)
+        if first:
+            named = [f"{row} ({why})" if why else row for row, why in first]
+            again = len(skipped) - len(first)
+            log.warning(
+                "Skipped %d bad training rows (total %d): %s%s",
+                len(skipped),
+                self.skipped_rows,
+                named,
+                f" and {again} named before" if again else "",
+            )
+
+    def summary(self, when: str) -> str:
+        """One line: the rows skipped so far, by kind, and how many distinct rows were named."""
+        kinds = "; ".join(f"{kind}: {count}" for kind, count in self.skips_by_kind.most_common())
+        rows = f"{len(self.named_rows)} distinct row" + ("" if len(self.named_rows) == 1 else "s")
+        return (
+            f"Skipped training rows {when}: {self.skipped_rows} in all ({kinds}), {rows}, each named "
+            "in a warning at its first skip only."
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.skipped_rows:
+            log.warning("%s", self.summary("in this fit"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # Each rank counts its own rows; the logged value is the sum over ranks.
@@ -93,18 +139,32 @@ class BatchGuard(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Rank 0 writes the checkpoint; each rank counted the bad rows of its own share (one collective).
+        # Plain types only: checkpoints load with torch.load(weights_only=True).
+        per_rank = collectives.gather_objects(
+            (self.skipped_rows, dict(self.skips_by_kind), sorted(self.named_rows))
+        )
         checkpoint["embedder_counters"] = {
-            "skipped_rows_per_rank": collectives.gather_objects(self.skipped_rows),
+            "skipped_rows_per_rank": [rows for rows, _, _ in per_rank],
+            "skips_by_kind_per_rank": [kinds for _, kinds, _ in per_rank],
+            "named_rows_per_rank": [named for _, _, named in per_rank],
             "nonfinite_losses": self.nonfinite_losses,
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         counters = checkpoint.get("embedder_counters", {})
         per_rank = counters.get("skipped_rows_per_rank") or [0]
+        kinds = counters.get("skips_by_kind_per_rank") or [{}] * len(per_rank)
+        named = counters.get("named_rows_per_rank") or [[]] * len(per_rank)
         if len(per_rank) == collectives.world_size():
             self.skipped_rows = per_rank[collectives.rank()]
-        else:  # a different number of ranks: the total lives on rank 0, so the logged sum is kept
-            self.skipped_rows = sum(per_rank) if collectives.rank() == 0 else 0
+            self.skips_by_kind = Counter(kinds[collectives.rank()])
+            self.named_rows = set(named[collectives.rank()])
+        else:  # a different number of ranks: the totals live on rank 0, so the logged sum is kept
+            first = collectives.rank() == 0
+            self.skipped_rows = sum(per_rank) if first else 0
+            self.skips_by_kind = sum((Counter(k) for k in kinds), Counter()) if first else Counter()
+            # Rows move between ranks' shares: a row named by any rank is not named again.
+            self.named_rows = set().union(*named)
         self.nonfinite_losses = counters.get("nonfinite_losses", 0)
 
 

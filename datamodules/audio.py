@@ -25,10 +25,16 @@ from errors import ConfigError
 
 log = logging.getLogger(__name__)
 TRUNCATED_CHOICES = ("skip", "keep")
+DEFAULT_SILENCE_THRESHOLD_DBFS = -60.0
 
 
 class BadAudio(ValueError):
-    """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning."""
+    """A clip that cannot be used; ``str(error)`` is the reason given in the skip warning, ``kind``
+    the short name it is counted under in the skip summary (e.g. ``silent``)."""
+
+    def __init__(self, reason: str, kind: str = "bad audio"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 class TruncatedAudio(BadAudio):
@@ -36,7 +42,7 @@ class TruncatedAudio(BadAudio):
     samples that are there, for ``AudioSettings.truncated: keep``."""
 
     def __init__(self, reason: str, samples: np.ndarray, rate: int):
-        super().__init__(reason)
+        super().__init__(reason, kind="truncated audio")
         self.samples = samples
         self.rate = rate
 
@@ -61,6 +67,12 @@ class AudioSettings:
     """A clip whose file holds less audio than its header promises (a cut-off copy), in training
     and eval sets: 'skip' it (named and counted as bad audio) or 'keep' the part that is there
     (named in a warning)."""
+    silence_threshold_dbfs: float | None = DEFAULT_SILENCE_THRESHOLD_DBFS
+    """A clip whose peak sample (of the mono down-mix, in dBFS: 0 is full scale, 1.0) is below
+    this level is silent: skipped in training (counted as 'silent') and left out of eval sets,
+    named with its level. The peak, not the RMS: speech with long pauses, or recorded quietly,
+    keeps a clear peak while its RMS sinks, and dithered or hissing silence stays far below
+    -60 dBFS. null: only all-zero clips are silent."""
 
     def __post_init__(self):
         if not 0 <= self.min_duration < self.max_duration:
@@ -71,6 +83,11 @@ class AudioSettings:
         if self.truncated not in TRUNCATED_CHOICES:
             raise ConfigError(
                 f"data.audio.truncated={self.truncated!r}: use one of {list(TRUNCATED_CHOICES)}."
+            )
+        if self.silence_threshold_dbfs is not None and not self.silence_threshold_dbfs <= 0:
+            raise ConfigError(
+                f"data.audio.silence_threshold_dbfs={self.silence_threshold_dbfs}: a level in dBFS is at "
+                "most 0 (full scale), e.g. -60; null switches the level check off."
             )
 
 
@@ -102,9 +119,10 @@ def _local_file(path: Path, base_dir: Path | Sequence[Path] | None, allow_outsid
     if not allowed[0]:  # the file itself is never opened: nothing of it is shown
         raise BadAudio(
             f"audio path {str(path)!r} resolves outside {folders[0]} (an absolute path elsewhere, '..' "
-            "or a symlink); set data.audio.allow_outside_paths: true to read it"
+            "or a symlink); set data.audio.allow_outside_paths: true to read it",
+            kind="audio path outside the data folder",
         )
-    raise BadAudio(f"audio file {candidates[0]} not found")
+    raise BadAudio(f"audio file {candidates[0]} not found", kind="audio file not found")
 
 
 def audio_file(
@@ -116,20 +134,20 @@ def audio_file(
     must stay in that folder unless ``allow_outside_paths`` (see ``_local_file``).
     """
     if value is None:
-        raise BadAudio("no audio")
+        raise BadAudio("no audio", kind="missing audio")
     source = value
     if isinstance(value, dict):
         # Bytes first, even empty ones: b"" is an empty clip, not a cue to look for the path.
         source = value["bytes"] if value.get("bytes") is not None else value.get("path")
         if source is None:
-            raise BadAudio("audio cell has neither bytes nor path")
+            raise BadAudio("audio cell has neither bytes nor path", kind="missing audio")
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise BadAudio("empty audio (0 bytes)")
+            raise BadAudio("empty audio (0 bytes)", kind="empty audio")
         return io.BytesIO(bytes(source))
     if isinstance(source, (str, Path)):
         return _local_file(Path(source), base_dir, allow_outside_paths)
-    raise BadAudio(f"audio cell of type {type(source).__name__}")
+    raise BadAudio(f"audio cell of type {type(source).__name__}", kind="missing audio")
 
 
 def _wav_declared_frames(handle: io.BytesIO | Path) -> int | None:
@@ -183,7 +201,9 @@ def decode_audio(
         message = str(error)
         if isinstance(handle, io.BytesIO):  # soundfile names bytes by their object's repr
             message = message.replace(repr(handle), f"bytes of row {name}" if name else "the audio bytes")
-        raise BadAudio(f"undecodable audio ({type(error).__name__}: {message})") from error
+        raise BadAudio(
+            f"undecodable audio ({type(error).__name__}: {message})", kind="undecodable audio"
+        ) from error
     if samples.shape[0] < declared:
         raise TruncatedAudio(
             f"truncated audio: its header promises {declared / rate:.2f} s, only "
@@ -205,12 +225,15 @@ class AudioLoader:
         min_samples: int = 1,
         allow_outside_paths: bool = False,
         truncated: str = "skip",
+        silence_threshold_dbfs: float | None = DEFAULT_SILENCE_THRESHOLD_DBFS,
     ):
         self.sampling_rate = sampling_rate
         self.allow_outside_paths = allow_outside_paths
         self.truncated = truncated
         """'skip' (a ``BadAudio``) or 'keep' what a cut-off clip holds (named in a warning, counted)."""
         self.truncated_kept = 0
+        self.silence_threshold_dbfs = silence_threshold_dbfs
+        """Clips whose peak is below this level (dBFS) are silent bad audio; None: all-zero ones only."""
         self.min_duration = min_duration
         self.max_duration = max_duration
         self.min_samples = min_samples
@@ -239,25 +262,41 @@ class AudioLoader:
                 self.truncated_kept,
             )
         if samples.size == 0:
-            raise BadAudio("empty audio")
+            raise BadAudio("empty audio", kind="empty audio")
         if not np.isfinite(samples).all():
-            raise BadAudio("NaN or infinite samples")
+            raise BadAudio("NaN or infinite samples", kind="NaN or infinite samples")
         mono = samples.mean(axis=0)
-        if not np.any(mono):
-            raise BadAudio("all-zero audio")
+        self._check_level(mono)
         if check_duration:
             seconds = mono.shape[0] / rate
             if seconds < self.min_duration or (self.max_duration is not None and seconds > self.max_duration):
                 raise BadAudio(
-                    f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s"
+                    f"duration {seconds:.2f} s outside [{self.min_duration}, {self.max_duration}] s",
+                    kind="duration outside data.audio limits",
                 )
         if rate != self.sampling_rate:
             with torch.inference_mode():
                 mono = _resampler(rate, self.sampling_rate)(torch.from_numpy(mono)).numpy()
         if mono.shape[0] < self.min_samples:
             minimum = self.min_samples
-            raise BadAudio(f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}")
+            raise BadAudio(
+                f"{mono.shape[0]} samples, fewer than the speech model's minimum {minimum}",
+                kind="too short for the speech model",
+            )
         return mono
+
+    def _check_level(self, mono: np.ndarray) -> None:
+        """``BadAudio`` (kind ``silent``) for an all-zero clip, or one whose peak is below the threshold."""
+        peak = float(np.abs(mono).max())
+        if peak == 0:
+            raise BadAudio("silent: all-zero audio", kind="silent")
+        threshold = self.silence_threshold_dbfs
+        level = 20 * np.log10(peak)
+        if threshold is not None and level < threshold:
+            raise BadAudio(
+                f"silent: peak {level:.1f} dBFS below data.audio.silence_threshold_dbfs={threshold:g}",
+                kind="silent",
+            )
 
 
 @functools.lru_cache(maxsize=16)

@@ -11,6 +11,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from errors import DataError, InputError
 
 STATE_KEY = "loader_state"
+PASS_KEY = "data_pass"
+"""Batch key: the pass over the training data (0, 1, ...) its rows come from, for the skip summary."""
 
 
 def _unwrapped(error: InputError) -> InputError:
@@ -88,7 +90,9 @@ class ConsumedPositionLoader(StatefulDataLoader):
     the plain loader's state at checkpoint time already counts a batch no step has seen, and a
     resumed run would skip it. Here every batch carries the loader state right after it
     (``batch["loader_state"]``); the datamodule hands it back with ``mark_consumed`` when the
-    training loop takes the batch, and that is the state a checkpoint saves.
+    training loop takes the batch, and that is the state a checkpoint saves. Every batch also
+    carries the pass over the data it comes from (``batch["data_pass"]``, that of the worker that
+    made it), by which ``BatchGuard`` sums up the skipped rows after each pass.
 
     With ``source`` (how to name the data in an error, e.g. ``data.train_data='train.jsonl'``),
     an iteration that yields no batch at all (unless resumed past the end of a finite stream), or
@@ -112,6 +116,9 @@ class ConsumedPositionLoader(StatefulDataLoader):
                 state = super().state_dict()
                 if check is not None:
                     check.after(batch, state)
+                positions, worker = _stream_positions(state)
+                if "epoch" in positions.get(worker, {}):
+                    batch[PASS_KEY] = positions[worker]["epoch"]
                 batch[STATE_KEY] = state
                 served += 1
                 yield batch

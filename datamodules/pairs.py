@@ -20,9 +20,12 @@ from datamodules.sources import load_stream, looks_local, read_error, relative_p
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
+from datamodules.truncation import TruncationCount, report_truncation
 from errors import ConfigError
 
 log = logging.getLogger(__name__)
+TRUNCATION_REPORT_AFTER_BATCHES = 100
+"""The training stream's truncation is reported after this many batches, and again at the end of fit."""
 
 
 def _check_local_paths_exist(locations: dict[str, str | None]) -> None:
@@ -78,6 +81,7 @@ class StreamingPairDataModule(LightningDataModule):
         eval_batch_size: int = 64,
         max_query_length: int = 512,
         max_document_length: int = 2048,
+        truncation_warning_share: float | None = 0.05,
         shuffle_block_size: int = 10_000,
         group_by_length: bool = False,
         passes: int | None = None,
@@ -111,6 +115,11 @@ class StreamingPairDataModule(LightningDataModule):
             eval_batch_size: Queries or documents per evaluation forward pass.
             max_query_length: Token limit of a query including its prompt.
             max_document_length: Token limit of a document.
+            truncation_warning_share: Longer queries and documents are cut to their token limit
+                (never dropped); the share cut, and the longest length seen, is logged once per
+                eval set (when it is loaded) and for the training stream (after its first 100
+                batches and at the end of fit, rank 0's share), as a warning when a share is above
+                this (0.05: more than 5 % of the texts cut). null: never a warning.
             shuffle_block_size: Consecutive rows shuffled together (held in memory); shards are
                 also read in a new random order every epoch.
             group_by_length: Batch rows of similar length together: each shuffle block is sorted by
@@ -140,6 +149,11 @@ class StreamingPairDataModule(LightningDataModule):
                 f"data.group_by_length: data.shuffle_block_size={shuffle_block_size} must be a multiple of "
                 f"data.batch_size={batch_size}, so every full block cuts into whole batches."
             )
+        if truncation_warning_share is not None and not 0 <= truncation_warning_share <= 1:
+            raise ConfigError(
+                f"data.truncation_warning_share={truncation_warning_share} must be a share between 0 "
+                "and 1 (0.05: warn when more than 5 % of the texts are cut), or null for no warning."
+            )
         if passes is not None and passes < 1:
             raise ConfigError(
                 f"data.passes={passes} must be >= 1, or null to repeat until trainer.max_steps."
@@ -164,6 +178,13 @@ class StreamingPairDataModule(LightningDataModule):
         self._batches: TextBatchBuilder | SpeechBatchBuilder | None = None
         self._train_loader: ConsumedPositionLoader | None = None
         self._loaded_split: str | None = None  # the qrels split self.eval_sets holds
+        self._train_truncation: dict[str, TruncationCount] = {}
+        self._train_batches_measured = 0
+        self._train_truncation_warned = False
+
+    @property
+    def _is_rank_zero(self) -> bool:
+        return self.trainer is None or self.trainer.global_rank == 0
 
     @property
     def batches(self) -> TextBatchBuilder | SpeechBatchBuilder:
@@ -214,6 +235,59 @@ class StreamingPairDataModule(LightningDataModule):
         self.eval_queries_dropped[eval_set.name] = dropped
         return eval_set.with_queries(usable)
 
+    def _truncation_counts(self) -> dict[str, TruncationCount]:
+        """Empty counts per tokenized batch key: documents, and the query texts (with their prompt)."""
+        hp = self.hparams
+        queries = "query texts" if self.audio is None else "transcriptions"
+        return {
+            "document": TruncationCount("documents", "data.max_document_length", hp.max_document_length),
+            "query_text": TruncationCount(queries, "data.max_query_length", hp.max_query_length),
+        }
+
+    def _report_eval_truncation(self, eval_set: EvalSet) -> None:
+        """One line per eval set: how many of its documents (and text queries) the limits cut.
+        Speech queries are embedded from their audio: their transcriptions are not measured."""
+        text = getattr(self.batches, "text", self.batches)
+        counts = self._truncation_counts()
+        counts["document"].add(text.token_lengths([row["text"] for row in eval_set.corpus]))
+        if self.audio is None:
+            queries = [row for row in eval_set.queries if usable_text(row.get("text"))]
+            texts, tasks = [row["text"] for row in queries], [row.get("task") for row in queries]
+            counts["query_text"].add(text.token_lengths(text.format_queries(texts, tasks)))
+        report_truncation(
+            f"eval set {eval_set.name}", list(counts.values()), self.hparams.truncation_warning_share, log
+        )
+
+    def _count_training_truncation(self, measured: dict | None) -> None:
+        """Adds one training batch's ``truncation`` (see ``TextBatchBuilder.training_batch``)."""
+        if not measured:
+            return
+        if not self._train_truncation:
+            self._train_truncation = self._truncation_counts()
+        for key, (rows, cut, longest) in measured.items():
+            self._train_truncation[key].add_counts(rows, cut, longest)
+        self._train_batches_measured += 1
+        if self._train_batches_measured == TRUNCATION_REPORT_AFTER_BATCHES:
+            self._report_training_truncation(f"its first {TRUNCATION_REPORT_AFTER_BATCHES} batches")
+
+    def _report_training_truncation(self, which_batches: str) -> None:
+        if not self._is_rank_zero:
+            return
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        share = " (rank 0's share)" if world_size > 1 else ""
+        over = report_truncation(
+            f"training stream{share}, {which_batches}",
+            list(self._train_truncation.values()),
+            self.hparams.truncation_warning_share,
+            log,
+            warn=not self._train_truncation_warned,
+        )
+        self._train_truncation_warned |= over
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._train_batches_measured:
+            self._report_training_truncation(f"the {self._train_batches_measured} batches of this fit")
+
     def split_for(self, stage: str) -> str:
         """The qrels split a stage scores: ``val_split`` for fit and validate, else ``eval_split``."""
         hp = self.hparams
@@ -263,6 +337,8 @@ class StreamingPairDataModule(LightningDataModule):
                     eval_set.num_queries_without_relevant,
                     len(eval_set.corpus),
                 )
+                if self._is_rank_zero:
+                    self._report_eval_truncation(eval_set)
             self._loaded_split = split
         if stage == "fit" and not self.hparams.train_data:
             raise ConfigError(
@@ -319,6 +395,7 @@ class StreamingPairDataModule(LightningDataModule):
                 base_dir=relative_path_roots(hp.train_data),
             )
         stream = self._training_stream()
+        self._train_truncation, self._train_batches_measured, self._train_truncation_warned = {}, 0, False
         source = f"data.train_data={hp.train_data!r}"
         if stream.world_size > 1:
             source += f" (the share of rank {stream.rank} of {stream.world_size})"
@@ -337,6 +414,7 @@ class StreamingPairDataModule(LightningDataModule):
         # Called when the training loop takes a batch (fetching ran one ahead): from here on a
         # checkpoint resumes after this batch.
         if isinstance(batch, dict) and STATE_KEY in batch:
+            self._count_training_truncation(batch.pop("truncation", None))
             if self._train_loader is not None:
                 self._train_loader.mark_consumed(batch)
             else:

@@ -1,9 +1,11 @@
 """Speech-query batches: the text batch (documents, transcriptions) plus audio and task prompts.
 
 A training row needs a document, a known task (or none) and usable audio; bad audio (undecodable,
-empty, silent, NaN/inf, wrong type, missing, outside the data's folder, cut off unless kept,
-outside the duration limits, too short for the speech model to encode) is dropped and named with
-its reason in ``skipped_ids`` / ``skip_reasons``, which the training step counts and logs.
+empty, silent: all-zero or its peak below ``silence_threshold_dbfs``, NaN/inf, wrong type,
+missing, outside the data's folder, cut off unless kept, outside the duration limits, too short
+for the speech model to encode) is dropped and named with its reason in ``skipped_ids`` /
+``skip_reasons`` (and its kind, for counting, in ``skip_kinds``), which the training step counts
+and logs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SpeechBatchBuilder:
             min_samples=minimum_samples(feature_extractor),
             allow_outside_paths=settings.allow_outside_paths,
             truncated=settings.truncated,
+            silence_threshold_dbfs=settings.silence_threshold_dbfs,
         )
 
     def _speech_fields(self, waveforms: list[np.ndarray], tasks: Sequence[str | None]) -> dict:
@@ -50,30 +53,33 @@ class SpeechBatchBuilder:
         ``transcription_required``, transcription), or with an unknown task, are dropped and named
         with their reason.
         Relative audio paths start at ``base_dir`` (see ``sources.relative_path_roots``)."""
-        kept, waveforms, skipped, reasons = [], [], [], []
+        kept, waveforms, skipped, reasons, kinds = [], [], [], [], []
         for position, row in enumerate(rows):
-            reason = None
+            reason = kind = None
             # Checked before decoding: no decoding for nothing.
             if not usable_text(row.get(self.text.columns["document"])):
-                reason = "missing or empty document"
+                reason = kind = "missing or empty document"
             elif transcription_required and not usable_text(row.get(self.text.columns["query"])):
                 reason = "missing or empty transcription (the alignment objective needs it)"
+                kind = "missing or empty transcription"
             elif (problem := self.text.task_problem(row)) is not None:
-                reason = problem
+                reason, kind = problem, "unknown task"
             else:
                 try:
                     name = self.text.row_id(row, position)
                     waveforms.append(self.loader.load(row.get(self.settings.column), base_dir, name=name))
                 except BadAudio as error:
-                    reason = str(error)
+                    reason, kind = str(error), error.kind
             if reason is None:
                 kept.append(row)
             else:
                 skipped.append(self.text.row_id(row, position))
                 reasons.append(reason)
+                kinds.append(kind)
         batch = self.text.training_batch(kept, query_text_required=False)  # drops nothing more
         batch["skipped_ids"] = skipped + batch["skipped_ids"]
         batch["skip_reasons"] = reasons + batch["skip_reasons"]
+        batch["skip_kinds"] = kinds + batch["skip_kinds"]
         if batch["ids"]:
             batch.update(self._speech_fields(waveforms, batch["tasks"]))
         return batch

@@ -1,7 +1,9 @@
 """Turns rows into tokenized batches: task prompts, bad-row filtering with ids, eval batches.
 
 Runs inside DataLoader workers, so skipped rows travel with the batch (``skipped_ids``) and are
-counted by the training step in the main process.
+counted by the training step in the main process; so do the token lengths of the training texts
+(``truncation``: per tokenized key, ``(rows, rows cut, longest length)``), which the datamodule
+adds up to report how much ``max_query_length`` / ``max_document_length`` cut.
 """
 
 from __future__ import annotations
@@ -98,9 +100,31 @@ class TextBatchBuilder:
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
+    def token_lengths(self, texts: Sequence[str], chunk: int = 1024) -> list[int]:
+        """Each text's length in tokens before truncation, special tokens included (as the limits count)."""
+        lengths = []
+        for start in range(0, len(texts), chunk):
+            encoded = self.tokenizer(list(texts[start : start + chunk]), truncation=False, verbose=False)
+            lengths += [len(ids) for ids in encoded["input_ids"]]
+        return lengths
+
+    def _measured_tokens(self, texts: Sequence[str], max_length: int) -> tuple[dict, tuple[int, int, int]]:
+        """The texts tokenized, and ``(rows, rows cut, longest length before truncation)``; only
+        the texts that reached the limit are tokenized again, whole, to tell a cut one from one of
+        exactly that length."""
+        tokens = self._tokenize(texts, max_length)
+        lengths = tokens["attention_mask"].sum(dim=1).tolist()
+        at_limit = [i for i, length in enumerate(lengths) if length >= max_length]
+        for i, length in zip(at_limit, self.token_lengths([texts[i] for i in at_limit]), strict=True):
+            lengths[i] = length
+        return tokens, (len(lengths), sum(length > max_length for length in lengths), max(lengths, default=0))
+
+    def format_queries(self, texts: Sequence[str], tasks: Sequence[str | None]) -> list[str]:
+        """Each text query with its task's instruction, as it is tokenized."""
+        return [self.prompts.format_query(text, task) for text, task in zip(texts, tasks, strict=True)]
+
     def queries(self, texts: Sequence[str], tasks: Sequence[str | None]) -> dict[str, torch.Tensor]:
-        formatted = [self.prompts.format_query(text, task) for text, task in zip(texts, tasks, strict=True)]
-        return self._tokenize(formatted, self.max_query_length)
+        return self._tokenize(self.format_queries(texts, tasks), self.max_query_length)
 
     def documents(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self._tokenize(texts, self.max_document_length)
@@ -129,36 +153,43 @@ class TextBatchBuilder:
 
     def training_batch(self, rows: Sequence[Mapping], query_text_required: bool = True) -> dict:
         """Pairs batch; rows with a missing or empty query/document, or an unknown task, are
-        dropped and named with their reason.
+        dropped and named with their reason (``skip_reasons``) and its kind (``skip_kinds``).
 
         With ``query_text_required=False`` (speech queries) a row needs only its document; the
         batch carries ``query_text`` (the transcription) when every kept row has one.
         """
         c = self.columns
-        good, skipped, reasons = [], [], []
+        good, skipped, reasons, kinds = [], [], [], []
         for position, row in enumerate(rows):
             if not usable_text(row.get(c["document"])):
-                reason = "missing or empty document"
+                reason = kind = "missing or empty document"
             elif query_text_required and not usable_text(row.get(c["query"])):
-                reason = "missing or empty query"
+                reason = kind = "missing or empty query"
             elif (problem := self.task_problem(row)) is not None:
-                reason = problem
+                reason, kind = problem, "unknown task"
             else:
                 good.append(row)
                 continue
             skipped.append(self.row_id(row, position))
             reasons.append(reason)
+            kinds.append(kind)
         tasks = [row.get(c["task"]) or self.prompts.default_task for row in good]
         batch = {
             "ids": [str(row.get(c["id"], "")) for row in good],
             "tasks": tasks,
             "skipped_ids": skipped,
             "skip_reasons": reasons,
+            "skip_kinds": kinds,
         }
         if good:
+            texts = {}
             if all(usable_text(row.get(c["query"])) for row in good):
-                batch["query_text"] = self.queries([row[c["query"]] for row in good], tasks)
-            batch["document"] = self.documents([row[c["document"]] for row in good])
+                queries = self.format_queries([row[c["query"]] for row in good], tasks)
+                texts["query_text"] = (queries, self.max_query_length)
+            texts["document"] = ([row[c["document"]] for row in good], self.max_document_length)
+            batch["truncation"] = {}
+            for key, (values, limit) in texts.items():
+                batch[key], batch["truncation"][key] = self._measured_tokens(values, limit)
             # Equal for identical documents: InfoNCE does not count a copy of a row's own
             # document as its negative. Hashed here, on the CPU, not in the training step.
             batch["document_keys"] = document_keys(batch["document"])

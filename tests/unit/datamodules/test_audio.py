@@ -511,3 +511,97 @@ def test_cut_off_clips_follow_the_setting_in_training_and_eval_sets(
     else:
         assert sorted(batch["ids"]) == ["cut", "whole"] and batch["skipped_ids"] == []
         assert evaluated == ["whole", "cut"] and data.eval_queries_dropped["toy"] == []
+
+
+# ----- silence by level ---------------------------------------------------------------------
+def _at_peak_dbfs(signal: np.ndarray, dbfs: float) -> np.ndarray:
+    """``signal`` scaled so that its largest absolute sample is ``dbfs`` below full scale (1.0)."""
+    return (signal * (10 ** (dbfs / 20) / np.abs(signal).max())).astype(np.float32)
+
+
+def _dither(seconds: float = 1.0) -> np.ndarray:
+    """Dithered silence: uniform noise whose peak is 3e-5, that is 20 * log10(3e-5) = -90.46 dBFS."""
+    noise = np.random.default_rng(0).uniform(-1, 1, int(seconds * RATE))
+    return (noise * (3e-5 / np.abs(noise).max())).astype(np.float32)
+
+
+def test_a_clip_whose_peak_is_below_the_threshold_is_silent_bad_audio():
+    loader = AudioLoader(16000)  # the default threshold, -60 dBFS
+    with pytest.raises(BadAudio) as caught:
+        loader.load(_wav_bytes(_dither()))
+    assert str(caught.value) == "silent: peak -90.5 dBFS below data.audio.silence_threshold_dbfs=-60"
+    assert caught.value.kind == "silent"
+    # A quiet tone peaking at -50 dBFS is kept; at -40 it is not.
+    quiet = _wav_bytes(_at_peak_dbfs(_tone(1.0), -50.0))
+    assert loader.load(quiet).shape == (16000,)
+    with pytest.raises(
+        BadAudio, match=r"^silent: peak -50\.0 dBFS below data\.audio\.silence_threshold_dbfs=-40$"
+    ):
+        AudioLoader(16000, silence_threshold_dbfs=-40).load(quiet)
+
+
+def test_the_level_is_that_of_the_mono_down_mix():
+    # Two loud channels in opposite phase mix down to nothing: the model would hear silence.
+    tone = _tone(1.0)
+    with pytest.raises(BadAudio, match="silent: all-zero audio"):
+        AudioLoader(16000).load(_wav_bytes(np.stack([tone, -tone], axis=1)))
+    # One channel at -50 dBFS and one empty mix down to a peak of -56.0 dBFS (half the amplitude).
+    one_sided = np.stack([_at_peak_dbfs(tone, -50.0), np.zeros_like(tone)], axis=1)
+    with pytest.raises(BadAudio, match=r"peak -56\.0 dBFS"):
+        AudioLoader(16000, silence_threshold_dbfs=-55).load(_wav_bytes(one_sided))
+
+
+def test_no_silence_threshold_keeps_quiet_clips_and_still_refuses_all_zero_ones():
+    loader = AudioLoader(16000, silence_threshold_dbfs=None)
+    assert loader.load(_wav_bytes(_dither())).shape == (16000,)
+    with pytest.raises(BadAudio, match="^silent: all-zero audio$"):
+        loader.load(_wav_bytes(np.zeros(RATE, np.float32)))
+
+
+@pytest.mark.parametrize("level", [0.5, float("nan")])
+def test_a_silence_threshold_above_full_scale_is_refused(level):
+    with pytest.raises(ConfigError, match="data.audio.silence_threshold_dbfs"):
+        AudioSettings(feature_extractor="x", silence_threshold_dbfs=level)
+
+
+def test_a_silent_training_row_is_skipped_with_its_level_and_counted_as_silent(
+    tiny_text_model, tiny_speech_model
+):
+    builder = _speech_builder(tiny_text_model, tiny_speech_model)
+    rows = [
+        {"id": "dither", "query": "baki", "document": "fêlo", "audio": _wav_bytes(_dither())},
+        {"id": "zeros", "query": "baki", "document": "fêlo", "audio": _wav_bytes(np.zeros(RATE, "float32"))},
+        {"id": "ok", "query": "baki", "document": "fêlo", "audio": _wav_bytes(_tone(1.0))},
+    ]
+    batch = builder.training_batch(rows)
+    assert batch["ids"] == ["ok"] and batch["skipped_ids"] == ["dither", "zeros"]
+    assert batch["skip_reasons"] == [
+        "silent: peak -90.5 dBFS below data.audio.silence_threshold_dbfs=-60",
+        "silent: all-zero audio",
+    ]
+    assert batch["skip_kinds"] == ["silent", "silent"]
+
+
+def test_a_silent_eval_query_is_left_out_and_named(
+    tiny_text_model, tiny_speech_model, speech_corpus_dir, tmp_path, caplog
+):
+    import shutil
+
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(speech_corpus_dir / "eval" / "demo", eval_dir)
+    rows = [json.loads(line) for line in (eval_dir / "queries.jsonl").read_text().splitlines()]
+    (eval_dir / rows[2]["audio"]).write_bytes(_wav_bytes(_dither(1.0), rate=16000))
+    data = StreamingPairDataModule(
+        tokenizer=str(tiny_text_model),
+        eval_sets={"demo": str(eval_dir)},
+        audio=AudioSettings(feature_extractor=str(tiny_speech_model), min_duration=0.5),
+        max_query_length=64,
+    )
+    with caplog.at_level("WARNING", logger="datamodules"):
+        data.setup("validate")
+    assert [row["id"] for row in data.eval_sets["demo"].queries] == [
+        r["_id"] for r in rows if r is not rows[2]
+    ]
+    named = f"{rows[2]['_id']}: silent: peak -90.5 dBFS below data.audio.silence_threshold_dbfs=-60"
+    assert data.eval_queries_dropped["demo"] == [named]
+    assert f"1 of {len(rows)} queries have unusable audio and are left out: [{named!r}]" in caplog.text
