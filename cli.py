@@ -72,7 +72,11 @@ RUN_DEFAULTS = {
     ],
     # `predict`: the eval sets' embeddings, one .npy per side and dim, with their ids.
     "write_embeddings.dirpath": "${..trainer.default_root_dir}/embeddings",
-    # The best model by the recipe's best_checkpoint.monitor (every logged metric is higher-better).
+    # The best model by best_checkpoint.monitor (every logged metric is higher-better). `auto`: the
+    # first eval set's nDCG@10 at the largest dim (val/<first eval set>/ndcg@10/d<largest dim>),
+    # chosen at fit start from data.eval_sets and model.matryoshka_dims (callbacks/monitors.py);
+    # a tag names another (`--best_checkpoint.monitor=val/fr2en/recall@10/d256`), checked then.
+    "best_checkpoint.monitor": "auto",
     "best_checkpoint.dirpath": "${..trainer.default_root_dir}/checkpoints",
     "best_checkpoint.filename": "best-{step}",
     "best_checkpoint.mode": "max",

@@ -214,7 +214,7 @@ def test_fit_last_resumes_past_an_empty_last_checkpoint(demo_dir, tmp_path, capl
 
 
 def test_the_best_checkpoint_follows_an_eval_set_of_another_name(demo_dir, corpus_dir, tmp_path):
-    """The recipes monitor their own eval set's name; another one is a single override."""
+    """The recipes monitor the first eval set at the largest dim; another set or dim is one key."""
     eval_sets = f"--data.init_args.eval_sets={{fr2en: {corpus_dir / 'eval' / 'demo'}}}"
     monitor = "--best_checkpoint.monitor=val/fr2en/ndcg@10/d128"
     cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2", eval_sets, monitor)])

@@ -1,0 +1,38 @@
+"""A demo recipe on data of the user's own naming: the best checkpoint follows the first eval set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from demo_recipes import quick_text_only
+
+from cli import cli_main
+from errors import ConfigError
+
+
+def test_the_best_checkpoint_follows_the_first_eval_set_by_default(demo_dir, corpus_dir, tmp_path, caplog):
+    """No monitor named: an eval set called fr2en is not refused, it is what the checkpoint monitors."""
+    eval_set = corpus_dir / "eval" / "demo"
+    eval_sets = f"--data.init_args.eval_sets={{fr2en: {eval_set}, en2fr: {eval_set}}}"
+    with caplog.at_level("INFO", logger="callbacks.retrieval"):
+        cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2", eval_sets)])
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor == "val/fr2en/ndcg@10/d256"
+    assert "ModelCheckpoint.monitor: auto = val/fr2en/ndcg@10/d256" in caplog.text
+    assert float(best.best_model_score) == float(cli.trainer.callback_metrics["val/fr2en/ndcg@10/d256"])
+    assert Path(best.best_model_path) == tmp_path / "checkpoints" / "best-step=2.ckpt"
+
+
+def test_the_demo_recipes_monitor_what_they_did(demo_dir, tmp_path):
+    """`auto` stands for the tag the recipes named before: the demo's results do not move."""
+    cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=1")])
+    assert cli.trainer.checkpoint_callback.monitor == "val/demo/ndcg@10/d256"
+
+
+def test_a_named_monitor_is_still_checked(demo_dir, corpus_dir, tmp_path):
+    eval_sets = f"--data.init_args.eval_sets={{fr2en: {corpus_dir / 'eval' / 'demo'}}}"
+    with pytest.raises(ConfigError, match="no eval set is named 'demo' \\(eval sets: \\['fr2en'\\]\\)"):
+        cli_main(
+            ["fit", *quick_text_only(tmp_path, eval_sets, "--best_checkpoint.monitor=val/demo/ndcg@10/d256")]
+        )
