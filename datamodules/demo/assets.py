@@ -99,10 +99,11 @@ def _tokenizer_training_texts(root: Path):
     """The corpus plus the task instructions, so a prompt costs a few tokens, not one per byte."""
     import json
 
-    from datamodules.text_batches import DEFAULT_PROMPTS, DEFAULT_QUERY_TEMPLATE
+    from datamodules.text_batches import PromptConfig
 
-    for instruction in DEFAULT_PROMPTS.values():
-        yield DEFAULT_QUERY_TEMPLATE.format(instruction=instruction, query="")
+    prompts = PromptConfig()  # the paper's instructions, as the demo recipes use them
+    for task in prompts.prompts:
+        yield prompts.format_query("", task)
     with open(root / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
@@ -321,10 +322,35 @@ def demo_asset(name: str) -> str:
     return str(ASSETS[name]())
 
 
+def demo_classification_sets(eval_sets) -> dict[str, str] | None:
+    """OmegaConf resolver body: ``${demo_classification_sets:${data.init_args.eval_sets}}``.
+
+    The demo's spoken keyword and intent sets while every eval set is the demo's own (a folder
+    under the demo's data); None, said in a log line, once ``eval_sets`` names other data: those
+    sets are in the demo's invented language, so a run on one's own data has no use for them. A
+    recipe that names ``classification_sets`` itself (or the command line) decides alone.
+    """
+    locations = [str(location) for location in (eval_sets or {}).values()]
+    root = demo_root()
+    if locations and all(Path(location).resolve().is_relative_to(root) for location in locations):
+        tasks = speech_tasks_dir()
+        return {"keywords": str(tasks / "keywords"), "intents": str(tasks / "intents")}
+    log.info(
+        "data.classification_sets: none (the demo's keyword and intent sets go with the demo's eval "
+        "sets; data.eval_sets is %s). Yours: --data.init_args.classification_sets='{NAME: BEIR_DIR}'.",
+        sorted(eval_sets) if eval_sets else "empty",
+    )
+    return None
+
+
+RESOLVERS = {"demo_asset": demo_asset, "demo_classification_sets": demo_classification_sets}
+
+
 def register_resolver() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("demo_asset"):
-        # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-        register("demo_asset", demo_asset)
+    # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            register(name, resolver)

@@ -1,14 +1,18 @@
-"""A demo recipe on data of the user's own naming: the best checkpoint follows the first eval set."""
+"""A demo recipe on data of the user's own naming: the best checkpoint follows the first eval set,
+the demo's extras go with the demo's data, and the instruction's languages are one key each."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
-from demo_recipes import quick_text_only
+from demo_recipes import ROOT, quick_text_only
 
 from cli import cli_main
 from errors import ConfigError
+
+LATE_FUSION = str(ROOT / "configs" / "demo" / "late_fusion.yaml")
 
 
 def test_the_best_checkpoint_follows_the_first_eval_set_by_default(demo_dir, corpus_dir, tmp_path, caplog):
@@ -36,3 +40,32 @@ def test_a_named_monitor_is_still_checked(demo_dir, corpus_dir, tmp_path):
         cli_main(
             ["fit", *quick_text_only(tmp_path, eval_sets, "--best_checkpoint.monitor=val/demo/ndcg@10/d256")]
         )
+
+
+def test_the_demos_keyword_and_intent_sets_go_with_its_eval_sets(demo_dir, speech_corpus_dir, tmp_path):
+    demo = cli_main(["--config", LATE_FUSION, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert sorted(demo.datamodule.hparams.classification_sets) == ["intents", "keywords"]
+
+    # A copy of the demo's eval set, outside the demo's folder, stands for the user's.
+    own = tmp_path / "fr2en"
+    shutil.copytree(speech_corpus_dir / "eval" / "demo", own)
+    mine = f"--data.init_args.eval_sets={{fr2en: {own}}}"
+    user = cli_main(["--config", LATE_FUSION, f"--trainer.default_root_dir={tmp_path}", mine], run=False)
+    assert user.datamodule.hparams.classification_sets is None
+    # Named explicitly, a set is kept whatever the eval sets.
+    keywords = f"--data.init_args.classification_sets={{kw: {demo_dir / 'speech-tasks' / 'keywords'}}}"
+    chosen = cli_main(
+        ["--config", LATE_FUSION, f"--trainer.default_root_dir={tmp_path}", mine, keywords], run=False
+    )
+    assert list(chosen.datamodule.hparams.classification_sets) == ["kw"]
+
+
+def test_the_instructions_languages_are_one_key_each(demo_dir, tmp_path):
+    languages = ["--data.init_args.prompts.query_language=French", "--data.prompts.document_language=English"]
+    cli = cli_main(quick_text_only(tmp_path, *languages), run=False)
+    assert (
+        cli.datamodule.prompts.instruction(None)
+        == "Given a French query, retrieve relevant English documents"
+    )
+    # The recipe's own template is kept beside the new languages.
+    assert cli.datamodule.prompts.query_template == "Instruct: {instruction}\nQuery: {query}"
