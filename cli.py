@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.checkpoint_files import require_whole, resolve_checkpoint
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.retrieval import RetrievalEvaluator
-from callbacks.tensorboard_run import continue_tensorboard_run
+from callbacks.tensorboard_run import continue_tensorboard_run, discard_refused_run
 from callbacks.write_embeddings import WriteEmbeddings
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
@@ -101,21 +101,26 @@ class EmbeddingCLI(LightningCLI):
 
     # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path last first,
     # to the newest checkpoint that loads (a named file was checked in _parse_ckpt_path).
+    # A command refused at start (a bad monitor, missing data) leaves no TensorBoard folder behind.
     def fit(self, **kwargs) -> None:
         kwargs = self._with_checkpoint(kwargs)
         # A resumed fit logs on in its run's TensorBoard folder, which the loggers open before
         # Lightning reads the checkpoint.
         continue_tensorboard_run(self.trainer, kwargs["ckpt_path"])
-        self.trainer.fit(**kwargs)
+        with discard_refused_run(self.trainer, trains=True):
+            self.trainer.fit(**kwargs)
 
     def validate(self, **kwargs) -> None:
-        self.trainer.validate(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.validate(**self._with_checkpoint(kwargs))
 
     def test(self, **kwargs) -> None:
-        self.trainer.test(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.test(**self._with_checkpoint(kwargs))
 
     def predict(self, **kwargs) -> None:
-        self.trainer.predict(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.predict(**self._with_checkpoint(kwargs))
 
     def _with_checkpoint(self, kwargs: dict) -> dict:
         if kwargs.get("ckpt_path") != "last":

@@ -1,5 +1,6 @@
 """A demo recipe on data of the user's own naming: the best checkpoint follows the first eval set,
-the demo's extras go with the demo's data, and the instruction's languages are one key each."""
+the demo's extras go with the demo's data, the instruction's languages are one key each, and a
+refused run leaves no TensorBoard folder."""
 
 from __future__ import annotations
 
@@ -69,3 +70,28 @@ def test_the_instructions_languages_are_one_key_each(demo_dir, tmp_path):
     )
     # The recipe's own template is kept beside the new languages.
     assert cli.datamodule.prompts.query_template == "Instruct: {instruction}\nQuery: {query}"
+
+
+@pytest.mark.parametrize(
+    "refusal, error",
+    [
+        ("--best_checkpoint.monitor=val/fr2en/ndcg@10/d256", "no eval set is named 'fr2en'"),
+        ("--data.init_args.train_data=null", "data.train_data is not set"),
+    ],
+)
+def test_a_refused_run_leaves_no_tensorboard_folder(demo_dir, tmp_path, refusal, error):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=error):
+        cli_main(["fit", *quick_text_only(run, refusal)])
+    assert not (run / "tensorboard").exists()
+    assert not run.exists(), "the run folder, created by the refused run and left empty, goes too"
+
+
+def test_a_refused_run_keeps_the_folders_of_earlier_runs(demo_dir, tmp_path):
+    cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=1")])
+    first = sorted((tmp_path / "tensorboard").iterdir())
+    assert [path.name for path in first] == ["version_0"]
+    with pytest.raises(ConfigError):
+        cli_main(["fit", *quick_text_only(tmp_path, "--best_checkpoint.monitor=val/nope/ndcg@10/d256")])
+    assert sorted((tmp_path / "tensorboard").iterdir()) == first
+    assert any((tmp_path / "tensorboard" / "version_0").iterdir())
