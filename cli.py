@@ -6,7 +6,7 @@ import logging
 import sys
 
 import torch.distributed
-from jsonargparse import set_parsing_settings
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,8 +22,30 @@ from errors import ConfigError, InputError
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.unknown_keys import unknown_key_message
 
+# Printed after `python cli.py fit --help`, which lists --data and --model as one option each.
+KEYS_EPILOG = """\
+Every data and model option, with its meaning and default:
+  python cli.py {subcommand} --data.help datamodules.StreamingPairDataModule
+  python cli.py {subcommand} --model.help lightning_modules.LateFusion  (or TextOnly, DualEncoder)
+  python cli.py {subcommand} --data.help datamodules.StreamingPairDataModule --data.prompts.help  (or .audio)
+They print --data.KEY and --model.KEY; recipes and the README write --data.init_args.KEY and
+--model.init_args.KEY. Both forms work: --data.batch_size=32 is --data.init_args.batch_size=32.
+A recipe's every value, the keys cli.py adds included:
+  python cli.py {subcommand} --config configs/demo/late_fusion.yaml --print_config
+"""
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    # Keeps the epilog's lines (argparse would join its commands into one paragraph).
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
 
 class EmbeddingArgumentParser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         # A misspelt key: one line with the nearest valid keys, instead of ~50 lines of usage.
         # Only where the parse ends: a nested parser's error is one union branch's, caught above.
@@ -89,6 +111,9 @@ RUN_DEFAULTS = {
 }
 
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 class EmbeddingCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One recipe names its text model once: the datamodule tokenizes with that model's tokenizer.
@@ -149,7 +174,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
         parser_class=EmbeddingArgumentParser,
         # 'omegaconf+' resolves ${...} after all --config files and overrides are merged, so a
         # recipe can refer to keys set in a shared base file or on the command line.
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            **{name: {"epilog": KEYS_EPILOG.format(subcommand=name)} for name in SUBCOMMANDS},
+        },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
