@@ -6,7 +6,7 @@ import logging
 import sys
 
 import torch.distributed
-from jsonargparse import set_parsing_settings
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.checkpoint_files import require_whole, resolve_checkpoint
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.retrieval import RetrievalEvaluator
-from callbacks.tensorboard_run import continue_tensorboard_run
+from callbacks.tensorboard_run import continue_tensorboard_run, discard_refused_run
 from callbacks.write_embeddings import WriteEmbeddings
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
@@ -22,8 +22,30 @@ from errors import ConfigError, InputError
 from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.unknown_keys import unknown_key_message
 
+# Printed after `python cli.py fit --help`, which lists --data and --model as one option each.
+KEYS_EPILOG = """\
+Every data and model option, with its meaning and default:
+  python cli.py {subcommand} --data.help datamodules.StreamingPairDataModule
+  python cli.py {subcommand} --model.help lightning_modules.LateFusion  (or TextOnly, DualEncoder)
+  python cli.py {subcommand} --data.help datamodules.StreamingPairDataModule --data.prompts.help  (or .audio)
+They print --data.KEY and --model.KEY; recipes and the README write --data.init_args.KEY and
+--model.init_args.KEY. Both forms work: --data.batch_size=32 is --data.init_args.batch_size=32.
+A recipe's every value, the keys cli.py adds included:
+  python cli.py {subcommand} --config configs/demo/late_fusion.yaml --print_config
+"""
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    # Keeps the epilog's lines (argparse would join its commands into one paragraph).
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
 
 class EmbeddingArgumentParser(LightningArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         # A misspelt key: one line with the nearest valid keys, instead of ~50 lines of usage.
         # Only where the parse ends: a nested parser's error is one union branch's, caught above.
@@ -72,7 +94,11 @@ RUN_DEFAULTS = {
     ],
     # `predict`: the eval sets' embeddings, one .npy per side and dim, with their ids.
     "write_embeddings.dirpath": "${..trainer.default_root_dir}/embeddings",
-    # The best model by the recipe's best_checkpoint.monitor (every logged metric is higher-better).
+    # The best model by best_checkpoint.monitor (every logged metric is higher-better). `auto`: the
+    # first eval set's nDCG@10 at the largest dim (val/<first eval set>/ndcg@10/d<largest dim>),
+    # chosen at fit start from data.eval_sets and model.matryoshka_dims (callbacks/monitors.py);
+    # a tag names another (`--best_checkpoint.monitor=val/fr2en/recall@10/d256`), checked then.
+    "best_checkpoint.monitor": "auto",
     "best_checkpoint.dirpath": "${..trainer.default_root_dir}/checkpoints",
     "best_checkpoint.filename": "best-{step}",
     "best_checkpoint.mode": "max",
@@ -83,6 +109,9 @@ RUN_DEFAULTS = {
     "last_checkpoint.filename": "last",
     "last_checkpoint.enable_version_counter": False,
 }
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class EmbeddingCLI(LightningCLI):
@@ -97,21 +126,26 @@ class EmbeddingCLI(LightningCLI):
 
     # LightningCLI runs `self.<subcommand>` when it exists: each resolves --ckpt_path last first,
     # to the newest checkpoint that loads (a named file was checked in _parse_ckpt_path).
+    # A command refused at start (a bad monitor, missing data) leaves no TensorBoard folder behind.
     def fit(self, **kwargs) -> None:
         kwargs = self._with_checkpoint(kwargs)
         # A resumed fit logs on in its run's TensorBoard folder, which the loggers open before
         # Lightning reads the checkpoint.
         continue_tensorboard_run(self.trainer, kwargs["ckpt_path"])
-        self.trainer.fit(**kwargs)
+        with discard_refused_run(self.trainer, trains=True):
+            self.trainer.fit(**kwargs)
 
     def validate(self, **kwargs) -> None:
-        self.trainer.validate(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.validate(**self._with_checkpoint(kwargs))
 
     def test(self, **kwargs) -> None:
-        self.trainer.test(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.test(**self._with_checkpoint(kwargs))
 
     def predict(self, **kwargs) -> None:
-        self.trainer.predict(**self._with_checkpoint(kwargs))
+        with discard_refused_run(self.trainer, trains=False):
+            self.trainer.predict(**self._with_checkpoint(kwargs))
 
     def _with_checkpoint(self, kwargs: dict) -> dict:
         if kwargs.get("ckpt_path") != "last":
@@ -140,7 +174,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
         parser_class=EmbeddingArgumentParser,
         # 'omegaconf+' resolves ${...} after all --config files and overrides are merged, so a
         # recipe can refer to keys set in a shared base file or on the command line.
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            **{name: {"epilog": KEYS_EPILOG.format(subcommand=name)} for name in SUBCOMMANDS},
+        },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -1,8 +1,9 @@
-"""Why a checkpoint monitor will never be logged, from what an Evaluator logs.
+"""Checkpoint monitors from what an Evaluator logs: ``auto``'s tag, and why a named one never comes.
 
 A monitor naming a metric no validation logs fails only after the first validation (hours in, at
 the recipes' ``val_check_interval``); the tags are known before the first step, so the callback
-asks here at fit start.
+asks here at fit start. ``auto`` (the default of ``best_checkpoint.monitor``) stands for the run's
+own first eval set, so a recipe does not name the set of the data it was written for.
 """
 
 from __future__ import annotations
@@ -12,6 +13,19 @@ from collections.abc import Mapping, Sequence
 
 from callbacks.evaluation import Evaluator
 from callbacks.metrics import CLASSIFICATION_METRICS, RETRIEVAL_MEASURES
+
+AUTO = "auto"
+
+
+def automatic_monitor(evaluator: Evaluator, kinds: Mapping[str, str], dims: Sequence[int]) -> str | None:
+    """The tag ``monitor: auto`` stands for: the first retrieval eval set's headline metric
+    (nDCG at the largest cut-off) at the largest dim, e.g. ``val/fr2en/ndcg@10/d1024``; with
+    classification sets only, the first one's accuracy. None without eval sets or dims.
+    """
+    if not kinds or not dims:
+        return None
+    name = next((name for name, kind in kinds.items() if kind == "retrieval"), next(iter(kinds)))
+    return f"val/{name}/{evaluator.headline_metric(kinds[name])}/d{max(dims)}"
 
 
 def _resembles(metric: str, names: set[str]) -> bool:

@@ -34,7 +34,7 @@ from callbacks.dashboards import custom_scalars_layout, write_hparams_summary
 from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
 from callbacks.evaluation import Evaluator
 from callbacks.lightning_internals import tensorboard_hparams
-from callbacks.monitors import unknown_monitor
+from callbacks.monitors import AUTO, automatic_monitor, unknown_monitor
 from callbacks.score_table import by_metric, headline, score_table
 from callbacks.tensorboard_run import tensorboard_loggers
 from errors import ConfigError
@@ -80,7 +80,30 @@ class RetrievalEvaluator(Callback):
     def analyses(self) -> list[EmbeddingAnalysis]:
         return self.evaluator.analyses
 
-    # ----- checks at the start of fit ------------------------------------------------------
+    # ----- the monitor at setup, checks at the start of fit -----------------------------------
+    @staticmethod
+    def _watchers(trainer: Trainer) -> list[ModelCheckpoint | EarlyStopping]:
+        return [c for c in trainer.callbacks if isinstance(c, (ModelCheckpoint, EarlyStopping)) and c.monitor]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # `monitor: auto` becomes the run's own tag once the datamodule has loaded its eval sets,
+        # before a resumed fit restores the checkpoints' state (keyed by their monitor).
+        automatic = [c for c in self._watchers(trainer) if c.monitor == AUTO]
+        if not automatic:
+            return
+        eval_sets = getattr(trainer.datamodule, "eval_sets", None) or {}
+        kinds = {name: eval_set.kind for name, eval_set in eval_sets.items()}
+        monitor = automatic_monitor(self.evaluator, kinds, getattr(pl_module, "matryoshka_dims", []))
+        for callback in automatic:
+            callback.monitor = monitor
+        if monitor is not None and stage == "fit":
+            log.info(
+                "%s.monitor: auto = %s (the first eval set, the largest dim; "
+                "--best_checkpoint.monitor=val/<eval set>/<metric>/d<dim> names another)",
+                type(automatic[0]).__name__,
+                monitor,
+            )
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data = trainer.datamodule
         eval_sets = getattr(data, "eval_sets", None)
@@ -94,9 +117,7 @@ class RetrievalEvaluator(Callback):
                     "nothing (a preemption checkpoint still is)."
                 )
             return
-        watchers = [
-            c for c in trainer.callbacks if isinstance(c, (ModelCheckpoint, EarlyStopping)) and c.monitor
-        ]
+        watchers = self._watchers(trainer)
         dims = list(getattr(pl_module, "matryoshka_dims", []))
         for callback in watchers:
             problem = self.unknown_monitor(callback.monitor, eval_sets, dims)

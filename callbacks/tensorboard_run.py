@@ -15,12 +15,18 @@ validation at the step it validated. It also records each TensorBoard logger's v
 checkpoint. ``continue_tensorboard_run`` (``cli.py fit --ckpt_path ...``) points the loggers back
 at that version before they open their folder, with TensorBoard's ``purge_step`` at the step after
 the checkpoint's: readers drop what earlier writers of the folder wrote from that step on, and the
-resumed run writes those steps again, once.
+resumed run writes those steps again, once. ``discard_refused_run`` (around every ``cli.py``
+command) removes the folder a refused run opened: Lightning opens it at setup, before the checks
+that refuse a run (a monitor no validation logs, missing data), which left empty ``version_N``
+folders beside the real runs.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.lightning_internals import continue_tensorboard_version, tensorboard_started
 
@@ -96,3 +103,44 @@ def _read_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with filesystem.open(path, "rb") as file:
         return torch.load(file, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def discard_refused_run(trainer: Trainer, trains: bool) -> Iterator[None]:
+    """Around a command: if it fails before it trains (any failure of a command that does not train,
+    ``trains=False``; a ``fit`` before its first optimizer step), the TensorBoard version folder it
+    opened is removed, with the folders above it that the run created and left empty. A folder
+    that existed before the command (a resumed run's) is kept. Local folders, rank 0 only.
+    """
+    loggers = [
+        logger
+        for logger in tensorboard_loggers(trainer)
+        if rank_zero_only.rank == 0 and isinstance(get_filesystem(logger.root_dir), LocalFileSystem)
+    ]
+    before = {logger: _existing_folders(Path(logger.root_dir)) for logger in loggers}
+    step = trainer.global_step
+    try:
+        yield
+    except BaseException:
+        if not trains or trainer.global_step == step:
+            for logger, existed in before.items():
+                if tensorboard_started(logger):
+                    _remove_new_folders(Path(logger.log_dir), existed)
+        raise
+
+
+def _existing_folders(root: Path) -> set[Path]:
+    """The folders that exist among ``root``, its version folders and its ancestors."""
+    versions = {path for path in root.iterdir() if path.is_dir()} if root.is_dir() else set()
+    return versions | {path for path in (root, *root.parents) if path.is_dir()}
+
+
+def _remove_new_folders(folder: Path, existed: set[Path]) -> None:
+    if folder in existed or not folder.is_dir():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    log.info("Removed %s: the run stopped before it trained.", folder)
+    for parent in folder.parents:
+        if parent in existed or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -16,10 +16,12 @@ import torch
 from errors import ConfigError
 from lightning_modules.document_cache import tokenized_document_keys as document_keys
 
+# The paper's instructions, with the languages as fields: {query_language} and
+# {document_language} are filled from PromptConfig (Wolof and French by default).
 DEFAULT_PROMPTS = {
-    "document_retrieval": "Given a Wolof query, retrieve relevant French documents",
-    "translation_retrieval": "Given a Wolof query, retrieve its French translation",
-    "transcription_retrieval": "Given a Wolof query, retrieve its Wolof transcription",
+    "document_retrieval": "Given a {query_language} query, retrieve relevant {document_language} documents",
+    "translation_retrieval": "Given a {query_language} query, retrieve its {document_language} translation",
+    "transcription_retrieval": "Given a {query_language} query, retrieve its {query_language} transcription",
 }
 # Qwen3-Embedding's query format; documents get no instruction.
 DEFAULT_QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
@@ -30,7 +32,11 @@ class PromptConfig:
     """Task name -> instruction, and how an instruction and a text query are joined."""
 
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
-    """Instruction string for each task name found in the data."""
+    """Instruction for each task name found in the data; fields {query_language}, {document_language}."""
+    query_language: str = "Wolof"
+    """Language of the queries, as the instructions name it (the paper's: Wolof)."""
+    document_language: str = "French"
+    """Language of the documents, as the instructions name it (the paper's: French)."""
     default_task: str = "document_retrieval"
     """Task of rows (and eval queries) that name none."""
     query_template: str = DEFAULT_QUERY_TEMPLATE
@@ -42,6 +48,15 @@ class PromptConfig:
                 f"prompts.default_task={self.default_task!r} has no instruction in prompts.prompts "
                 f"(known tasks: {sorted(self.prompts)}); add it or pick a known task."
             )
+        for task in self.prompts:
+            try:
+                self.instruction(task)
+            except (KeyError, IndexError, ValueError) as error:
+                raise ConfigError(
+                    f"prompts.prompts.{task}={self.prompts[task]!r}: its only fields may be "
+                    f"{{query_language}} and {{document_language}} (write a literal brace twice: "
+                    f"{{{{ }}}}); {type(error).__name__}: {error}"
+                ) from error
 
     def has_instruction(self, task) -> bool:
         """Whether ``task`` (None or empty: ``default_task``) names an instruction."""
@@ -54,7 +69,9 @@ class PromptConfig:
                 f"task {task or self.default_task!r} in the data has no instruction; add it under "
                 f"data.prompts.prompts (known tasks: {sorted(self.prompts)})."
             )
-        return self.prompts[task or self.default_task]
+        return self.prompts[task or self.default_task].format(
+            query_language=self.query_language, document_language=self.document_language
+        )
 
     def format_query(self, text: str, task: str | None) -> str:
         return self.query_template.format(instruction=self.instruction(task), query=text)

@@ -1,7 +1,9 @@
 """Builds the embedded demo's files on first use: corpus, locally trained tokenizer, tiny models.
 
 Configs name these through the ``${demo_asset:NAME}`` interpolation (registered by ``cli.py``),
-which builds the asset if it is missing and returns its path. The tiny models are saved as
+which builds the asset if it is missing (announcing what it builds, how long that takes and the
+key that does without it) and returns its path; ``${demo_classification_sets:...}`` gives the
+demo's keyword and intent sets while the eval sets are the demo's. The tiny models are saved as
 ordinary Hugging Face folders, so the demo exercises the same ``from_pretrained`` code path as a
 real checkpoint. Building is deterministic and atomic (temporary folder, then rename), so
 concurrent processes (DDP ranks parsing the same config) never see half-written files.
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,13 +33,18 @@ DEFAULT_DEMO_DIR = "data/demo"
 # so last-token pooling reads the same position as it does on the real model.
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_VOCAB_SIZE = 2048
+# The demo's text stage, trained once for the speech demos, and the key that names another text tower.
+TEXT_STAGE_RECIPE = REPO_ROOT / "configs" / "demo" / "text_only.yaml"
+TEXT_STAGE_KEY = "--model.init_args.text_encoder.pretrained_model_name_or_path"
 
 
 def demo_root() -> Path:
     return Path(os.environ.get(DEMO_DIR_ENV, DEFAULT_DEMO_DIR)).resolve()
 
 
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+def _build_atomically(target: Path, build: Callable[[Path], None], what: str = "") -> Path:
+    """``target``, built by ``build`` if missing; ``what`` says what it is, how long it takes and
+    how a run does without it, in the line announcing the build."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +53,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
-        log.info("Building demo asset %s (once; later runs reuse it)", target)
+        log.info("Building demo asset %s, once (later runs reuse it): %s", target, what or target.name)
         return _build_into(target, build)
 
 
@@ -66,7 +74,12 @@ def _build_into(target: Path, build: Callable[[Path], None]) -> Path:
 
 def corpus_dir() -> Path:
     """The text corpus: train.jsonl and eval/demo/ (BEIR layout)."""
-    return _build_atomically(demo_root() / "corpus", lambda d: write_demo_corpus(DemoCorpusConfig(), d))
+    return _build_atomically(
+        demo_root() / "corpus",
+        lambda d: write_demo_corpus(DemoCorpusConfig(), d),
+        "the demo's written corpus (query/document pairs, a BEIR eval set), a few seconds. "
+        "A run on your own data (--data.init_args.train_data, --data.init_args.eval_sets) needs none.",
+    )
 
 
 def train_tokenizer(texts, save_dir: Path) -> None:
@@ -99,10 +112,11 @@ def _tokenizer_training_texts(root: Path):
     """The corpus plus the task instructions, so a prompt costs a few tokens, not one per byte."""
     import json
 
-    from datamodules.text_batches import DEFAULT_PROMPTS, DEFAULT_QUERY_TEMPLATE
+    from datamodules.text_batches import PromptConfig
 
-    for instruction in DEFAULT_PROMPTS.values():
-        yield DEFAULT_QUERY_TEMPLATE.format(instruction=instruction, query="")
+    prompts = PromptConfig()  # the paper's instructions, as the demo recipes use them
+    for task in prompts.prompts:
+        yield prompts.format_query("", task)
     with open(root / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
@@ -149,7 +163,12 @@ def text_model_dir() -> Path:
         train_tokenizer(_tokenizer_training_texts(corpus), staging)
         save_tiny_text_model(staging, tokenizer_source=staging)
 
-    return _build_atomically(demo_root() / "tiny-qwen3", build)
+    return _build_atomically(
+        demo_root() / "tiny-qwen3",
+        build,
+        "a tokenizer trained on the demo's corpus and a tiny random-init Qwen3 text model, about ten "
+        f"seconds. Another text model: {TEXT_STAGE_KEY}=NAME_OR_DIR.",
+    )
 
 
 def tiny_w2v_bert_config(hidden_size: int = 128, num_layers: int = 2):
@@ -260,30 +279,66 @@ def save_real_size_models(
 
 def speech_model_dir() -> Path:
     """Tiny random-init w2v-BERT speech encoder (frozen in the late-fusion demo)."""
-    return _build_atomically(demo_root() / "tiny-w2v-bert", save_tiny_w2v_bert)
+    return _build_atomically(
+        demo_root() / "tiny-w2v-bert",
+        save_tiny_w2v_bert,
+        "a tiny random-init w2v-BERT speech tower, a few seconds. Another speech tower: "
+        "--model.init_args.speech_encoder.pretrained_model_name_or_path=NAME_OR_DIR.",
+    )
 
 
 def speech_corpus_dir() -> Path:
     """The corpus with spoken queries: train/ (parquet with audio) and eval/demo/ (BEIR + audio)."""
     from datamodules.demo.speech import write_demo_speech_corpus
 
-    return _build_atomically(demo_root() / "speech", write_demo_speech_corpus)
+    return _build_atomically(
+        demo_root() / "speech",
+        write_demo_speech_corpus,
+        "the demo's spoken corpus (queries rendered as audio, three voices per training query), about "
+        "a minute on 2 cores. A run on your own data (--data.init_args.train_data, "
+        "--data.init_args.eval_sets) needs none.",
+    )
 
 
 def speech_tasks_dir() -> Path:
     """Spoken keyword-spotting and zero-shot intent sets: keywords/ and intents/ (BEIR + audio)."""
     from datamodules.demo.speech_tasks import write_demo_speech_tasks
 
-    return _build_atomically(demo_root() / "speech-tasks", write_demo_speech_tasks)
+    return _build_atomically(
+        demo_root() / "speech-tasks",
+        write_demo_speech_tasks,
+        "the demo's spoken keyword and intent sets (data.classification_sets), about ten seconds. "
+        "Left out of a run whose data.eval_sets are not the demo's.",
+    )
+
+
+def text_stage_announcement(target: Path, command: list[str]) -> str:
+    """What training the text stage does, why, how long it takes, and how to do without it."""
+    import yaml
+
+    steps = yaml.safe_load(TEXT_STAGE_RECIPE.read_text())["trainer"]["max_steps"]
+    return (
+        f"This demo's frozen text tower is the text-only demo stage, not trained yet ({target} is "
+        "missing). Training it now, once (later runs reuse it), in a child process:\n"
+        f"    {' '.join(command)}\n"
+        f"{steps} steps: about 2 minutes on 2 idle CPU cores, 20-25 on a loaded machine; its progress "
+        "bar (on a terminal; elsewhere a line every 50 steps) and validation lines follow.\n"
+        "To skip it, point this recipe at a text stage you have (an exported text_encoder/ folder, e.g. "
+        "runs/demo_text_only/text_encoder after `python cli.py fit --config configs/demo/text_only.yaml`):\n"
+        f"    {TEXT_STAGE_KEY}=PATH"
+    )
 
 
 def text_stage_dir() -> Path:
-    """The text-only demo stage, trained once: the frozen text tower of the late-fusion demo.
+    """The text-only demo stage, trained once: the frozen text tower of the speech demos.
 
     Runs ``python cli.py fit --config configs/demo/text_only.yaml`` (the README's text-only
-    demo) in a child process and keeps its exported text model.
+    demo) in a child process, whose output (its progress bar, or ``ProgressLines`` where the
+    output is not a terminal, and its validation lines) passes through, and keeps its exported
+    text model. Announced first: it takes minutes.
     """
     text_model_dir()  # built first, outside the child, so its lock is not held twice
+    target = demo_root() / "text-stage"
 
     def build(staging: Path) -> None:
         run_dir = staging / "run"
@@ -292,16 +347,23 @@ def text_stage_dir() -> Path:
             str(REPO_ROOT / "cli.py"),
             "fit",
             "--config",
-            str(REPO_ROOT / "configs" / "demo" / "text_only.yaml"),
+            str(TEXT_STAGE_RECIPE),
             f"--trainer.default_root_dir={run_dir}",
         ]
-        log.info("Training the text-only demo stage first (a few minutes, once): %s", " ".join(command))
+        if not sys.stdout.isatty():  # the progress bar draws on a terminal only: a line per 50 steps
+            command.append("--trainer.callbacks+=callbacks.progress_lines.ProgressLines")
+        log.warning(text_stage_announcement(target, command))
+        started = time.monotonic()
         subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
         (run_dir / "text_encoder").rename(staging / "text_encoder")
         shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
         shutil.rmtree(run_dir)
+        log.warning(
+            "The text-only demo stage is trained (%.1f min): %s", (time.monotonic() - started) / 60, target
+        )
 
-    return _build_atomically(demo_root() / "text-stage", build) / "text_encoder"
+    what = f"the text-only demo stage (configs/demo/text_only.yaml); skipped by {TEXT_STAGE_KEY}=PATH"
+    return _build_atomically(target, build, what) / "text_encoder"
 
 
 ASSETS: dict[str, Callable[[], Path]] = {
@@ -321,10 +383,35 @@ def demo_asset(name: str) -> str:
     return str(ASSETS[name]())
 
 
+def demo_classification_sets(eval_sets) -> dict[str, str] | None:
+    """OmegaConf resolver body: ``${demo_classification_sets:${data.init_args.eval_sets}}``.
+
+    The demo's spoken keyword and intent sets while every eval set is the demo's own (a folder
+    under the demo's data); None, said in a log line, once ``eval_sets`` names other data: those
+    sets are in the demo's invented language, so a run on one's own data has no use for them. A
+    recipe that names ``classification_sets`` itself (or the command line) decides alone.
+    """
+    locations = [str(location) for location in (eval_sets or {}).values()]
+    root = demo_root()
+    if locations and all(Path(location).resolve().is_relative_to(root) for location in locations):
+        tasks = speech_tasks_dir()
+        return {"keywords": str(tasks / "keywords"), "intents": str(tasks / "intents")}
+    log.info(
+        "data.classification_sets: none (the demo's keyword and intent sets go with the demo's eval "
+        "sets; data.eval_sets is %s). Yours: --data.init_args.classification_sets='{NAME: BEIR_DIR}'.",
+        sorted(eval_sets) if eval_sets else "empty",
+    )
+    return None
+
+
+RESOLVERS = {"demo_asset": demo_asset, "demo_classification_sets": demo_classification_sets}
+
+
 def register_resolver() -> None:
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("demo_asset"):
-        # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
-        register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-        register("demo_asset", demo_asset)
+    # omegaconf 2.4 renamed register_new_resolver; 2.3 only has the old name.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            register(name, resolver)

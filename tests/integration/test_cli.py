@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -214,7 +216,7 @@ def test_fit_last_resumes_past_an_empty_last_checkpoint(demo_dir, tmp_path, capl
 
 
 def test_the_best_checkpoint_follows_an_eval_set_of_another_name(demo_dir, corpus_dir, tmp_path):
-    """The recipes monitor their own eval set's name; another one is a single override."""
+    """The recipes monitor the first eval set at the largest dim; another set or dim is one key."""
     eval_sets = f"--data.init_args.eval_sets={{fr2en: {corpus_dir / 'eval' / 'demo'}}}"
     monitor = "--best_checkpoint.monitor=val/fr2en/ndcg@10/d128"
     cli = cli_main(["fit", *quick_text_only(tmp_path, "--trainer.max_steps=2", eval_sets, monitor)])
@@ -250,3 +252,66 @@ def test_a_run_without_eval_sets_trains_and_says_nothing_is_selected(demo_dir, t
         )
     assert cli.trainer.global_step == 2
     assert "No eval sets (data.eval_sets): no validation runs" in caplog.text
+
+
+def test_fit_help_says_how_to_list_every_data_and_model_key(demo_dir, capsys):
+    """`fit --help` shows --data and --model as one option each; its epilog gives the commands
+    that list their keys, and says how their form relates to the README's."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", DEMO, "--help"])
+    epilog = capsys.readouterr().out.split("Every data and model option")[1]
+    assert "--data.batch_size=32 is --data.init_args.batch_size=32" in epilog
+    commands = re.findall(r"python cli\.py (fit --\S+\.help \S+(?: --\S+\.help)?)", epilog)
+    assert len(commands) == 3
+    for command in commands:
+        with pytest.raises(SystemExit):
+            cli_main(command.split())
+        listed = capsys.readouterr().out
+        assert re.search(r"--(data|model)\.(train_data|matryoshka_dims|prompts\.query_language) ", listed)
+
+
+# Every --key=value a README or docs command line or code span writes (values may be placeholders).
+DOCUMENTED = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+OVERRIDE = re.compile(r"--\w+(?:\.\w+)+\+?=")
+
+
+def _documented_commands() -> list[tuple[str, str | None, list[str]]]:
+    """(where, the recipe it names or None, its overrides) for each documented command."""
+    commands = []
+    for path in DOCUMENTED:
+        text = path.read_text()
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        spans = re.findall(r"(?<!`)`([^`]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+        for line in lines + [span.replace("\n", " ") for span in spans]:
+            if not OVERRIDE.search(line):
+                continue
+            tokens = shlex.split(line, comments=True)
+            overrides = [token for token in tokens if OVERRIDE.match(token)]
+            if overrides:
+                recipe = tokens[tokens.index("--config") + 1] if "--config" in tokens else None
+                commands.append((f"{path.name}: {line.strip()}", recipe, overrides))
+    return commands
+
+
+def test_every_key_the_docs_write_is_accepted(demo_dir, monkeypatch, capsys):
+    """The README's --data.init_args.KEY forms (and every other documented override) parse: a
+    recipe, or one of the demo recipes when the command names none, takes them with --print_config."""
+    monkeypatch.chdir(ROOT)
+    commands = _documented_commands()
+    assert any("--data.init_args." in " ".join(overrides) for _, _, overrides in commands)
+    for where, recipe, overrides in commands:
+        recipes = [recipe] if recipe else [DEMO, str(ROOT / "configs" / "demo" / "late_fusion.yaml")]
+        problems = []
+        for config in recipes:
+            try:
+                cli_main(["fit", "--config", config, *overrides, "--print_config"])
+            except SystemExit as exit_info:
+                if exit_info.code in (0, None):
+                    break
+                problems.append(f"{config}: exit {exit_info.code}")
+            except Exception as error:  # noqa: BLE001 - reported with the command below
+                problems.append(f"{config}: {error}")
+        else:
+            pytest.fail(f"{where}\n  " + "\n  ".join(problems))
+        capsys.readouterr()

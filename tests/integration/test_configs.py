@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from callbacks.monitors import automatic_monitor
+from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
 from lightning_modules.base import MatryoshkaEmbedder
 
@@ -47,6 +49,12 @@ def test_config_instantiates(
     _assert_run_callbacks(cli.trainer, tmp_path)
     cli.datamodule.setup("fit")
     assert cli.datamodule.eval_sets, "every recipe evaluates on at least one eval set"
+    # `best_checkpoint.monitor: auto` stands for the first eval set's nDCG@10 at the largest dim:
+    # val/demo/ndcg@10/d256 in the demos, the tag they named before it was the default.
+    (evaluator,) = [c for c in cli.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
+    kinds = {name: eval_set.kind for name, eval_set in cli.datamodule.eval_sets.items()}
+    monitor = automatic_monitor(evaluator.evaluator, kinds, cli.model.matryoshka_dims)
+    assert monitor == f"val/demo/ndcg@10/d{max(cli.model.matryoshka_dims)}"
     batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
     assert sorted(embeddings) == cli.model.matryoshka_dims
@@ -73,7 +81,7 @@ def _assert_run_callbacks(trainer, root: Path) -> None:
     best, last = of_type(ModelCheckpoint)
     # ExportTextEncoder exports trainer.checkpoint_callback as "best"; preemption writes beside it.
     assert trainer.checkpoint_callback is best
-    assert best.monitor.startswith("val/") and best.mode == "max" and best.filename == "best-{step}"
+    assert best.monitor == "auto" and best.mode == "max" and best.filename == "best-{step}"
     assert last.monitor is None and last.filename == "last" and not last._enable_version_counter
     assert Path(best.dirpath) == Path(last.dirpath) == root / "checkpoints"
     assert preemption.checkpoint_path(trainer) == root / "checkpoints" / "last-preempted.ckpt"
@@ -137,7 +145,7 @@ def test_print_config_shows_the_defaults_every_recipe_gets(demo_dir, monkeypatch
     assert printed["write_embeddings"]["dirpath"] == "runs/demo_late_fusion/embeddings"
     assert "signals" in printed["preemption"]
     best, last = printed["best_checkpoint"], printed["last_checkpoint"]
-    assert best["monitor"] == "val/demo/ndcg@10/d256" and best["mode"] == "max"
+    assert best["monitor"] == "auto" and best["mode"] == "max"
     assert best["dirpath"] == last["dirpath"] == "runs/demo_late_fusion/checkpoints"
     assert best["filename"] == "best-{step}" and last["filename"] == "last"
     assert last["enable_version_counter"] is False
