@@ -32,7 +32,6 @@ import torch
 from common import (
     DIMS,
     accelerator,
-    assets,
     machine,
     print_table,
     real_size_models,
@@ -45,6 +44,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.text_batches import PromptConfig
+from datamodules.tiny_models import save_tiny_text_model
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import TextEncoderConfig
 from lightning_modules.losses import MatryoshkaInfoNCE
@@ -180,9 +180,7 @@ def main() -> None:
             text_model = real_size_models(Path(directory), args.layers if args.layers != 2 else None)[0]
         elif args.layers != 2:
             text_model = str(Path(directory) / f"tiny-qwen3-{args.layers}-layers")
-            assets.save_tiny_text_model(
-                Path(text_model), tokenizer_source=tiny_text_model(), num_layers=args.layers
-            )
+            save_tiny_text_model(Path(text_model), tokenizer_source=tiny_text_model(), num_layers=args.layers)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         pairs = synthetic_pairs(tokenizer, args.batch_size * args.steps, 16, args.max_length)
         # Real tokens per example (query + document, as truncated): the tokens/s column.

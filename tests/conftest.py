@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from datamodules import tiny_models
 from datamodules.demo import assets
 from datamodules.demo.corpus import DemoCorpusConfig
 from datamodules.demo.speech import write_demo_speech_corpus
@@ -54,7 +55,7 @@ def corpus_dir(demo_dir) -> Path:
 def wide_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
     """1024 wide, one narrow layer: a stand-in for Qwen3-Embedding-0.6B's embedding size."""
     path = tmp_path_factory.mktemp("wide-tiny-qwen3")
-    assets.save_tiny_text_model(path, tokenizer_source=tiny_text_model, hidden_size=1024, num_layers=1)
+    tiny_models.save_tiny_text_model(path, tokenizer_source=tiny_text_model, hidden_size=1024, num_layers=1)
     return path
 
 
@@ -68,7 +69,7 @@ def tiny_speech_model(demo_dir) -> Path:
 def layer_norm_hubert(tmp_path_factory) -> Path:
     """A HuBERT-large-style waveform encoder (per-frame LayerNorm), batched with a mask."""
     path = tmp_path_factory.mktemp("tiny-hubert-layer-norm")
-    assets.save_tiny_hubert(path)
+    tiny_models.save_tiny_hubert(path)
     return path
 
 
@@ -76,7 +77,7 @@ def layer_norm_hubert(tmp_path_factory) -> Path:
 def group_norm_hubert(tmp_path_factory) -> Path:
     """A HuBERT-base-style waveform encoder (GroupNorm over time): per-clip statistics or clip by clip."""
     path = tmp_path_factory.mktemp("tiny-hubert-group-norm")
-    assets.save_tiny_hubert(path, feat_extract_norm="group", do_stable_layer_norm=False)
+    tiny_models.save_tiny_hubert(path, feat_extract_norm="group", do_stable_layer_norm=False)
     return path
 
 

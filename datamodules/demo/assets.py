@@ -23,16 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.demo.corpus import DemoCorpusConfig, write_demo_corpus
+from datamodules.tiny_models import (
+    instruction_texts,
+    save_tiny_text_model,
+    save_tiny_w2v_bert,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 DEMO_DIR_ENV = "DEMO_DATA_DIR"
 DEFAULT_DEMO_DIR = "data/demo"
-# Special tokens mirror Qwen3-Embedding: the end-of-text token pads and closes every input,
-# so last-token pooling reads the same position as it does on the real model.
-END_OF_TEXT = "<|endoftext|>"
-TOKENIZER_VOCAB_SIZE = 2048
 # The demo's text stage, trained once for the speech demos, and the key that names another text tower.
 TEXT_STAGE_RECIPE = REPO_ROOT / "configs" / "demo" / "text_only.yaml"
 TEXT_STAGE_KEY = "--model.init_args.text_encoder.pretrained_model_name_or_path"
@@ -82,77 +84,16 @@ def corpus_dir() -> Path:
     )
 
 
-def train_tokenizer(texts, save_dir: Path) -> None:
-    """Trains a byte-level BPE tokenizer (Qwen's scheme, at demo size) and saves it HF-style."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    eos_id = tokenizer.token_to_id(END_OF_TEXT)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {END_OF_TEXT}",
-        pair=f"$A {END_OF_TEXT} $B {END_OF_TEXT}",
-        special_tokens=[(END_OF_TEXT, eos_id)],
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT, padding_side="left"
-    )
-    wrapped.save_pretrained(save_dir)
-
-
 def _tokenizer_training_texts(root: Path):
     """The corpus plus the task instructions, so a prompt costs a few tokens, not one per byte."""
     import json
 
-    from datamodules.text_batches import PromptConfig
-
-    prompts = PromptConfig()  # the paper's instructions, as the demo recipes use them
-    for task in prompts.prompts:
-        yield prompts.format_query("", task)
+    yield from instruction_texts()
     with open(root / "train.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
             yield row["query"]
             yield row["document"]
-
-
-def tiny_text_model_config(vocab_size: int, hidden_size: int = 256, num_layers: int = 2):
-    """A Qwen3 decoder of the real architecture, small enough to train on a laptop CPU."""
-    from transformers import Qwen3Config
-
-    return Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-
-
-def save_tiny_text_model(
-    save_dir: Path, tokenizer_source: Path, hidden_size: int = 256, num_layers: int = 2, seed: int = 0
-) -> None:
-    """Random-init tiny Qwen3 + the given tokenizer, saved as a from_pretrained-able folder."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    torch.manual_seed(seed)
-    model = AutoModel.from_config(tiny_text_model_config(len(tokenizer), hidden_size, num_layers))
-    model.save_pretrained(save_dir)
-    tokenizer.save_pretrained(save_dir)
 
 
 def text_model_dir() -> Path:
@@ -169,82 +110,6 @@ def text_model_dir() -> Path:
         "a tokenizer trained on the demo's corpus and a tiny random-init Qwen3 text model, about ten "
         f"seconds. Another text model: {TEXT_STAGE_KEY}=NAME_OR_DIR.",
     )
-
-
-def tiny_w2v_bert_config(hidden_size: int = 128, num_layers: int = 2):
-    """A w2v-BERT 2.0 (conformer over 80-bin filterbanks, 50 frames per second) at demo size.
-
-    The demo's speech tower, random-init and frozen. Why not a tiny HuBERT: a random waveform
-    encoder samples its filters' oscillating outputs once per frame, so its states carry little
-    spectral information; a word classifier trained on them reached 0.18 held-out F1 where the
-    same classifier on this model's random states reached 0.83 (600 steps each). A filterbank
-    input carries the spectrum a pre-trained encoder would have learned to extract.
-    """
-    from transformers import Wav2Vec2BertConfig
-
-    return Wav2Vec2BertConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden_size,
-        feature_projection_input_dim=160,  # 80 mel bins, two frames stacked
-        conv_depthwise_kernel_size=15,
-        add_adapter=False,
-        mask_time_prob=0.0,
-        layerdrop=0.0,
-    )
-
-
-def save_tiny_w2v_bert(save_dir: Path, hidden_size: int = 128, num_layers: int = 2, seed: int = 0) -> None:
-    """Random-init tiny w2v-BERT + its filterbank feature extractor (16 kHz)."""
-    import torch
-    from transformers import AutoModel, SeamlessM4TFeatureExtractor
-
-    torch.manual_seed(seed)
-    AutoModel.from_config(tiny_w2v_bert_config(hidden_size, num_layers)).save_pretrained(save_dir)
-    SeamlessM4TFeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(save_dir)
-
-
-def tiny_hubert_config(hidden_size: int = 128, num_layers: int = 2):
-    """A HuBERT of the real recipe's architecture at test size: 50 frames per second of 16 kHz audio.
-
-    The waveform encoder uses per-frame LayerNorm (as HuBERT-large), so batches run padded; its
-    first convolution spans 25 ms and two convolutions keep it cheap with the same 320x
-    downsampling as HuBERT.
-    """
-    from transformers import HubertConfig
-
-    return HubertConfig(
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden_size,
-        conv_dim=(64, 64),
-        conv_kernel=(400, 3),
-        conv_stride=(160, 2),
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_conv_pos_embeddings=32,
-        num_conv_pos_embedding_groups=4,
-        mask_time_prob=0.0,
-    )
-
-
-def save_tiny_hubert(
-    save_dir: Path, hidden_size: int = 128, num_layers: int = 2, seed: int = 0, **overrides
-) -> None:
-    """Random-init tiny HuBERT + its waveform feature extractor (16 kHz, per-clip normalization)."""
-    import torch
-    from transformers import AutoModel, Wav2Vec2FeatureExtractor
-
-    config = tiny_hubert_config(hidden_size, num_layers)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    torch.manual_seed(seed)
-    AutoModel.from_config(config).save_pretrained(save_dir)
-    Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
-    ).save_pretrained(save_dir)
 
 
 # Qwen3-Embedding-0.6B's published configuration (the real recipe's text tower).

@@ -8,8 +8,8 @@ import torch
 from speech_inputs import DIMS, speech_text_batch
 from test_distributed import _rows
 
-from datamodules.demo.assets import save_tiny_hubert
 from datamodules.pairs import StreamingPairDataModule
+from datamodules.tiny_models import save_tiny_hubert
 from errors import ConfigError
 from lightning_modules import DualEncoder, LateFusion, TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig

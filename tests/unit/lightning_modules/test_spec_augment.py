@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.demo import assets
+from datamodules.tiny_models import save_tiny_hubert
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 
 MASK_LENGTH, MIN_SPANS, DRAWS = 4, 2, 150
@@ -23,7 +23,7 @@ NORMS = {"group": dict(feat_extract_norm="group", do_stable_layer_norm=False), "
 def masking_hubert(request, tmp_path_factory):
     """A tiny HuBERT (GroupNorm or LayerNorm feature encoder) that time-masks while training."""
     path = tmp_path_factory.mktemp(f"spec-augment-{request.param}")
-    assets.save_tiny_hubert(path, apply_spec_augment=True, **SPEC_AUGMENT, **NORMS[request.param])
+    save_tiny_hubert(path, apply_spec_augment=True, **SPEC_AUGMENT, **NORMS[request.param])
     return path
 
 
