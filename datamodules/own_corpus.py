@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from datamodules.sources import load_stream
-from datamodules.text_batches import usable_text
+from datamodules.text_batches import PromptConfig, usable_text
 from datamodules.tiny_models import (
     instruction_texts,
     save_tiny_text_model,
@@ -61,9 +61,14 @@ def tokens_per_word(tokenizer, texts: list[str]) -> float:
 
 
 def build(
-    train_data: str, output: Path, vocab_size: int = DEFAULT_VOCAB_SIZE, split: str = "train"
+    train_data: str,
+    output: Path,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    split: str = "train",
+    prompts: PromptConfig | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Writes ``output/text_model`` and ``output/speech_model``; returns the texts trained on."""
+    """Writes ``output/text_model`` and ``output/speech_model``; returns the queries and documents the
+    tokenizer was trained on (with ``prompts``' instructions, the paper's by default)."""
     if vocab_size <= 257:
         raise ConfigError(
             f"--vocab_size={vocab_size}: a byte-level tokenizer needs more than 257 (256 bytes + end token)."
@@ -72,7 +77,7 @@ def build(
         raise ConfigError(f"--output={str(output)!r} is not empty; delete it or name another folder.")
     queries, documents = training_texts(train_data, split)
     text_model = output / "text_model"
-    train_tokenizer([*instruction_texts(), *queries, *documents], text_model, vocab_size)
+    train_tokenizer([*instruction_texts(prompts), *queries, *documents], text_model, vocab_size)
     save_tiny_text_model(text_model, tokenizer_source=text_model)
     save_tiny_w2v_bert(output / "speech_model")
     return queries, documents
@@ -91,19 +96,27 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="Tokenizer vocabulary (at most)."
     )
     parser.add_argument("--train_split", default="train", help="Split of a folder or hub dataset.")
+    defaults = PromptConfig()
+    for side in ("query", "document"):
+        parser.add_argument(
+            f"--{side}_language",
+            default=getattr(defaults, f"{side}_language"),
+            help=f"As data.init_args.prompts.{side}_language: the instructions' words are trained on too.",
+        )
     parser.add_argument(
         "--compare_with",
         help="Tokenizer (name or folder) to compare with; default: the demo's (built if missing).",
     )
     args = parser.parse_args(argv)
-    queries, documents = build(args.train_data, args.output, args.vocab_size, args.train_split)
+    prompts = PromptConfig(query_language=args.query_language, document_language=args.document_language)
+    queries, documents = build(args.train_data, args.output, args.vocab_size, args.train_split, prompts)
 
     from transformers import AutoTokenizer
 
     if args.compare_with is None:
         from datamodules.demo.assets import text_model_dir
 
-        print("Comparing with the demo's tokenizer (built first if missing: about a minute, once).")
+        print("Comparing with the demo's tokenizer (built first if missing: a few seconds, once).")
         args.compare_with = str(text_model_dir())
     new = AutoTokenizer.from_pretrained(args.output / "text_model")
     other = AutoTokenizer.from_pretrained(args.compare_with)

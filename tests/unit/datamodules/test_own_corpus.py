@@ -38,6 +38,7 @@ def test_builds_a_tokenizer_from_the_training_texts_and_tiny_models(tmp_path, ca
             str(tmp_path / "out"),
             "--compare_with",
             str(tmp_path / "o" / "text_model"),
+            "--query_language=Lomasi",
         ]
     )
 
@@ -45,6 +46,9 @@ def test_builds_a_tokenizer_from_the_training_texts_and_tiny_models(tmp_path, ca
     assert rates["queries"]["new"] == 1.0 < rates["queries"]["compared"]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "text_model")
     assert len(tokenizer("ŋɔɓə", add_special_tokens=False)["input_ids"]) == 1
+    assert (
+        len(tokenizer("Given a Lomasi query", add_special_tokens=False)["input_ids"]) == 4
+    )  # the instruction's
     assert AutoModel.from_pretrained(tmp_path / "out" / "text_model").config.vocab_size == len(tokenizer)
     assert AutoConfig.from_pretrained(tmp_path / "out" / "speech_model").model_type == "wav2vec2-bert"
     assert AutoFeatureExtractor.from_pretrained(tmp_path / "out" / "speech_model").sampling_rate == 16000
