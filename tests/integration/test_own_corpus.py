@@ -38,7 +38,7 @@ AUDIO_FORMATS = [
     ("wav", 44100, "FLOAT"),
 ]
 # The tiny random-init text model sits near chance for ~60 steps, then learns the word mapping.
-TEXT_STEPS, FUSION_STEPS = 120, 40
+TEXT_STEPS, FUSION_STEPS = 120, 80
 DIMS = (32, 64, 128, 256)
 
 
@@ -133,6 +133,7 @@ def _untrained_then_trained(args: list[str], root: Path, steps: int) -> tuple[di
     started = time.monotonic()
     trained = cli_main(["fit", *args, *shortened, f"--trainer.default_root_dir={root}"])
     print(f"{root.name}: fit of {steps} steps took {time.monotonic() - started:.0f} s")
+    assert trained.trainer.checkpoint_callback.monitor == f"val/{EVAL_SET}/ndcg@10/d256"  # named by no one
     return _ndcg(untrained), _ndcg(trained)
 
 
@@ -153,17 +154,17 @@ def test_own_corpus_path_trains_text_stage_then_late_fusion(tmp_path, monkeypatc
     models = tmp_path / "models"
 
     started = time.monotonic()
-    rates = own_corpus.main(["--train_data", str(train), "--output", str(models)])
+    languages = ["--query_language", "Lomasi", "--document_language", "Greek"]
+    rates = own_corpus.main(["--train_data", str(train), "--output", str(models), *languages])
     print(f"own_corpus took {time.monotonic() - started:.0f} s")
     assert rates["queries"]["new"] < rates["queries"]["compared"]
     assert rates["documents"]["new"] < rates["documents"]["compared"]
 
-    # The README's overrides, the last one among those marked to go when the recipes follow
-    # the user's eval-set names.
     data = [
         f"--data.init_args.train_data={train}",
         f"--data.init_args.eval_sets={{{EVAL_SET}: {eval_set}}}",
-        f"--best_checkpoint.monitor=val/{EVAL_SET}/ndcg@10/d256",
+        "--data.init_args.prompts.query_language=Lomasi",
+        "--data.init_args.prompts.document_language=Greek",
     ]
     text_stage = tmp_path / "runs" / "text"
     text_args = [
@@ -183,7 +184,6 @@ def test_own_corpus_path_trains_text_stage_then_late_fusion(tmp_path, monkeypatc
         f"--model.init_args.speech_encoder.pretrained_model_name_or_path={models / 'speech_model'}",
         f"--data.init_args.audio.feature_extractor={models / 'speech_model'}",
         *data,
-        "--data.init_args.classification_sets=null",
     ]
     fusion_before, fusion_after = _untrained_then_trained(
         late_fusion_args, tmp_path / "runs" / "late_fusion", FUSION_STEPS
