@@ -7,7 +7,7 @@ dataset). Writes ``DIR/text_model/`` (a byte-level BPE tokenizer trained on the 
 and documents, with a random-init Qwen3 of the demo's size) and ``DIR/speech_model/`` (the demo's
 random-init w2v-BERT and its feature extractor), as the demo builds its own, then prints the
 tokens per word of the new tokenizer and of the demo's (or ``--compare_with``'s) on the training
-queries. Only the training data is read: the eval sets stay unseen.
+queries and documents. Only the training data is read: the eval sets stay unseen.
 """
 
 from __future__ import annotations
