@@ -421,6 +421,24 @@ class StreamingPairDataModule(LightningDataModule):
                 batch.pop(STATE_KEY)
         return batch
 
+    # ----- training audio, for what a model fits on it before training (a unit codebook) -------
+    def training_audio(self, rows: int, batch_size: int | None = None) -> Iterator[dict]:
+        """Speech batches of the first ``rows`` training rows (file order, one fresh read: the
+        training stream's position is untouched); unusable rows are left out as in training."""
+        hp = self.hparams
+        if self.audio is None or not hp.train_data:
+            raise ConfigError("training_audio needs data.train_data and data.audio (speech training data).")
+        stream = load_stream(hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data")
+        base_dir = relative_path_roots(hp.train_data)
+        chunk = []
+        for row in itertools.islice(stream, rows):
+            chunk.append(row)
+            if len(chunk) == (batch_size or hp.batch_size):
+                yield self.batches.training_batch(chunk, base_dir=base_dir)
+                chunk = []
+        if chunk:
+            yield self.batches.training_batch(chunk, base_dir=base_dir)
+
     # ----- documents, for a frozen-document cache -----------------------------------------
     def distinct_documents(self, include_training: bool = True) -> Iterator[str]:
         """Each distinct document text: the training data (one pass, file order), then the eval corpora."""

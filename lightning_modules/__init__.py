@@ -4,5 +4,6 @@ from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.dual_encoder import DualEncoder
 from lightning_modules.late_fusion import LateFusion
 from lightning_modules.text_only import TextOnly
+from lightning_modules.unit_fusion import UnitFusion
 
-__all__ = ["DualEncoder", "LateFusion", "MatryoshkaEmbedder", "TextOnly"]
+__all__ = ["DualEncoder", "LateFusion", "MatryoshkaEmbedder", "TextOnly", "UnitFusion"]

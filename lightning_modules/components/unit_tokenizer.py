@@ -75,7 +75,7 @@ class UnitCodebook:
     """K centroids and the settings that turn one layer's frames into their ids."""
 
     def __init__(self, centroids: torch.Tensor | np.ndarray, settings: UnitSettings):
-        self.centroids = torch.as_tensor(np.asarray(centroids, dtype=np.float32))
+        self.centroids = torch.as_tensor(centroids, dtype=torch.float32)
         if self.centroids.ndim != 2 or self.centroids.shape[0] < 2:
             raise ValueError(f"centroids must be [K >= 2, D], got {tuple(self.centroids.shape)}.")
         self.settings = settings
