@@ -158,8 +158,9 @@ class UnitFusion(SpeechIntoLLM):
         return states.hidden_states[0], states.frame_mask
 
     def ensure_codebook(self) -> None:
-        """Fits the codebook on training audio when none is loaded (every rank fits the same one
-        from the same rows; rank 0's is broadcast so they agree bit for bit) and saves it."""
+        """Fits the codebook on the run's training audio when none is loaded, and saves it under
+        the run folder (every rank fits the same one from the same rows; rank 0's is broadcast so
+        they agree bit for bit)."""
         if bool(self.codebook_ready):
             return
         trainer = self._trainer
@@ -169,6 +170,17 @@ class UnitFusion(SpeechIntoLLM):
                 "model.units.codebook is not set and there is no training data to fit one on: "
                 "name a saved codebook, or run with data.train_data."
             )
+        codebook = self.fit_codebook(data)
+        centroids = trainer.strategy.broadcast(codebook.centroids, src=0)
+        self._use_codebook(UnitCodebook(centroids, self.unit_settings))
+        if trainer.is_global_zero:
+            folder = Path(trainer.default_root_dir) / "units"
+            self.codebook().save(folder)
+            log.info("Saved the unit codebook to %s (model.units.codebook=%s reuses it).", folder, folder)
+
+    def fit_codebook(self, data) -> UnitCodebook:
+        """k-means on frames of the first ``units.fit_rows`` training clips of ``data`` (a data
+        module with ``training_audio``), pooled as units are read; the model uses it from then on."""
         config = self.units_config
         log.info(
             "Fitting %d discrete units (k-means) on layer %d of the speech tower, frames of the first %d "
@@ -182,16 +194,11 @@ class UnitFusion(SpeechIntoLLM):
             for batch in data.training_audio(config.fit_rows)
             if batch["ids"]
         )
-        # Pooled as units are read, so the centroids live where the assigned frames do.
         pooled = (pool_frames(frames, mask, self.unit_settings.pool) for frames, mask in batches)
         frames = sample_frames(pooled, config.fit_frames, seed=config.seed)
         codebook = fit_codebook(frames, config.size, self.unit_settings, seed=config.seed)
-        centroids = trainer.strategy.broadcast(codebook.centroids, src=0)
-        self._use_codebook(UnitCodebook(centroids, self.unit_settings))
-        if trainer.is_global_zero:
-            folder = Path(trainer.default_root_dir) / "units"
-            self.codebook().save(folder)
-            log.info("Saved the unit codebook to %s (model.units.codebook=%s reuses it).", folder, folder)
+        self._use_codebook(codebook)
+        return codebook
 
     def on_fit_start(self) -> None:
         self.ensure_codebook()

@@ -9,6 +9,7 @@ import pytest
 from callbacks.monitors import automatic_monitor
 from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
+from lightning_modules import UnitFusion
 from lightning_modules.base import MatryoshkaEmbedder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,8 @@ def test_config_instantiates(
     kinds = {name: eval_set.kind for name, eval_set in cli.datamodule.eval_sets.items()}
     monitor = automatic_monitor(evaluator.evaluator, kinds, cli.model.matryoshka_dims)
     assert monitor == f"val/demo/ndcg@10/d{max(cli.model.matryoshka_dims)}"
+    if isinstance(cli.model, UnitFusion):  # its tokens come from a codebook fitted on training audio
+        cli.model.fit_codebook(cli.datamodule)
     batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
     assert sorted(embeddings) == cli.model.matryoshka_dims
