@@ -138,3 +138,27 @@ def test_fit_fits_the_codebook_on_training_audio_and_checkpoints_it(
     restored = _model(tiny_text_model, tiny_speech_model, fit_rows=32, fit_frames=2000)
     restored.load_state_dict(state, strict=False)
     assert bool(restored.codebook_ready) and torch.equal(restored.unit_centroids, model.unit_centroids)
+
+
+@pytest.mark.slow  # Qwen3-0.6B and HuBERT-base shapes with random weights: about a minute on 2 cores
+def test_one_training_step_at_the_real_recipes_shapes(tiny_text_model, tmp_path):
+    from datamodules.demo.assets import save_real_size_models
+
+    text_dir, speech_dir = save_real_size_models(tmp_path, tiny_text_model)
+    model = UnitFusion(
+        TextEncoderConfig(str(text_dir), lora=LoraSettings(r=16, dropout=0.0)),
+        {"pretrained_model_name_or_path": str(speech_dir)},
+        units={"size": 1024, "pool": 2},  # layer: the middle of HuBERT-base's 12
+        adapt_documents=False,
+        matryoshka_dims=[128, 256, 512, 1024],
+        loss=MatryoshkaInfoNCE(symmetric=True),
+    )
+    assert model.unit_settings.layer == 6 and model.speech_encoder.hidden_size == 768
+    assert model.unit_embeddings.weight.shape == (1024, 1024)
+    rng = np.random.default_rng(0)
+    model._use_codebook(UnitCodebook(rng.normal(size=(1024, 768)).astype(np.float32), model.unit_settings))
+    batch = _batch(text_dir, speech_dir)
+    loss = model.training_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.unit_embeddings.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.speech_encoder.parameters())
