@@ -220,7 +220,17 @@ class UnitFusion(SpeechIntoLLM):
     def query_units(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's clips as unit ids ``[B, U]`` (``PAD_UNIT`` at padding) and their mask."""
         frames, mask = self._layer_frames(batch["query_audio"])
-        return self.codebook().units(frames, mask)
+        units, unit_mask = self.codebook().units(frames, mask)
+        if self.training and self._trainer is not None:
+            # Unit usage in TensorBoard: the share of the K units a batch uses, and units per
+            # speech frame (1/pool, less where runs collapse).
+            real = unit_mask.bool()
+            rows = len(units)
+            used = units[real].unique().numel() / self.units_config.size
+            self.log("train/units_used_share", used, batch_size=rows, sync_dist=True)
+            per_frame = float(real.sum()) / max(1, int(mask.sum()))
+            self.log("train/units_per_frame", per_frame, batch_size=rows, sync_dist=True)
+        return units, unit_mask
 
     def speech_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         units, mask = self.query_units(batch)

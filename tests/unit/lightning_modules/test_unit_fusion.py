@@ -128,6 +128,9 @@ def test_fit_fits_the_codebook_on_training_audio_and_checkpoints_it(
     )
     trainer.fit(model, data)
     assert bool(model.codebook_ready) and model.unit_centroids.abs().sum() > 0
+    metrics = trainer.callback_metrics  # unit usage, logged each step
+    assert 0 < float(metrics["train/units_used_share"]) <= 1
+    assert 0 < float(metrics["train/units_per_frame"]) <= 0.5 + 1e-6  # pool 2, no collapsing
     saved = UnitCodebook.load(tmp_path / "units")
     assert torch.equal(saved.centroids, model.unit_centroids) and saved.settings == model.unit_settings
     trainer.save_checkpoint(tmp_path / "last.ckpt")
