@@ -15,6 +15,7 @@ set), saved under the run folder (``units/``) and in every checkpoint (buffer ``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from errors import ConfigError
 from lightning_modules.components.speech_encoder import SpeechEncoderConfig
 from lightning_modules.components.text_encoder import TextEncoderConfig
 from lightning_modules.components.unit_tokenizer import (
+    PAD_UNIT,
     UnitCodebook,
     UnitSettings,
     fit_codebook,
@@ -57,12 +59,38 @@ class UnitConfig:
     fit_frames: int = 100_000
     """Frames sampled from them for k-means."""
     seed: int = 0
+    cache: bool = True
+    """Keep each clip's units in memory, keyed by its audio: the speech tower is frozen, so a clip
+    seen before skips it (a later pass over the data runs the LLM only)."""
 
     @classmethod
     def coerce(cls, value: UnitConfig | Mapping | None) -> UnitConfig:
         if isinstance(value, cls):
             return value
         return cls(**dict(value or {}))
+
+
+def clip_keys(audio: Mapping) -> list[bytes]:
+    """One key per clip of a speech batch: a hash of its real input (samples or filterbanks)."""
+    values = audio.get("input_values", audio.get("input_features"))
+    mask = audio.get("attention_mask")
+    keys = []
+    for row in range(values.shape[0]):
+        real = values[row] if mask is None else values[row, : int(mask[row].sum())]
+        digest = hashlib.blake2b(real.detach().float().cpu().numpy().tobytes(), digest_size=16)
+        digest.update(str(tuple(real.shape)).encode())
+        keys.append(digest.digest())
+    return keys
+
+
+def stack_units(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows of different lengths as ``[B, U]`` right-padded with ``PAD_UNIT``, and the mask."""
+    width = max(len(row) for row in rows)
+    units = torch.full((len(rows), width), PAD_UNIT, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        units[i, : len(row)], mask[i, : len(row)] = row, 1
+    return units.to(device), mask.to(device)
 
 
 def _middle_layer(speech: SpeechEncoderConfig) -> int:
@@ -118,6 +146,8 @@ class UnitFusion(SpeechIntoLLM):
         # Centroids and whether they were fitted: buffers, so every checkpoint holds the codebook.
         self.register_buffer("unit_centroids", torch.zeros(config.size, self.speech_encoder.hidden_size))
         self.register_buffer("codebook_ready", torch.tensor(False))
+        self.unit_cache: dict[bytes, torch.Tensor] = {}  # clip key -> its units (``units.cache``)
+        self.unit_cache_frames: dict[bytes, int] = {}
         if config.codebook is not None:
             self._use_codebook(UnitCodebook.load(config.codebook))
         # New rows start where the LLM's own token embeddings are: their mean and spread per
@@ -151,6 +181,8 @@ class UnitFusion(SpeechIntoLLM):
             )
         self.unit_centroids.copy_(codebook.centroids.to(self.unit_centroids))
         self.codebook_ready.fill_(True)
+        self.unit_cache.clear()  # units of another codebook
+        self.unit_cache_frames.clear()
 
     def _layer_frames(self, audio: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -219,8 +251,19 @@ class UnitFusion(SpeechIntoLLM):
     # ----- queries ---------------------------------------------------------------------------
     def query_units(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's clips as unit ids ``[B, U]`` (``PAD_UNIT`` at padding) and their mask."""
-        frames, mask = self._layer_frames(batch["query_audio"])
-        units, unit_mask = self.codebook().units(frames, mask)
+        audio = batch["query_audio"]
+        keys = clip_keys(audio) if self.units_config.cache else None
+        if keys is not None and all(key in self.unit_cache for key in keys):
+            units, unit_mask = stack_units([self.unit_cache[key] for key in keys], self.device)
+            frames_seen = sum(self.unit_cache_frames[key] for key in keys)
+        else:
+            frames, mask = self._layer_frames(audio)
+            units, unit_mask = self.codebook().units(frames, mask)
+            frames_seen = int(mask.sum())
+            if keys is not None:
+                for row, key in enumerate(keys):
+                    self.unit_cache[key] = units[row, unit_mask[row].bool()].cpu()
+                    self.unit_cache_frames[key] = int(mask[row].sum())
         if self.training and self._trainer is not None:
             # Unit usage in TensorBoard: the share of the K units a batch uses, and units per
             # speech frame (1/pool, less where runs collapse).
@@ -228,7 +271,7 @@ class UnitFusion(SpeechIntoLLM):
             rows = len(units)
             used = units[real].unique().numel() / self.units_config.size
             self.log("train/units_used_share", used, batch_size=rows, sync_dist=True)
-            per_frame = float(real.sum()) / max(1, int(mask.sum()))
+            per_frame = float(real.sum()) / max(1, frames_seen)
             self.log("train/units_per_frame", per_frame, batch_size=rows, sync_dist=True)
         return units, unit_mask
 

@@ -166,3 +166,31 @@ def test_one_training_step_at_the_real_recipes_shapes(tiny_text_model, tmp_path)
     loss.backward()
     assert torch.isfinite(loss) and model.unit_embeddings.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.speech_encoder.parameters())
+
+
+def test_the_unit_cache_gives_the_same_losses_and_skips_the_speech_tower(tiny_text_model, tiny_speech_model):
+    """Batches that repeat clips in other company: with the cache, a batch of clips seen before
+    runs no speech tower, and every loss equals the uncached model's."""
+    from speech_inputs import query_batch
+
+    text = StreamingPairDataModule(str(tiny_text_model)).batches
+    clips, documents = sample_clips(), ["kër gi", "ndox mi tàng na", "xale yi dem nañu"]
+
+    def batch_of(order):
+        batch = query_batch(
+            tiny_text_model, tiny_speech_model, [clips[i] for i in order], ["document_retrieval"] * len(order)
+        )
+        batch["document"] = text.documents([documents[i] for i in order])
+        batch["ids"] = [str(i) for i in order]
+        return batch
+
+    batches = [batch_of([0, 1, 2]), batch_of([2, 0]), batch_of([1, 2, 0])]
+    cached, uncached = (_model(tiny_text_model, tiny_speech_model, cache=c) for c in (True, False))
+    _fit_codebook_on(cached, _batch(tiny_text_model, tiny_speech_model))
+    uncached._use_codebook(cached.codebook())
+    tower_runs = []
+    cached.speech_encoder.register_forward_hook(lambda *args: tower_runs.append(1))
+    for batch in batches:
+        with torch.no_grad():
+            assert torch.equal(cached.training_loss(batch), uncached.training_loss(batch))
+    assert len(tower_runs) == 1 and len(cached.unit_cache) == 3 and not uncached.unit_cache
