@@ -167,7 +167,9 @@ class SpeechEncoder(nn.Module):
         """
         encoder = getattr(self.model, "encoder", None)
         layers = getattr(encoder, "layers", None)
-        top = max(self.layers)
+        # At least one layer stays: some families return no hidden states at all without one
+        # (w2v-BERT with layers: [0], the projected features alone).
+        top = max(1, max(self.layers))
         if not isinstance(layers, nn.ModuleList) or top >= len(layers):
             return
         with torch.no_grad():

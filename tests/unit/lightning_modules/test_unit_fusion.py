@@ -194,3 +194,18 @@ def test_the_unit_cache_gives_the_same_losses_and_skips_the_speech_tower(tiny_te
         with torch.no_grad():
             assert torch.equal(cached.training_loss(batch), uncached.training_loss(batch))
     assert len(tower_runs) == 1 and len(cached.unit_cache) == 3 and not uncached.unit_cache
+
+
+def test_units_of_layer_zero_read_the_same_states_as_the_whole_tower(tiny_speech_model):
+    """Layer 0 alone (the demo's choice): the tower keeps one layer, since w2v-BERT cut to none
+    returns no hidden states, and layer 0's states are the whole tower's."""
+    from transformers import AutoFeatureExtractor
+
+    from datamodules.audio import pad_waveforms
+    from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
+
+    alone = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model), layers=[0])).eval()
+    whole = SpeechEncoder(SpeechEncoderConfig(str(tiny_speech_model), layers=[0, 1, 2])).eval()
+    audio = pad_waveforms(AutoFeatureExtractor.from_pretrained(tiny_speech_model), sample_clips())
+    with torch.no_grad():
+        assert torch.equal(alone(**audio).hidden_states[0], whole(**audio).hidden_states[0])
