@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from callbacks.monitors import automatic_monitor
 from callbacks.retrieval import RetrievalEvaluator
@@ -34,6 +35,21 @@ def _stand_ins(
     else:
         train, eval_set = corpus / "train.jsonl", corpus / "eval" / "demo"
     return args + [f"--data.init_args.train_data={train}", f"--data.init_args.eval_sets={{demo: {eval_set}}}"]
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """A YAML loader that refuses a key written twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+        assert not duplicated, f"keys written twice: {duplicated} (line {node.start_mark.line + 1})"
+        return super().construct_mapping(node, deep)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_no_key_is_written_twice(config):
+    yaml.load((ROOT / config).read_text(), Loader=_UniqueKeys)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
