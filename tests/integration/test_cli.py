@@ -301,7 +301,11 @@ def test_every_key_the_docs_write_is_accepted(demo_dir, monkeypatch, capsys):
     commands = _documented_commands()
     assert any("--data.init_args." in " ".join(overrides) for _, _, overrides in commands)
     for where, recipe, overrides in commands:
-        recipes = [recipe] if recipe else [DEMO, str(ROOT / "configs" / "demo" / "late_fusion.yaml")]
+        demos = [
+            DEMO,
+            *(str(ROOT / "configs" / "demo" / name) for name in ("late_fusion.yaml", "unit_fusion.yaml")),
+        ]
+        recipes = [recipe] if recipe else demos
         problems = []
         for config in recipes:
             try:
