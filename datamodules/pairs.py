@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -140,6 +141,11 @@ class StreamingPairDataModule(LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # Plain data in checkpoints: resuming reads them with torch.load(weights_only=True), which
+        # refuses our classes (AudioSettings, PromptConfig).
+        for key, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                self.hparams[key] = dataclasses.asdict(value)
         if batch_size < 2:
             raise ConfigError(
                 f"data.batch_size={batch_size}: in-batch InfoNCE needs at least 2 pairs per batch."

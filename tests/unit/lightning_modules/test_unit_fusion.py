@@ -209,3 +209,37 @@ def test_units_of_layer_zero_read_the_same_states_as_the_whole_tower(tiny_speech
     audio = pad_waveforms(AutoFeatureExtractor.from_pretrained(tiny_speech_model), sample_clips())
     with torch.no_grad():
         assert torch.equal(alone(**audio).hidden_states[0], whole(**audio).hidden_states[0])
+
+
+@pytest.mark.integration  # three short fits on the demo's speech corpus
+def test_a_resumed_run_is_the_same_run_with_the_checkpoints_codebook(
+    tiny_text_model, tiny_speech_model, speech_corpus_dir, tmp_path
+):
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root, steps, ckpt_path=None, callbacks=()):
+        seed_everything(0)
+        model = _model(tiny_text_model, tiny_speech_model, fit_rows=32, fit_frames=2000)
+        data = StreamingPairDataModule(
+            str(tiny_text_model),
+            train_data=str(speech_corpus_dir / "train"),
+            audio=AudioSettings(feature_extractor=str(tiny_speech_model), min_duration=0.5),
+            batch_size=8,
+            shuffle_block_size=32,
+        )
+        trainer = quiet_cpu_trainer(
+            max_steps=steps, default_root_dir=root, limit_val_batches=0, callbacks=list(callbacks)
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model
+
+    straight = fit(tmp_path / "straight", 4)
+    every_step = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    fit(tmp_path / "first", 2, callbacks=[every_step])
+    resumed = fit(tmp_path / "second", 4, ckpt_path=tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
+    assert not (tmp_path / "second" / "units").exists()  # the checkpoint's codebook, not a new one
+    assert torch.equal(resumed.unit_centroids, straight.unit_centroids)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), name
