@@ -268,6 +268,53 @@ class TranscriptionAlignment(EmbeddingLoss):
         return {"alignment": loss}
 
 
+class SpreadOut(EmbeddingLoss):
+    """Global orthogonal regularization (Zhang et al. 2017, "Learning Spread-out Local Feature
+    Descriptors"), the regulariser the unit-fusion paper adds: non-matching query-document pairs
+    should look like independent random unit vectors, whose dot products have mean 0 and second
+    moment 1/d in d dims. Per dim: ``mean(s)^2 + max(0, mean(s^2) - 1/d)`` over the cosines ``s``
+    of every pair (i, j != i) in the batch (this rank's), summed over dims. Use it inside a
+    ``WeightedSum`` beside InfoNCE."""
+
+    needs = frozenset({"documents"})
+
+    def __init__(self, dim_weights: dict[int, float] | None = None):
+        """
+        Args:
+            dim_weights: Optional weight per dim in the sum (missing dims weigh 1).
+        """
+        super().__init__()
+        self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
+        self.init_args = {"dim_weights": self.dim_weights}
+
+    def min_rows(self) -> int:
+        return 2
+
+    def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        total = None
+        for dim in sorted(inputs.queries):
+            queries = F.normalize(inputs.queries[dim].float(), dim=-1)
+            documents = F.normalize(inputs.documents[dim].float(), dim=-1)
+            with torch.autocast(device_type=queries.device.type, enabled=False):
+                cosines = queries @ documents.T
+            rows = cosines.shape[0]
+            off_diagonal = cosines[~torch.eye(rows, dtype=torch.bool, device=cosines.device)]
+            if inputs.document_keys is not None:  # a copy of a row's own document is not a pair to spread
+                keys = inputs.document_keys.to(cosines.device)
+                same = (keys[:, None] == keys[None, :])[
+                    ~torch.eye(rows, dtype=torch.bool, device=cosines.device)
+                ]
+                off_diagonal = off_diagonal[~same]
+            if off_diagonal.numel() == 0:
+                continue
+            term = off_diagonal.mean() ** 2 + F.relu(off_diagonal.pow(2).mean() - 1.0 / dim)
+            term = self.dim_weights.get(dim, 1.0) * term
+            total = term if total is None else total + term
+        if total is None:
+            total = inputs.queries[min(inputs.queries)].sum() * 0.0
+        return {"spread_out": total}
+
+
 class WeightedSum(EmbeddingLoss):
     """``sum_i weight_i * loss_i``: e.g. InfoNCE plus transcription alignment."""
 

@@ -181,3 +181,32 @@ def test_bad_loss_settings_are_named():
         WeightedSum([MatryoshkaInfoNCE()], [1.0, 2.0])
     with pytest.raises(ConfigError, match=r"dim_weights names dims \[3\]"):
         WeightedSum([TranscriptionAlignment(dim_weights={3: 1.0})]).check_dims([4, 8])
+
+
+def test_spread_out_equals_a_direct_computation_of_the_moments():
+    """Zhang et al.'s global orthogonal regularization, per dim, from NumPy loops over the pairs."""
+    import numpy as np
+
+    from lightning_modules.losses import LossInputs, SpreadOut
+
+    generator = torch.Generator().manual_seed(0)
+    queries = {d: torch.randn(5, d, generator=generator) for d in (4, 16)}
+    documents = {
+        d: torch.randn(5, d, generator=generator) + 0.5 for d in (4, 16)
+    }  # a shared offset: mean > 0
+    keys = torch.tensor([0, 1, 2, 3, 1])  # rows 1 and 4 share a document: not a pair to spread
+    loss = SpreadOut(dim_weights={16: 0.5})
+    got = loss(LossInputs(queries, documents, document_keys=keys))
+    expected = 0.0
+    for dim, weight in ((4, 1.0), (16, 0.5)):
+        q = queries[dim].numpy() / np.linalg.norm(queries[dim].numpy(), axis=1, keepdims=True)
+        t = documents[dim].numpy() / np.linalg.norm(documents[dim].numpy(), axis=1, keepdims=True)
+        pairs = [q[i] @ t[j] for i in range(5) for j in range(5) if i != j and keys[i] != keys[j]]
+        first, second = np.mean(pairs), np.mean(np.square(pairs))
+        expected += weight * (first**2 + max(0.0, second - 1 / dim))
+    assert abs(float(got) - expected) < 1e-6
+    assert float(got) > 0.01  # the offset documents are not spread out
+    assert loss.config() == {
+        "class_path": "lightning_modules.losses.SpreadOut",
+        "init_args": {"dim_weights": {16: 0.5}},
+    }
