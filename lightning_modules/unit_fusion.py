@@ -16,6 +16,7 @@ set), saved under the run folder (``units/``) and in every checkpoint (buffer ``
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import collectives
 from errors import ConfigError
 from lightning_modules.components.speech_encoder import SpeechEncoderConfig
 from lightning_modules.components.text_encoder import TextEncoderConfig
@@ -246,7 +248,38 @@ class UnitFusion(SpeechIntoLLM):
 
     def on_predict_start(self) -> None:
         self.ensure_codebook()
+        self._predicted_units: dict[str, dict[int, list[int]]] = {}
         super().on_predict_start()
+
+    def predict_step(self, batch: Mapping, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
+        """The evaluation outputs, and each eval query's units kept for ``on_predict_end``."""
+        if batch["side"] == "queries":
+            units, mask = self.query_units(batch)  # from the unit cache after the first read
+            rows = self._predicted_units.setdefault(batch["eval_set"], {})
+            for row, index in enumerate(batch["index"].tolist()):
+                rows[index] = units[row, mask[row].bool()].tolist()
+        return self.evaluation_step(batch, batch_idx, dataloader_idx)
+
+    def on_predict_end(self) -> None:
+        """Writes ``<run>/units/<eval set>.queries.jsonl``: each eval query's id and unit ids."""
+        gathered = collectives.gather_objects(self._predicted_units)
+        trainer = self._trainer
+        if not trainer.is_global_zero:
+            return
+        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
+        folder = Path(trainer.default_root_dir) / "units"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, eval_set in eval_sets.items():
+            units = {index: row for part in gathered for index, row in part.get(name, {}).items()}
+            if not units:
+                continue
+            path = folder / f"{name}.queries.jsonl"
+            with open(path, "w", encoding="utf-8") as handle:
+                for index in sorted(units):
+                    handle.write(
+                        json.dumps({"id": eval_set.queries[index]["id"], "units": units[index]}) + "\n"
+                    )
+            log.info("Wrote the units of %d %s queries to %s.", len(units), name, path)
 
     # ----- queries ---------------------------------------------------------------------------
     def query_units(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,19 @@ def test_fit_fits_the_codebook_on_training_audio_and_checkpoints_it(
     restored.load_state_dict(state, strict=False)
     assert bool(restored.codebook_ready) and torch.equal(restored.unit_centroids, model.unit_centroids)
 
+    # predict writes each eval query's units, the ones its embedding was computed from
+    quiet_cpu_trainer(default_root_dir=tmp_path / "predict").predict(model, data)
+    import json
+
+    lines = [json.loads(line) for line in (tmp_path / "predict" / "units" / "demo.queries.jsonl").open()]
+    queries = data.eval_sets["demo"].queries
+    assert [line["id"] for line in lines] == [query["id"] for query in queries]
+    first = data.batches.eval_batch([(0, queries[0])], "demo", "queries")
+    units, mask = model.eval().query_units(first)
+    assert lines[0]["units"] == units[0, mask[0].bool()].tolist() and all(
+        0 <= u < 8 for u in lines[0]["units"]
+    )
+
 
 @pytest.mark.slow  # Qwen3-0.6B and HuBERT-base shapes with random weights: about a minute on 2 cores
 def test_one_training_step_at_the_real_recipes_shapes(tiny_text_model, tmp_path):
