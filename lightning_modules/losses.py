@@ -249,10 +249,8 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
         return {"info_nce": loss}
 
 
-class TranscriptionAlignment(EmbeddingLoss):
-    """Pulls each speech query towards the text tower's embedding of its transcription (cosine + L1)."""
-
-    needs = frozenset({"transcriptions"})
+class DimWeightedLoss(EmbeddingLoss):
+    """A loss whose one setting is a weight per dim."""
 
     def __init__(self, dim_weights: dict[int, float] | None = None):
         """
@@ -263,12 +261,18 @@ class TranscriptionAlignment(EmbeddingLoss):
         self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
         self.init_args = {"dim_weights": self.dim_weights}
 
+
+class TranscriptionAlignment(DimWeightedLoss):
+    """Pulls each speech query towards the text tower's embedding of its transcription (cosine + L1)."""
+
+    needs = frozenset({"transcriptions"})
+
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         loss = matryoshka_alignment_loss(inputs.queries, inputs.transcriptions, self.dim_weights)
         return {"alignment": loss}
 
 
-class SpreadOut(EmbeddingLoss):
+class SpreadOut(DimWeightedLoss):
     """Global orthogonal regularization (Zhang et al. 2017, "Learning Spread-out Local Feature
     Descriptors"), the regulariser the unit-fusion paper adds: non-matching query-document pairs
     should look like independent random unit vectors, whose dot products have mean 0 and second
@@ -277,15 +281,6 @@ class SpreadOut(EmbeddingLoss):
     ``WeightedSum`` beside InfoNCE."""
 
     needs = frozenset({"documents"})
-
-    def __init__(self, dim_weights: dict[int, float] | None = None):
-        """
-        Args:
-            dim_weights: Optional weight per dim in the sum (missing dims weigh 1).
-        """
-        super().__init__()
-        self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
-        self.init_args = {"dim_weights": self.dim_weights}
 
     def min_rows(self) -> int:
         return 2

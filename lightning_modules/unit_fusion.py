@@ -41,6 +41,8 @@ from lightning_modules.speech_into_llm import SpeechIntoLLM
 
 log = logging.getLogger(__name__)
 
+FRAME_SECONDS = 0.02  # the frame period of the HuBERT / wav2vec2 / w2v-BERT families (50 Hz)
+
 
 @dataclass
 class UnitConfig:
@@ -298,14 +300,14 @@ class UnitFusion(SpeechIntoLLM):
                     self.unit_cache[key] = units[row, unit_mask[row].bool()].cpu()
                     self.unit_cache_frames[key] = int(mask[row].sum())
         if self.training and self._trainer is not None:
-            # Unit usage in TensorBoard: the share of the K units a batch uses, and units per
-            # speech frame (1/pool, less where runs collapse).
+            # Unit usage in TensorBoard: the share of the K units a batch uses, and units per second
+            # of speech (HuBERT / wav2vec2 / w2v-BERT frames are 20 ms: 25 units/s at pool 2).
             real = unit_mask.bool()
             rows = len(units)
             used = units[real].unique().numel() / self.units_config.size
             self.log("train/units_used_share", used, batch_size=rows, sync_dist=True)
-            per_frame = float(real.sum()) / max(1, frames_seen)
-            self.log("train/units_per_frame", per_frame, batch_size=rows, sync_dist=True)
+            per_second = float(real.sum()) / max(1e-9, FRAME_SECONDS * frames_seen)
+            self.log("train/units_per_second", per_second, batch_size=rows, sync_dist=True)
         return units, unit_mask
 
     def speech_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:

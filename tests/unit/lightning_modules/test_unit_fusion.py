@@ -130,8 +130,9 @@ def test_fit_fits_the_codebook_on_training_audio_and_checkpoints_it(
     assert bool(model.codebook_ready) and model.unit_centroids.abs().sum() > 0
     metrics = trainer.callback_metrics  # unit usage, logged each step
     assert 0 < float(metrics["train/units_used_share"]) <= 1
-    # pool 2, no collapsing: ceil(n / 2) / n per clip, at most 0.51 for clips of 50 frames or more
-    assert 0.5 <= float(metrics["train/units_per_frame"]) <= 0.51
+    # pool 2, no collapsing: ceil(n / 2) units of n 20 ms frames, 25-25.5 a second for clips of
+    # 50 frames or more
+    assert 25 <= float(metrics["train/units_per_second"]) <= 25.5
     saved = UnitCodebook.load(tmp_path / "units")
     assert torch.equal(saved.centroids, model.unit_centroids) and saved.settings == model.unit_settings
     trainer.save_checkpoint(tmp_path / "last.ckpt")
