@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from lightning.fabric.utilities import move_data_to_device
 from speech_inputs import DIMS, speech_text_batch
+from text_rows import text_rows
 
 from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import DualEncoder, LateFusion, TextOnly
@@ -28,18 +29,6 @@ PATH_PRODUCTS = {
     "dual_retrieval": {"queries": _SPEECH + 4, "documents": _TEXT},
     "dual_alignment": {"queries": _SPEECH + 4, "transcriptions": _TEXT},
 }
-
-
-def _text_rows(count: int) -> list[dict]:
-    words = ["baabu", "kaaji", "tiimo", "suuna", "deeku", "xoomi", "ndox", "xale", "kër", "dem"]
-    return [
-        {
-            "id": f"row{i}",
-            "query": " ".join(words[(i + k) % len(words)] for k in range(1 + i % 3)),
-            "document": " ".join(words[(3 * i + k) % len(words)] for k in range(2 + i % 4)),
-        }
-        for i in range(count)
-    ]
 
 
 def _random_lora_b(model):
@@ -93,7 +82,7 @@ def batch(name: str, text_model, speech_model, device: torch.device) -> dict:
     """A training batch the model takes: text pairs, or spoken queries with transcriptions."""
     text = StreamingPairDataModule(str(text_model)).batches
     if name == "text_only":
-        return move_data_to_device(text.training_batch(_text_rows(8)), device)
+        return move_data_to_device(text.training_batch(text_rows(8)), device)
     rows = speech_text_batch(text_model, speech_model)
     rows["document"] = text.documents(["kër gi", "ndox mi tàng na", "xale yi dem nañu"])
     rows["ids"] = ["a", "b", "c"]

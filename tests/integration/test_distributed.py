@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from demo_recipes import ROOT
 from lightning.pytorch import Callback
+from text_rows import text_rows
 from torch.nn.parallel import DistributedDataParallel
 from trainers import quiet_cpu_trainer
 
@@ -22,19 +23,6 @@ from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.losses import MatryoshkaInfoNCE
-
-WORDS = "bita saaso mooje vérô fèfé lôrôfê kani dolo siri mana tigi bolo".split()
-
-
-def _rows(count: int, start: int = 0) -> list[dict]:
-    return [
-        {
-            "id": f"row{i}",
-            "query": " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + i % 3)),
-            "document": " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(2 + i % 4)),
-        }
-        for i in range(start, start + count)
-    ]
 
 
 def _model(
@@ -167,7 +155,7 @@ def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batc
     """With ``chunk``: each rank embeds in GradCache chunks of 2 rows (the reference does not).
     With ``symmetric``: documents also pick their query among every rank's queries. With
     ``copies``: a document appears on both ranks and twice on one, and no copy is a negative."""
-    rows = _rows(sum(sizes))
+    rows = text_rows(sum(sizes))
     if copies:
         rows[5]["document"] = rows[6]["document"] = rows[1]["document"]
     rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
@@ -183,7 +171,7 @@ def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batc
 
 
 def test_without_cross_device_negatives_each_rank_only_contrasts_its_own_batch(tmp_path, tiny_text_model):
-    rows = _rows(8)
+    rows = text_rows(8)
     ddp = _run_ddp(tmp_path, str(tiny_text_model), [rows[:4], rows[4:]], cross_device=False)
     global_batch = _single_process(str(tiny_text_model), rows)
     per_rank = [_single_process(str(tiny_text_model), part) for part in (rows[:4], rows[4:])]

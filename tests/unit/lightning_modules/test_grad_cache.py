@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from speech_inputs import DIMS, speech_text_batch
-from test_distributed import _rows
+from text_rows import text_rows
 
 from datamodules.pairs import StreamingPairDataModule
 from datamodules.tiny_models import save_tiny_hubert
@@ -89,7 +89,7 @@ def test_trim_padding_drops_the_columns_padded_in_every_row():
 
 def test_a_chunk_of_short_rows_runs_without_the_batch_padding(tiny_text_model):
     """The batch is padded to one long row; the other chunk embeds at its own length, same gradients."""
-    rows = _rows(8)
+    rows = text_rows(8)
     rows[7]["document"] = " ".join([rows[7]["document"]] * 12)
     batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(rows)
     padded_length = batch["document"]["input_ids"].shape[1]
@@ -110,7 +110,7 @@ def test_a_chunk_of_short_rows_runs_without_the_batch_padding(tiny_text_model):
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
 def test_text_only_chunks_give_the_full_batch_gradients(tiny_text_model, chunk):
-    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(_rows(10))
+    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(text_rows(10))
     reference = _loss_and_gradients(_text_only(tiny_text_model, None), batch)
     _assert_same(reference, _loss_and_gradients(_text_only(tiny_text_model, chunk), batch))
 
@@ -119,7 +119,7 @@ def test_dropout_masks_are_replayed_in_the_chunked_backward(tiny_text_model):
     """With dropout, the reference embeds the same chunks in the same order, keeping every graph:
     the same draws, so GradCache must give exactly its gradients (a backward that drew new masks
     would not)."""
-    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(_rows(9))
+    batch = StreamingPairDataModule(str(tiny_text_model)).batches.training_batch(text_rows(9))
     reference_model = _text_only(tiny_text_model, None, dropout=0.3)
     reference_model.zero_grad()
     torch.manual_seed(1)
