@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 import collectives
 from errors import ConfigError
@@ -87,16 +88,6 @@ def clip_keys(audio: Mapping) -> list[bytes]:
     return keys
 
 
-def stack_units(rows: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit rows of different lengths as ``[B, U]`` right-padded with ``PAD_UNIT``, and the mask."""
-    width = max(len(row) for row in rows)
-    units = torch.full((len(rows), width), PAD_UNIT, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        units[i, : len(row)], mask[i, : len(row)] = row, 1
-    return units.to(device), mask.to(device)
-
-
 def _middle_layer(speech: SpeechEncoderConfig) -> int:
     """The middle transformer layer of the configured tower (HuBERT-base: 6 of 12)."""
     from transformers import AutoConfig
@@ -150,8 +141,8 @@ class UnitFusion(SpeechIntoLLM):
         # Centroids and whether they were fitted: buffers, so every checkpoint holds the codebook.
         self.register_buffer("unit_centroids", torch.zeros(config.size, self.speech_encoder.hidden_size))
         self.register_buffer("codebook_ready", torch.tensor(False))
-        self.unit_cache: dict[bytes, torch.Tensor] = {}  # clip key -> its units (``units.cache``)
-        self.unit_cache_frames: dict[bytes, int] = {}
+        # clip key -> (its units, its speech frames) (``units.cache``)
+        self.unit_cache: dict[bytes, tuple[torch.Tensor, int]] = {}
         if config.codebook is not None:
             self._use_codebook(UnitCodebook.load(config.codebook))
         # New rows start where the LLM's own token embeddings are: their mean and spread per
@@ -186,7 +177,6 @@ class UnitFusion(SpeechIntoLLM):
         self.unit_centroids.copy_(codebook.centroids.to(self.unit_centroids))
         self.codebook_ready.fill_(True)
         self.unit_cache.clear()  # units of another codebook
-        self.unit_cache_frames.clear()
 
     def _layer_frames(self, audio: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -254,13 +244,15 @@ class UnitFusion(SpeechIntoLLM):
         super().on_predict_start()
 
     def predict_step(self, batch: Mapping, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
-        """The evaluation outputs, and each eval query's units kept for ``on_predict_end``."""
+        """The evaluation outputs, and each eval query's units (those its embedding was computed
+        from) kept for ``on_predict_end``."""
+        outputs = self.evaluation_step(batch, batch_idx, dataloader_idx)
         if batch["side"] == "queries":
-            units, mask = self.query_units(batch)  # from the unit cache after the first read
+            units, mask = self._last_query_units
             rows = self._predicted_units.setdefault(batch["eval_set"], {})
             for row, index in enumerate(batch["index"].tolist()):
                 rows[index] = units[row, mask[row].bool()].tolist()
-        return self.evaluation_step(batch, batch_idx, dataloader_idx)
+        return outputs
 
     def on_predict_end(self) -> None:
         """Writes ``<run>/units/<eval set>.queries.jsonl``: each eval query's id and unit ids."""
@@ -289,16 +281,17 @@ class UnitFusion(SpeechIntoLLM):
         audio = batch["query_audio"]
         keys = clip_keys(audio) if self.units_config.cache else None
         if keys is not None and all(key in self.unit_cache for key in keys):
-            units, unit_mask = stack_units([self.unit_cache[key] for key in keys], self.device)
-            frames_seen = sum(self.unit_cache_frames[key] for key in keys)
+            rows, frames = zip(*(self.unit_cache[key] for key in keys), strict=True)
+            units = pad_sequence(rows, batch_first=True, padding_value=PAD_UNIT).to(self.device)
+            unit_mask = (units != PAD_UNIT).long()
+            frames_seen = sum(frames)
         else:
             frames, mask = self._layer_frames(audio)
             units, unit_mask = self.codebook().units(frames, mask)
             frames_seen = int(mask.sum())
             if keys is not None:
                 for row, key in enumerate(keys):
-                    self.unit_cache[key] = units[row, unit_mask[row].bool()].cpu()
-                    self.unit_cache_frames[key] = int(mask[row].sum())
+                    self.unit_cache[key] = (units[row, unit_mask[row].bool()].cpu(), int(mask[row].sum()))
         if self.training and self._trainer is not None:
             # Unit usage in TensorBoard: the share of the K units a batch uses, and units per second
             # of speech (HuBERT / wav2vec2 / w2v-BERT frames are 20 ms: 25 units/s at pool 2).
@@ -311,6 +304,6 @@ class UnitFusion(SpeechIntoLLM):
         return units, unit_mask
 
     def speech_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        units, mask = self.query_units(batch)
+        units, mask = self._last_query_units = self.query_units(batch)
         embedded = self.unit_embeddings(units.clamp_min(0))
         return embedded * mask[..., None].to(embedded.dtype), mask
