@@ -107,7 +107,11 @@ def row_negatives(rows: Sequence[Mapping], column: str, count: int) -> tuple[lis
     texts, owners, short, without = [], [], 0, 0
     for position, row in enumerate(rows):
         value = row.get(column) or []
-        own = [text for text in ([value] if isinstance(value, str) else value) if isinstance(text, str) and text.strip()]
+        own = [
+            text
+            for text in ([value] if isinstance(value, str) else value)
+            if isinstance(text, str) and text.strip()
+        ]
         own = own[:count]
         texts += own
         owners += [position] * len(own)

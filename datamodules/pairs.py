@@ -17,7 +17,7 @@ from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.lengths import clip_seconds, text_length
 from datamodules.loader import STATE_KEY, ConsumedPositionLoader
-from datamodules.negatives import NegativesCount, NegativeSampler, load_negatives_corpus, report_negatives
+from datamodules.negatives import NegativeSampler, NegativesCount, load_negatives_corpus, report_negatives
 from datamodules.sources import load_stream, looks_local, read_error, relative_path_roots
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
@@ -186,11 +186,13 @@ class StreamingPairDataModule(LightningDataModule):
                 f"data.passes={passes} must be >= 1, or null to repeat until trainer.max_steps."
             )
         if num_negatives < 0:
-            raise ConfigError(f"data.num_negatives={num_negatives} must be >= 0 (0: in-batch negatives only).")
+            raise ConfigError(
+                f"data.num_negatives={num_negatives} must be >= 0 (0: in-batch negatives only)."
+            )
         if negatives_corpus is not None and not num_negatives:
             raise ConfigError(
                 f"data.negatives_corpus={negatives_corpus!r} is set but data.num_negatives is 0: set "
-                "data.num_negatives (e.g. 3) to train with the rows' hard negatives, or drop negatives_corpus."
+                "data.num_negatives (e.g. 3) to train with the rows' hard negatives, or drop it."
             )
         _check_local_paths_exist(
             {

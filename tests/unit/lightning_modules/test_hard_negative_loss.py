@@ -31,9 +31,7 @@ def _reference(queries, documents, keys, negatives, owners, negative_keys, tempe
     for i in range(rows):
         logits = [_cos(queries[i], documents[i]) / temperature]
         logits += [
-            _cos(queries[i], documents[j]) / temperature
-            for j in range(rows)
-            if j != i and keys[j] != keys[i]
+            _cos(queries[i], documents[j]) / temperature for j in range(rows) if j != i and keys[j] != keys[i]
         ]
         logits += [
             _cos(queries[i], negatives[m]) / temperature
@@ -47,7 +45,9 @@ def _reference(queries, documents, keys, negatives, owners, negative_keys, tempe
     total = 0.0
     for i in range(rows):
         logits = [_cos(documents[i], queries[i]) / temperature]
-        logits += [_cos(documents[i], queries[j]) / temperature for j in range(rows) if j != i and keys[j] != keys[i]]
+        logits += [
+            _cos(documents[i], queries[j]) / temperature for j in range(rows) if j != i and keys[j] != keys[i]
+        ]
         total += math.log(sum(math.exp(x) for x in logits)) - logits[0]
     return (forward + total / rows) / 2
 
@@ -113,7 +113,9 @@ def test_the_module_passes_its_switch_and_the_negatives_change_the_loss():
     inputs = LossInputs(_dims(queries), _dims(documents), document_keys=keys, negatives=hard)
     shared = MatryoshkaInfoNCE(temperature=0.1)(inputs)
     own = MatryoshkaInfoNCE(temperature=0.1, own_negatives_only=True)(inputs)
-    in_batch = MatryoshkaInfoNCE(temperature=0.1)(LossInputs(_dims(queries), _dims(documents), document_keys=keys))
+    in_batch = MatryoshkaInfoNCE(temperature=0.1)(
+        LossInputs(_dims(queries), _dims(documents), document_keys=keys)
+    )
     assert float(shared) > float(own) > float(in_batch)  # more negatives in the denominator, a larger loss
     expected = sum(
         _reference(
@@ -135,7 +137,9 @@ def test_the_module_passes_its_switch_and_the_negatives_change_the_loss():
 def test_without_negatives_the_loss_is_the_in_batch_one_exactly():
     queries, documents, keys, *_ = _batch(2)
     empty = HardNegatives(
-        {d: torch.zeros(0, d) for d in DIMS}, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        {d: torch.zeros(0, d) for d in DIMS},
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
     )
     for symmetric in (False, True):
         today = matryoshka_info_nce(
@@ -143,7 +147,12 @@ def test_without_negatives_the_loss_is_the_in_batch_one_exactly():
         )
         for negatives in (None, empty):
             got = matryoshka_info_nce(
-                _dims(queries), _dims(documents), 0.05, symmetric=symmetric, document_keys=keys, negatives=negatives
+                _dims(queries),
+                _dims(documents),
+                0.05,
+                symmetric=symmetric,
+                document_keys=keys,
+                negatives=negatives,
             )
             assert torch.equal(got, today)
 
