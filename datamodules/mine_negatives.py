@@ -177,6 +177,35 @@ def mine(
     return mined, counts
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """JSON Lines, or Parquet for a ``.parquet`` path (audio stored in the rows, as bytes, stays so)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return
+    try:
+        lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    except TypeError as error:  # audio stored as bytes
+        raise ConfigError(f"--out {path}: the rows hold binary data ({error}); write a .parquet file.") from error
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def _absolute_audio_paths(rows: list[dict], column: str, roots) -> None:
+    """Relative audio paths resolved where the training file's start (the mined file lives elsewhere)."""
+    for row in rows:
+        cell = row.get(column)
+        path = cell.get("path") if isinstance(cell, dict) and not cell.get("bytes") else cell
+        if isinstance(path, str) and not Path(path).is_absolute():
+            found = next((root / path for root in roots or () if (root / path).exists()), None)
+            if found is not None:
+                row[column] = (
+                    str(found.resolve()) if isinstance(cell, str) else dict(cell, path=str(found.resolve()))
+                )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.mine_negatives",
@@ -194,7 +223,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--corpus", help="A BEIR corpus.jsonl to mine from (default: the training documents)."
     )
-    parser.add_argument("--out", required=True, help="The training file to write (JSON Lines).")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="The training file to write: .jsonl, or .parquet (for rows holding audio bytes).",
+    )
     parser.add_argument("--dim", type=int, help="Matryoshka dim searched (default: the largest).")
     parser.add_argument(
         "--rank_window",
@@ -239,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = trainer.strategy.root_device
     model.to(device)
     rows = _read_rows(train_data)
+    if data.audio is not None:
+        _absolute_audio_paths(rows, data.audio.column, relative_path_roots(train_data))
     if args.corpus:
         corpus_ids, corpus_texts = _read_corpus(args.corpus)
     else:
@@ -260,10 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         relative_path_roots(train_data),
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        for row in mined:
-            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    write_rows(out, mined)
     then = f"--data.init_args.train_data={out} --data.init_args.num_negatives=3"
     if args.corpus:
         then += f" --data.init_args.negatives_corpus={args.corpus}"

@@ -478,9 +478,9 @@ class StreamingPairDataModule(LightningDataModule):
         # Called when the training loop takes a batch (fetching ran one ahead): from here on a
         # checkpoint resumes after this batch.
         if isinstance(batch, dict) and STATE_KEY in batch:
-            self._count_training_truncation(batch.pop("truncation", None))
-            if "negatives_count" in batch:
+            if "negatives_count" in batch:  # before truncation, whose count may report both
                 self._train_negatives.add_counts(*batch.pop("negatives_count"))
+            self._count_training_truncation(batch.pop("truncation", None))
             if self._train_loader is not None:
                 self._train_loader.mark_consumed(batch)
             else:

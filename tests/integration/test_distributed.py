@@ -213,8 +213,12 @@ def _rows_with_negatives(count: int) -> list[dict]:
 
 @pytest.mark.parametrize(
     "sizes, chunk, symmetric, own",
-    [((3, 5), None, False, False), ((5, 2), 2, True, False), ((3, 5), None, False, True)],
-    ids=["unequal-shards", "unequal-shards-gradcache-symmetric", "unequal-shards-own-negatives"],
+    [
+        ((5, 2), 2, True, False),
+        pytest.param((3, 5), None, False, False, marks=pytest.mark.slow),
+        pytest.param((3, 5), None, False, True, marks=pytest.mark.slow),
+    ],
+    ids=["unequal-shards-gradcache-symmetric", "unequal-shards", "unequal-shards-own-negatives"],
 )
 def test_ddp_with_hard_negatives_equals_one_process_with_the_global_batch(
     tmp_path, tiny_text_model, sizes, chunk, symmetric, own

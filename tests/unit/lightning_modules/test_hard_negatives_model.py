@@ -75,7 +75,9 @@ def test_one_document_pass_equals_documents_and_negatives_embedded_apart(tiny_te
             torch.tensor([i for i, _ in listed]),
             tokenized_document_keys(negatives),
         )
-        apart = model.loss(LossInputs(queries, documents, document_keys=batch["document_keys"], negatives=hard))
+        apart = model.loss(
+            LossInputs(queries, documents, document_keys=batch["document_keys"], negatives=hard)
+        )
         joint = model.training_loss(batch)
     assert torch.allclose(joint, apart, atol=1e-5)
     assert torch.equal(batch["negative_rows"], hard.rows)
