@@ -23,7 +23,7 @@ from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
 from datamodules.truncation import TruncationCount, report_truncation
-from errors import ConfigError
+from errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 TRUNCATION_REPORT_AFTER_BATCHES = 100
@@ -516,9 +516,14 @@ class StreamingPairDataModule(LightningDataModule):
             by_text = hp.num_negatives and not hp.negatives_corpus
             columns = [column, hp.negatives_column] if by_text else [column]
             # Only these columns are read: no audio is fetched or decoded.
-            stream = load_stream(
-                hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data", columns=columns
-            )
+            read = partial(load_stream, hp.train_data, hp.train_split, hp.train_config_name, "data.train_data")
+            try:
+                stream = read(columns=columns)
+            except DataError:
+                if len(columns) == 1:
+                    raise
+                columns = columns[:1]  # no negatives column at all: every row trains in-batch only
+                stream = read(columns=columns)
             sources.append(text for row in stream for text in _document_texts(row, columns))
             if hp.num_negatives and hp.negatives_corpus:
                 sources.append(load_negatives_corpus(hp.negatives_corpus).values())

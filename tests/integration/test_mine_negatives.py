@@ -88,3 +88,12 @@ def test_late_fusion_mining_embeds_the_spoken_queries(demo_dir, tmp_path):
     for row, original in zip(mined, rows, strict=True):
         assert row["audio"] == original["audio"]
         assert len(row["negatives"]) == 3 and ids[row["document"]] not in row["negatives"]
+    # The second stage: late fusion trains on the mined file, 2 negatives per row from the corpus.
+    fit = ["fit", "--config", "configs/demo/late_fusion.yaml", f"--data.init_args.train_data={out}"]
+    fit += ["--data.init_args.num_negatives=2", f"--data.init_args.negatives_corpus={corpus}"]
+    fit += ["--data.init_args.batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=null"]
+    fit += ["--trainer.check_val_every_n_epoch=null", "--trainer.callbacks=[]", "--trainer.logger=false"]
+    fit += ["--trainer.enable_progress_bar=false", "--model.init_args.lr_scheduler.init_args.warmup_steps=1"]
+    cli = _in_root(cli_main, [*fit, f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert cli.trainer.global_step == 2
+    assert cli.datamodule.training_negatives.rows == 8 and cli.datamodule.training_negatives.short == 0

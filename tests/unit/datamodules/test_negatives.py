@@ -177,3 +177,24 @@ def test_the_loader_resumes_with_the_same_negatives(tiny_text_model, tmp_path):
     resumed_loader.load_state_dict(state)
     rest = [(b["ids"], _negative_texts(resumed, b)) for b in _taken(resumed, resumed_loader, None)]
     assert rest == uninterrupted[4:]
+
+
+def test_the_document_cache_lists_the_negatives_once(tiny_text_model, tmp_path):
+    rows = _rows(4, lambda i: [2, None, 0, 1][i])
+    rows[3]["negatives"] = [rows[0]["document"]]  # a negative that is another row's document
+    train = _write(tmp_path / "train.jsonl", rows)
+    listed = list(_datamodule(tiny_text_model, train, num_negatives=2).distinct_documents())
+    expected = [
+        rows[0]["document"],
+        *rows[0]["negatives"],
+        rows[1]["document"],
+        rows[2]["document"],
+        rows[3]["document"],
+    ]
+    assert listed == expected
+    no_column = _write(tmp_path / "plain.jsonl", _rows(3, lambda i: None))
+    assert len(list(_datamodule(tiny_text_model, no_column, num_negatives=2).distinct_documents())) == 3
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "c0", "text": "kani dolo"}) + "\n")
+    with_corpus = _datamodule(tiny_text_model, no_column, num_negatives=2, negatives_corpus=str(corpus))
+    assert list(with_corpus.distinct_documents())[-1] == "kani dolo"
