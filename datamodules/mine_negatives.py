@@ -189,7 +189,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     try:
         lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
     except TypeError as error:  # audio stored as bytes
-        raise ConfigError(f"--out {path}: the rows hold binary data ({error}); write a .parquet file.") from error
+        raise ConfigError(f"--out {path}: the rows hold binary data ({error}); write .parquet.") from error
     path.write_text("".join(lines), encoding="utf-8")
 
 

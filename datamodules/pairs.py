@@ -516,7 +516,9 @@ class StreamingPairDataModule(LightningDataModule):
             by_text = hp.num_negatives and not hp.negatives_corpus
             columns = [column, hp.negatives_column] if by_text else [column]
             # Only these columns are read: no audio is fetched or decoded.
-            read = partial(load_stream, hp.train_data, hp.train_split, hp.train_config_name, "data.train_data")
+            read = partial(
+                load_stream, hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data"
+            )
             try:
                 stream = read(columns=columns)
             except DataError:
