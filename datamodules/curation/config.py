@@ -18,9 +18,10 @@ class CurationConfig:
     input: str
     """A folder of recordings (searched recursively) or one audio file."""
     output: str
-    """Folder written: shards/ (parquet, what data.train_data reads), done/ (one marker per recording), manifest.json."""
+    """Folder written: shards/ (parquet, what data.train_data reads), done/ (a marker per recording),
+    manifest.json."""
     extensions: list[str] = field(default_factory=lambda: list(AUDIO_EXTENSIONS))
-    """File name endings read as recordings (any format libsndfile decodes: wav, flac, ogg/opus, mp3, aiff)."""
+    """File name endings read as recordings (what libsndfile decodes: wav, flac, ogg/opus, mp3, aiff)."""
     workers: int = 1
     """Recordings processed at once, one process each (one CPU core each)."""
     block_seconds: float = 30.0
@@ -28,13 +29,15 @@ class CurationConfig:
     min_duration: float = 3.0
     """Shortest segment kept, in seconds (the paper keeps 3-30 s)."""
     max_duration: float = 30.0
-    """Longest segment kept, in seconds; longer speech is cut at its longest pause (mid-speech only without one)."""
+    """Longest segment kept, in seconds; longer speech is cut at its longest pause (mid-speech only
+    where it never pauses)."""
     max_pause: float = 1.0
     """A pause longer than this many seconds always ends a segment; shorter ones may sit inside one."""
     vad_threshold: float = 0.5
     """Silero-VAD: a 32 ms window with a speech probability above this starts speech."""
     vad_neg_threshold: float | None = None
-    """Silero-VAD: inside speech, a probability below this is silence (null: vad_threshold - 0.15, Silero's default)."""
+    """Silero-VAD: inside speech, a probability below this is silence (null: vad_threshold - 0.15,
+    Silero's default)."""
     min_speech_ms: int = 250
     """Silero-VAD: speech shorter than this many milliseconds is ignored."""
     min_silence_ms: int = 100
@@ -42,15 +45,17 @@ class CurationConfig:
     speech_pad_ms: int = 30
     """Silero-VAD: each speech region is widened by this many milliseconds on both sides."""
     end_trim_ms: int = 400
-    """Silero's probability stays high 0.2-0.4 s after speech stops: each end is pulled back, at most this far, to the last window above the noise floor (0: Silero's ends)."""
+    """Silero's probability stays high 0.2-0.4 s after speech stops: each end is pulled back, at most
+    this far, to the last window above the noise floor (0: Silero's ends as they are)."""
     min_snr_db: float = 15.0
-    """Proxy quality: a segment whose estimated SNR (speech vs non-speech windows) is below this is dropped."""
+    """Proxy quality: a segment whose estimated SNR (speech vs non-speech windows) is below this is
+    dropped."""
     max_clipping: float = 0.001
     """Proxy quality: a segment with more than this share of samples at full scale is dropped."""
     min_speech_ratio: float = 0.5
     """Proxy quality: a segment whose share of speech windows (Silero) is below this is dropped."""
     dnsmos_model: str | None = None
-    """DNSMOS ONNX model (sig_bak_ovr.onnx) to score segments with instead of the proxy (needs onnxruntime)."""
+    """DNSMOS ONNX model (sig_bak_ovr.onnx) scoring segments instead of the proxy (needs onnxruntime)."""
     dnsmos_threshold: float = 3.2
     """With dnsmos_model: a segment whose DNSMOS overall score is below this is dropped (the paper's 3.2)."""
     diarization: str | None = None
@@ -62,7 +67,8 @@ class CurationConfig:
     output_sample_rate: int = 16000
     """Sample rate of the written clips (mono FLAC); the speech towers read 16 kHz."""
     truncated: Literal["keep", "skip"] = "keep"
-    """A WAV holding less audio than its header promises: 'keep' the part that is there (counted), or 'skip' it."""
+    """A WAV holding less audio than its header promises: 'keep' the part that is there (noted in the
+    manifest), or 'skip' it (counted as truncated)."""
     rows_per_row_group: int = 64
     """Segments held in memory before they are written to the shard (bounds memory on long recordings)."""
     progress: bool = True

@@ -8,7 +8,7 @@ from datamodules.curation.segments import cut_passage, passages, segment
 
 
 def brute_force_kept(regions, low, high):
-    """The most seconds any choice of kept runs of consecutive regions keeps (2^(n-1) cut sets x keep flags)."""
+    """The most seconds any choice of kept runs of consecutive regions keeps (every cut set)."""
     n, best = len(regions), 0.0
     for cuts in itertools.product([False, True], repeat=n - 1):
         runs, start = [], 0
