@@ -64,6 +64,9 @@ class CurationConfig:
     """With diarization: a segment whose main speaker holds less than this share of its speech is dropped."""
     separation: str | None = None
     """ONNX speech separator run on each candidate segment (16 kHz in, first source out; null: skipped)."""
+    asr_model: str | None = None
+    """ASR model (transformers pipeline: hub name or folder) transcribing each kept clip into `query`
+    (null: skipped)."""
     output_sample_rate: int = 16000
     """Sample rate of the written clips (mono FLAC); the speech towers read 16 kHz."""
     truncated: Literal["keep", "skip"] = "keep"

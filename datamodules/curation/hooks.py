@@ -1,4 +1,4 @@
-"""The heavy optional stages: speaker diarization (pyannote.audio) and speech separation (ONNX).
+"""The optional stages: speaker diarization (pyannote.audio), speech separation (ONNX), ASR.
 
 Each runs only when configured, on one candidate segment at a time (at most ``max_duration``
 seconds at 16 kHz), so memory stays bounded on any recording; unconfigured, it is skipped and the
@@ -75,6 +75,22 @@ class Separator:
         return speech[: len(samples_16k)].astype(np.float32)
 
 
+class Transcriber:
+    """An ASR model through transformers' ``pipeline("automatic-speech-recognition")`` (a hub name or
+    a local folder): the transcription of each kept clip becomes its ``query``."""
+
+    def __init__(self, name: str):
+        from transformers import pipeline
+
+        try:
+            self.pipeline = pipeline("automatic-speech-recognition", model=name, device=-1)
+        except Exception as error:
+            raise ConfigError(f"curation.asr_model={name!r} could not be loaded ({error}).") from error
+
+    def __call__(self, samples_16k: np.ndarray) -> str:
+        return self.pipeline({"raw": samples_16k, "sampling_rate": VAD_RATE})["text"].strip()
+
+
 def stage_lines(config) -> dict[str, str]:
     """What the manifest says about each optional stage."""
     return {
@@ -88,5 +104,10 @@ def stage_lines(config) -> dict[str, str]:
             f"ONNX separator {config.separation!r}: the written audio is its first source"
             if config.separation
             else "skipped: no curation.separation configured"
+        ),
+        "transcription": (
+            f"ASR model {config.asr_model!r} wrote the query column"
+            if config.asr_model
+            else "skipped: no curation.asr_model configured (no query column)"
         ),
     }

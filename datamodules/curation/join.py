@@ -50,7 +50,9 @@ def join_documents(shards: Path, pairs: Path, output: Path) -> dict:
                 continue
             table = pa.Table.from_batches([batch]).take(keep)
             table = table.append_column("document", pa.array([texts[ids[i]]["document"] for i in keep]))
-            if with_query:
+            if with_query:  # the given transcriptions replace an ASR model's
+                if "query" in table.column_names:
+                    table = table.drop_columns(["query"])
                 table = table.append_column(
                     "query", pa.array([texts[ids[i]].get("query") for i in keep], pa.string())
                 )

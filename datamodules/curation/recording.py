@@ -8,7 +8,6 @@ the per-window track (8 bytes per 32 ms), whatever the recording's length.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 from datamodules.audio import BadAudio
@@ -34,12 +33,13 @@ class Models:
     """What a worker loads once: Silero-VAD and the configured optional stages."""
 
     def __init__(self, config):
-        from datamodules.curation.hooks import Diarizer, Separator
+        from datamodules.curation.hooks import Diarizer, Separator, Transcriber
 
         self.vad = vad.load_vad()
         self.dnsmos = quality.Dnsmos(config.dnsmos_model) if config.dnsmos_model else None
         self.diarizer = Diarizer(config.diarization) if config.diarization else None
         self.separator = Separator(config.separation) if config.separation else None
+        self.transcriber = Transcriber(config.asr_model) if config.asr_model else None
 
 
 def _fingerprint(path: Path) -> dict:
@@ -71,7 +71,7 @@ def process(relative: str, root: Path, output: Path, config, models: Models) -> 
         "note": None,
     }
     began = time.perf_counter()
-    writer = ShardWriter(output / "shards", key, config.rows_per_row_group)
+    writer = ShardWriter(output / "shards", key, config.rows_per_row_group, with_query=bool(config.asr_model))
     try:
         info = reading.inspect(path)
         stats["seconds_in"] = info.seconds
@@ -119,7 +119,7 @@ def _segment_row(info, track, piece, key: str, source: str, config, models: Mode
     scores["clipping"] = quality.clipping_ratio(samples)
     proxy = quality.proxy_scores(track, piece.start, piece.end, config.vad_threshold, config.neg_threshold)
     scores.update(snr_db=proxy.snr_db, speech_ratio=proxy.speech_ratio, vad_confidence=proxy.vad_confidence)
-    need_16k = models.dnsmos or models.diarizer or models.separator
+    need_16k = models.dnsmos or models.diarizer or models.separator or models.transcriber
     speech_16k = reading.resample(samples, info.rate, vad.VAD_RATE) if need_16k else None
     if models.diarizer is not None:
         speakers, share = models.diarizer.main_speaker_share(speech_16k)
@@ -141,6 +141,8 @@ def _segment_row(info, track, piece, key: str, source: str, config, models: Mode
             return LITTLE_SPEECH
         if proxy.snr_db < config.min_snr_db:
             return LOW_SNR
+    if models.transcriber is not None:
+        scores["query"] = models.transcriber(speech_16k)
     clip = reading.resample(samples, rate, config.output_sample_rate)
     segment_id = f"{key}-{int(round(piece.start * 1000)):09d}"
     return {
@@ -152,11 +154,3 @@ def _segment_row(info, track, piece, key: str, source: str, config, models: Mode
         "duration": round(piece.seconds, 3),
         **scores,
     }
-
-
-def counts(stats: list[dict]) -> Counter:
-    """Segments dropped per reason over several recordings."""
-    total: Counter = Counter()
-    for item in stats:
-        total.update(item["dropped"])
-    return total

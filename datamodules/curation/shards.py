@@ -1,7 +1,8 @@
 """Parquet shards of clips (one per recording) and the done markers that make a run resumable.
 
 A shard holds ``audio`` as ``{bytes, path}`` (mono FLAC bytes: what ``data.train_data`` decodes),
-``id``, ``source``, ``start``, ``end``, ``duration`` and the segment's scores. It is written to a
+``id``, ``source``, ``start``, ``end``, ``duration``, the segment's scores, and ``query`` (its
+transcription) when an ASR model is configured. It is written to a
 temporary name in row groups of ``rows_per_row_group`` clips (memory stays bounded on a long
 recording) and renamed when complete; the recording's done marker, written the same way after it,
 is what a later run checks: a run stopped mid-recording leaves no marker and redoes that one.
@@ -61,13 +62,14 @@ def flac_bytes(samples: np.ndarray, rate: int) -> bytes:
 class ShardWriter:
     """Rows of one recording into ``<output>/shards/<key>.parquet``, atomically."""
 
-    def __init__(self, shards_dir: Path, key: str, rows_per_row_group: int):
+    def __init__(self, shards_dir: Path, key: str, rows_per_row_group: int, with_query: bool = False):
         self.path = shards_dir / f"{key}.parquet"
         self.partial = shards_dir / f".{key}.parquet.partial"  # a dot file: datasets does not read it
         self.rows: list[dict] = []
         self.rows_per_row_group = rows_per_row_group
         self.writer: pq.ParquetWriter | None = None
         self.written = 0
+        self.schema = SCHEMA.append(pa.field("query", pa.string())) if with_query else SCHEMA
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -78,9 +80,9 @@ class ShardWriter:
         if not self.rows:
             return
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.partial, SCHEMA)
-        columns = {name: [row.get(name) for row in self.rows] for name in SCHEMA.names}
-        self.writer.write_table(pa.table(columns, schema=SCHEMA))
+            self.writer = pq.ParquetWriter(self.partial, self.schema)
+        columns = {name: [row.get(name) for row in self.rows] for name in self.schema.names}
+        self.writer.write_table(pa.table(columns, schema=self.schema))
         self.written += len(self.rows)
         self.rows = []
 

@@ -235,3 +235,81 @@ def test_command_line(tmp_path, capsys):
     assert "--min_snr_db" in capsys.readouterr().out
     assert main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     assert "curation.input=" in capsys.readouterr().err
+
+
+def tiny_ctc_model(folder: Path) -> Path:
+    """A random-init wav2vec2 CTC model with a letter vocabulary: a real ASR pipeline, nonsense text."""
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    folder.mkdir(parents=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    return folder
+
+
+def test_asr_model_writes_each_clips_transcription_as_query(tmp_path):
+    from transformers import pipeline
+
+    from datamodules.audio import _resampler
+
+    rng = np.random.default_rng(2)
+    audio, _ = build_recording(rng, spoken_texts(rng, 2), [1.5, 2.0, 1.5], -55)
+    soundfile.write(tmp_path / "talk.wav", audio, RATE, subtype="FLOAT")
+    model = tiny_ctc_model(tmp_path / "asr")
+    manifest = curate(
+        CurationConfig(
+            input=str(tmp_path / "talk.wav"), output=str(tmp_path / "o"), asr_model=str(model), progress=False
+        )
+    )
+    assert manifest["optional_stages"]["transcription"].startswith("ASR model")
+    clips = rows(tmp_path / "o")
+    assert len(clips) == 2
+    # The reference: the same model run by hand on the clip cut from the whole file.
+    asr = pipeline("automatic-speech-recognition", model=str(model), device=-1)
+    whole, _ = soundfile.read(tmp_path / "talk.wav", dtype="float32")
+    for clip in clips:
+        span = whole[int(round(clip["start"] * RATE)) : int(round(clip["end"] * RATE))]
+        import torch
+
+        speech = _resampler(RATE, 16000)(torch.from_numpy(span)).numpy()
+        assert clip["query"] == asr({"raw": speech, "sampling_rate": 16000})["text"].strip() != ""
+
+
+@pytest.mark.slow
+def test_worker_processes_write_what_one_process_writes(recordings, curated, tmp_path):
+    folder, _ = recordings
+    output, manifest = curated
+    parallel = curate(
+        CurationConfig(input=str(folder), output=str(tmp_path / "p"), workers=2, progress=False)
+    )
+    assert parallel["this_run"]["recordings_processed"] == 2
+    for key in ("hours_in", "hours_kept", "segments_kept", "segments_dropped"):
+        assert parallel[key] == manifest[key]
+    strip = ["id", "start", "end", "snr_db", "speech_ratio"]
+    assert [{k: c[k] for k in strip} for c in rows(tmp_path / "p")] == [
+        {k: c[k] for k in strip} for c in rows(output)
+    ]
