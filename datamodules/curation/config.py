@@ -72,7 +72,7 @@ class CurationConfig:
     truncated: Literal["keep", "skip"] = "keep"
     """A WAV holding less audio than its header promises: 'keep' the part that is there (noted in the
     manifest), or 'skip' it (counted as truncated)."""
-    rows_per_row_group: int = 64
+    rows_per_row_group: int = 16
     """Segments held in memory before they are written to the shard (bounds memory on long recordings)."""
     progress: bool = True
     """Show a progress bar in hours of audio processed."""
