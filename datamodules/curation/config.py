@@ -45,7 +45,7 @@ class CurationConfig:
     speech_pad_ms: int = 30
     """Silero-VAD: each speech region is widened by this many milliseconds on both sides."""
     end_trim_ms: int = 400
-    """Silero's probability stays high 0.2-0.4 s after speech stops: each end is pulled back, at most
+    """Silero's probability stays high 0.1-0.4 s after speech stops: each end is pulled back, at most
     this far, to the last window above the noise floor (0: Silero's ends as they are)."""
     min_snr_db: float = 15.0
     """Proxy quality: a segment whose estimated SNR (speech vs non-speech windows) is below this is
