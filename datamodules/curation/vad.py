@@ -83,9 +83,10 @@ def noise_floor(vad: VadTrack, first: int, last: int, neg_threshold: float) -> f
 
 def trim_tail(vad: VadTrack, start: float, end: float, config) -> float:
     """``end`` pulled back over Silero's hangover: its probability stays high for 0.1-0.4 s after
-    speech stops (measured on espeak-ng speech, longer over louder noise), so the end moves to the last window louder than
-    the local noise floor by ``END_TRIM_MARGIN_DB``, searching at most ``end_trim_ms`` back and
-    keeping ``speech_pad_ms``. Silero decides what is speech; this only places the end of it."""
+    speech stops (measured on espeak-ng speech, longer over louder noise), so the end moves to the
+    last window louder than the local noise floor by ``END_TRIM_MARGIN_DB``, searching at most
+    ``end_trim_ms`` back and keeping ``speech_pad_ms``. Silero decides what is speech; this only
+    places the end of it."""
     if config.end_trim_ms <= 0:
         return end
     first, last = int(start / WINDOW_SECONDS), min(len(vad.energies), int(np.ceil(end / WINDOW_SECONDS)))
