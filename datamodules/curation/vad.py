@@ -70,6 +70,7 @@ def track(model, blocks: Iterable[np.ndarray]) -> VadTrack:
 
 
 NOISE_CONTEXT_SECONDS = 30.0
+END_TRIM_MARGIN_DB = 6.0
 
 
 def noise_floor(vad: VadTrack, first: int, last: int, neg_threshold: float) -> float | None:
@@ -98,8 +99,6 @@ def trim_tail(vad: VadTrack, start: float, end: float, config) -> float:
     new_end = (limit + (loud[-1] + 1 if len(loud) else 0)) * WINDOW_SECONDS + config.speech_pad_ms / 1000
     return min(end, max(new_end, start + WINDOW_SECONDS))
 
-
-END_TRIM_MARGIN_DB = 6.0
 
 
 def speech_regions(vad: VadTrack, config) -> list[tuple[float, float]]:
