@@ -100,7 +100,6 @@ def trim_tail(vad: VadTrack, start: float, end: float, config) -> float:
     return min(end, max(new_end, start + WINDOW_SECONDS))
 
 
-
 def speech_regions(vad: VadTrack, config) -> list[tuple[float, float]]:
     """Silero's speech regions in seconds (regions longer than ``max_duration`` cut at their longest
     pause), each end pulled back over Silero's hangover (``trim_tail``)."""
