@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -75,15 +76,23 @@ def curate(config: CurationConfig) -> dict:
     if todo and config.workers > 1:
         Models(config)  # a misconfigured stage fails here, naming its key, not as a broken worker pool
     total_hours = sum(_header_seconds(root, r) for r in todo) / manifest.HOUR
+    # Hours of audio, advanced as each recording finishes; the speed is audio time over wall time.
     bar = tqdm(
-        total=round(total_hours, 4), unit="h", disable=not config.progress or not todo, desc="curating"
+        total=total_hours,
+        disable=not config.progress or not todo,
+        desc="curating",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} h of audio "
+        "[{elapsed}<{remaining}{postfix}]",
     )
     results = []
+    began = time.perf_counter()
 
     def advance(stats: dict) -> None:
         results.append(stats)
-        bar.update(round(stats["seconds_in"] / manifest.HOUR, 4))
-        bar.set_postfix(kept_h=f"{sum(s['seconds_kept'] for s in results) / manifest.HOUR:.3f}")
+        bar.update(stats["seconds_in"] / manifest.HOUR)
+        speed = sum(s["seconds_in"] for s in results) / max(time.perf_counter() - began, 1e-9)
+        kept = sum(s["seconds_kept"] for s in results) / manifest.HOUR
+        bar.set_postfix_str(f"kept {kept:.3f} h, {speed:.0f}x real time")
 
     if config.workers == 1 or len(todo) <= 1:
         models = Models(config) if todo else None
