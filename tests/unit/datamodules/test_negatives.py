@@ -198,3 +198,32 @@ def test_the_document_cache_lists_the_negatives_once(tiny_text_model, tmp_path):
     corpus.write_text(json.dumps({"_id": "c0", "text": "kani dolo"}) + "\n")
     with_corpus = _datamodule(tiny_text_model, no_column, num_negatives=2, negatives_corpus=str(corpus))
     assert list(with_corpus.distinct_documents())[-1] == "kani dolo"
+
+
+def test_batches_grouped_by_length_draw_negatives_as_rows_do(tmp_path):
+    from functools import partial
+
+    from datamodules.lengths import text_length
+    from datamodules.sources import load_stream
+    from datamodules.streaming import ShuffledEpochStream
+
+    columns = {"id": "id", "query": "query", "document": "document"}
+    sampler = NegativeSampler(2, seed=3, columns=columns)
+    rows = {row["id"]: row for row in _rows(12, lambda i: 4)}
+    source = _write(tmp_path / "train.jsonl", list(rows.values()))
+    length_of = partial(text_length, column="document")
+    stream = ShuffledEpochStream(
+        load_stream(source),
+        seed=3,
+        block_size=6,
+        passes=2,
+        length_of=length_of,
+        batch_size=3,
+        transform=sampler,
+    )
+    batches = list(stream)
+    assert len(batches) == 8
+    for position, batch in enumerate(batches):  # 4 batches per pass
+        for row in batch:
+            assert len(row["negatives"]) == 2
+            assert row["negatives"] == sampler(rows[row["id"]], position // 4)["negatives"]
