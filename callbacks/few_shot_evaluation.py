@@ -76,6 +76,7 @@ class FewShotClassification(AfterEvaluation):
         self.train_split = train_split
         self.sets = sets
         self.last_results: dict[str, dict] = {}
+        self._train_sets: dict = {}
 
     @property
     def enabled(self) -> bool:
@@ -95,31 +96,48 @@ class FewShotClassification(AfterEvaluation):
             raise ConfigError(f"few_shot.sets names {unknown}, not in data.classification_sets ({known}).")
         return list(self.sets)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.enabled and stage in ("validate", "test"):
+            # The datamodule is set up (Lightning sets it up before the callbacks): every set's
+            # labelled examples are read and checked now, before the evaluation runs.
+            self._train_sets = {
+                name: self._checked_train_set(trainer, name) for name in self.set_names(trainer)
+            }
+
+    def _checked_train_set(self, trainer: Trainer, name: str):
+        data_module = trainer.datamodule
+        try:
+            train = data_module.load_eval_set(name, self.train_split)
+        except (DataError, FileNotFoundError, ConfigError) as error:
+            raise DataError(
+                f"few_shot: classification set {name!r} has no usable {self.train_split!r} split "
+                f"(qrels/{self.train_split}.tsv naming its labelled examples): {error}"
+            ) from error
+        evaluated = data_module.eval_sets[name]
+        if [row["id"] for row in train.corpus] != [row["id"] for row in evaluated.corpus]:
+            raise DataError(f"few_shot: set {name!r}: the {self.train_split} split's classes differ.")
+        check_shots(self._data(name, train, evaluated, embedder=None), self.settings)
+        return train
+
+    @staticmethod
+    def _data(name: str, train, evaluated, embedder) -> FewShotData:
+        return FewShotData(
+            name=name,
+            train_labels=train.gold_labels(),
+            test_labels=evaluated.gold_labels(),
+            class_names={i: row["id"] for i, row in enumerate(evaluated.corpus)},
+            embed_train=lambda positions: embedder.queries(train, positions),
+            embed_test=lambda: embedder.queries(evaluated),
+            embed_classes=lambda: embedder.corpus(evaluated),
+        )
+
     def run(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        data_module, embedder = trainer.datamodule, self.embedder(trainer, pl_module)
-        jobs = []
-        for name in self.set_names(trainer):  # every set checked before the first one trains
-            evaluated = data_module.eval_sets[name]
-            try:
-                train = data_module.load_eval_set(name, self.train_split)
-            except (DataError, FileNotFoundError, ConfigError) as error:
-                raise DataError(
-                    f"few_shot: classification set {name!r} has no usable {self.train_split!r} split "
-                    f"(qrels/{self.train_split}.tsv naming its labelled examples): {error}"
-                ) from error
-            if [row["id"] for row in train.corpus] != [row["id"] for row in evaluated.corpus]:
-                raise DataError(f"few_shot: set {name!r}: the {self.train_split} split's classes differ.")
-            data = FewShotData(
-                name=name,
-                train_labels=train.gold_labels(),
-                test_labels=evaluated.gold_labels(),
-                class_names={i: row["id"] for i, row in enumerate(evaluated.corpus)},
-                embed_train=lambda positions, train=train: embedder.queries(train, positions),
-                embed_test=lambda evaluated=evaluated: embedder.queries(evaluated),
-                embed_classes=lambda evaluated=evaluated: embedder.corpus(evaluated),
-            )
-            check_shots(data, self.settings)
-            jobs.append(data)
+        embedder = self.embedder(trainer, pl_module)
+        eval_sets = trainer.datamodule.eval_sets
+        jobs = [
+            self._data(name, train, eval_sets[name], embedder) for name, train in self._train_sets.items()
+        ]
         writer, step = self.tensorboard(trainer), trainer.global_step
         for data in jobs:
             log.info(
