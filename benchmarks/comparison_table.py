@@ -106,7 +106,7 @@ def trainable_parameters(config: str, run_dir: Path) -> int:
     """The recipe's model, built as `fit` builds it (no training), its trainable parameters counted."""
     from cli import cli_main
 
-    cli = cli_main(["fit", "--config", config, f"--trainer.default_root_dir={run_dir}"], run=False)
+    cli = cli_main(["--config", str(ROOT / config), f"--trainer.default_root_dir={run_dir}"], run=False)
     return sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
 
 
