@@ -36,6 +36,8 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/comparison_table.py` 
 class Recipe:
     config: str
     label: str
+    subcommand: str = "fit"
+    """``validate`` for an evaluation-only model (nothing to train)."""
 
 
 # Rows in the paper's order: the text ceiling, then the speech models.
@@ -160,8 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, wall = [], {}
     for name in args.recipes:
         run_dir = out / name
-        if not (args.reuse and finished(run_dir)):
-            wall[name] = run_recipe(RECIPES[name].config, run_dir, extra)
+        if not (args.reuse and finished(RECIPES[name], run_dir)):
+            wall[name] = run_recipe(RECIPES[name], run_dir, extra)
         rows.append(row_of_run(name, run_dir, trainable_parameters(RECIPES[name].config, run_dir)))
     table = markdown(rows)
     out.mkdir(parents=True, exist_ok=True)

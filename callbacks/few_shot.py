@@ -20,7 +20,9 @@ the reference paper's intent-detection code reports).
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from callbacks.metrics import top_k_search
 from errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 Embeddings = dict[int, torch.Tensor]
 SCORES = ("accuracy", "macro_f1", "weighted_f1")
@@ -276,7 +280,7 @@ def few_shot_scores(
     for n in (n for n in settings.shots if n):
         results[n] = []
         for draw in range(settings.draws):
-            seed = settings.seed + draw
+            started, seed = time.perf_counter(), settings.seed + draw
             chosen = draw_examples(data.train_labels, data.classes, n, seed)
             labels = [data.train_labels[p] for p in chosen]
             with weights_restored(module):
@@ -300,6 +304,17 @@ def few_shot_scores(
                     head_predictions(head, test[dim]), data.test_labels, data.classes
                 )
             results[n].append(scores)
+            top = max(scores)
+            log.info(
+                "few_shot %s: n=%d, draw %d/%d: macro F1 at d%d %.3f (%.0f s)",
+                data.name,
+                n,
+                draw + 1,
+                settings.draws,
+                top,
+                scores[top]["macro_f1"],
+                time.perf_counter() - started,
+            )
     return results
 
 
