@@ -90,7 +90,9 @@ def matrix_figure(matrix: Mapping[str, Mapping[str, float]], own: Mapping[str, s
     for i, name in enumerate(names):
         for j, task in enumerate(tasks):
             mark = "*" if task == own[name] else ""
-            axes.text(j, i, f"{values[i, j]:.3f}{mark}", ha="center", va="center", color="w", fontsize=8)
+            light = values[i, j] > (values.min() + values.max()) / 2  # dark text on the light cells
+            color = "black" if light else "white"
+            axes.text(j, i, f"{values[i, j]:.3f}{mark}", ha="center", va="center", color=color, fontsize=8)
     axes.set_xlabel("prompt")
     axes.set_title(title)
     figure.colorbar(image)
