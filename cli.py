@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.checkpoint_files import require_whole, resolve_checkpoint
+from callbacks.few_shot_evaluation import FewShotClassification
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.prompt_matrix import PromptTaskMatrix
 from callbacks.retrieval import RetrievalEvaluator
 from callbacks.tensorboard_run import continue_tensorboard_run, discard_refused_run
 from callbacks.write_embeddings import WriteEmbeddings
@@ -70,6 +72,10 @@ RUN_CALLBACKS = {
     "preemption": PreemptionCheckpoint,
     "best_checkpoint": ModelCheckpoint,
     "last_checkpoint": ModelCheckpoint,
+    # Off unless configured; after validate / test: `--few_shot.shots=[0,1,2,4,8,16]`,
+    # `--prompt_matrix.tasks=all`.
+    "few_shot": FewShotClassification,
+    "prompt_matrix": PromptTaskMatrix,
 }
 
 # Their arguments and the logger's, as defaults a recipe or the command line overrides. ${...} is

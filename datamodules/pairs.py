@@ -246,12 +246,12 @@ class StreamingPairDataModule(LightningDataModule):
                 self._batches = SpeechBatchBuilder(self._batches, self.audio, feature_extractor)
         return self._batches
 
-    def _with_decoded_audio(self, eval_set: EvalSet) -> EvalSet:
+    def _with_decoded_audio(self, eval_set: EvalSet, key: str) -> EvalSet:
         """Decodes eval audio once per run; unusable queries are left out, counted and named."""
         usable, dropped = self.batches.load_eval_waveforms(eval_set.queries, eval_set.root)
-        return self._leaving_out(eval_set, usable, dropped, "unusable audio")
+        return self._leaving_out(eval_set, usable, dropped, "unusable audio", key)
 
-    def _with_query_text(self, eval_set: EvalSet) -> EvalSet:
+    def _with_query_text(self, eval_set: EvalSet, key: str) -> EvalSet:
         """Text queries: those without text are left out, counted and named (a batch holding
         one would have no ``query_text`` for the model to embed)."""
         usable, dropped = [], []
@@ -260,9 +260,11 @@ class StreamingPairDataModule(LightningDataModule):
                 usable.append(row)
             else:
                 dropped.append(f"{row['id']}: missing or empty text")
-        return self._leaving_out(eval_set, usable, dropped, "no text")
+        return self._leaving_out(eval_set, usable, dropped, "no text", key)
 
-    def _leaving_out(self, eval_set: EvalSet, usable: list[dict], dropped: list[str], why: str) -> EvalSet:
+    def _leaving_out(
+        self, eval_set: EvalSet, usable: list[dict], dropped: list[str], why: str, key: str
+    ) -> EvalSet:
         if dropped:
             log.warning(
                 "eval set %s: %d of %d queries have %s and are left out: %s",
@@ -272,7 +274,7 @@ class StreamingPairDataModule(LightningDataModule):
                 why,
                 dropped[:20],
             )
-        self.eval_queries_dropped[eval_set.name] = dropped
+        self.eval_queries_dropped[key] = dropped
         return eval_set.with_queries(usable)
 
     def _truncation_counts(self) -> dict[str, TruncationCount]:
@@ -363,25 +365,8 @@ class StreamingPairDataModule(LightningDataModule):
                     f"data.eval_sets and data.classification_sets both name {sorted(overlap)}: "
                     "names become metric tags, so they must differ."
                 )
-            kinds = {name: "retrieval" for name in hp.eval_sets or {}}
-            kinds |= {name: "classification" for name in hp.classification_sets or {}}
-            locations = {**(hp.eval_sets or {}), **(hp.classification_sets or {})}
-            for name, location in locations.items():
-                eval_set = load_beir_eval_set(name, location, split)
-                eval_set.kind = kinds[name]
-                if eval_set.kind == "classification":
-                    eval_set.gold_labels()  # a query without a class fails now, not at the first validation
-                for row in eval_set.queries:  # unknown tasks fail now, not mid-run
-                    if not self.prompts.has_instruction(row.get("task")):
-                        raise ConfigError(
-                            f"eval set {name!r}: query {row['id']!r} has task {row.get('task')!r}, which has "
-                            f"no instruction; add it under data.prompts.prompts (known tasks: "
-                            f"{sorted(self.prompts.prompts)})."
-                        )
-                if self.audio is not None:
-                    eval_set = self._with_decoded_audio(eval_set)
-                else:
-                    eval_set = self._with_query_text(eval_set)
+            for name in [*(hp.eval_sets or {}), *(hp.classification_sets or {})]:
+                eval_set = self.load_eval_set(name, split, record_as=name)
                 self.eval_sets[name] = eval_set
                 log.info(
                     "eval set %s: %d queries (%d without relevant documents), %d documents",
@@ -397,6 +382,34 @@ class StreamingPairDataModule(LightningDataModule):
             raise ConfigError(
                 "data.train_data is not set: name a pairs file, folder or hub dataset to fit on."
             )
+
+    def load_eval_set(self, name: str, split: str, record_as: str | None = None) -> EvalSet:
+        """One split of a configured eval or classification set, checked and with its queries'
+        audio decoded (or text checked) as evaluation reads it; unusable queries are left out and
+        named in ``eval_queries_dropped[record_as]`` (default ``<name>/<split>``)."""
+        hp = self.hparams
+        kinds = {key: "retrieval" for key in hp.eval_sets or {}}
+        kinds |= {key: "classification" for key in hp.classification_sets or {}}
+        if name not in kinds:
+            raise ConfigError(
+                f"{name!r} is not in data.eval_sets or data.classification_sets (known: {sorted(kinds)})."
+            )
+        location = {**(hp.eval_sets or {}), **(hp.classification_sets or {})}[name]
+        eval_set = load_beir_eval_set(name, location, split)
+        eval_set.kind = kinds[name]
+        if eval_set.kind == "classification":
+            eval_set.gold_labels()  # a query without a class fails now, not at the first validation
+        for row in eval_set.queries:  # unknown tasks fail now, not mid-run
+            if not self.prompts.has_instruction(row.get("task")):
+                raise ConfigError(
+                    f"eval set {name!r}: query {row['id']!r} has task {row.get('task')!r}, which has "
+                    f"no instruction; add it under data.prompts.prompts (known tasks: "
+                    f"{sorted(self.prompts.prompts)})."
+                )
+        key = record_as or f"{name}/{split}"
+        if self.audio is not None:
+            return self._with_decoded_audio(eval_set, key)
+        return self._with_query_text(eval_set, key)
 
     # ----- training -----------------------------------------------------------------------
     def _training_stream(self) -> ShuffledEpochStream:
