@@ -56,6 +56,14 @@ def gathered_sizes(local_rows: int, device: torch.device) -> tuple[int, ...]:
     return tuple(int(s) for s in sizes)
 
 
+def gathered_counts(local: tuple[int, ...], device: torch.device) -> list[tuple[int, ...]]:
+    """Every rank's tuple of counts (e.g. rows and hard negatives), in rank order, in one collective."""
+    values = torch.tensor(local, device=device, dtype=torch.long)
+    everything = [torch.zeros_like(values) for _ in range(world_size())]
+    dist.all_gather(everything, values)
+    return [tuple(int(v) for v in value) for value in everything]
+
+
 def gather_with_grad(local: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     """All ranks' rows concatenated in rank order; gradients flow back to each rank's own rows."""
     if world_size() == 1:

@@ -17,12 +17,13 @@ from datamodules.audio import AudioSettings
 from datamodules.eval_sets import EvalSet, load_beir_eval_set
 from datamodules.lengths import clip_seconds, text_length
 from datamodules.loader import STATE_KEY, ConsumedPositionLoader
+from datamodules.negatives import NegativeSampler, NegativesCount, load_negatives_corpus, report_negatives
 from datamodules.sources import load_stream, looks_local, read_error, relative_path_roots
 from datamodules.speech_batches import SpeechBatchBuilder
 from datamodules.streaming import ShuffledEpochStream
 from datamodules.text_batches import PromptConfig, TextBatchBuilder, usable_text
 from datamodules.truncation import TruncationCount, report_truncation
-from errors import ConfigError
+from errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 TRUNCATION_REPORT_AFTER_BATCHES = 100
@@ -42,6 +43,14 @@ def _eval_batch(builder, item: tuple[str, str, list]) -> dict:
     """The eval batch of one ``(eval set, side, [(position, row), ...])`` item of the eval loader."""
     name, side, rows = item
     return builder.eval_batch(rows, eval_set=name, side=side)
+
+
+def _document_texts(row: dict, columns: list[str]) -> Iterator:
+    """The row's document, then the texts of its negatives column when that is read too."""
+    yield row.get(columns[0])
+    if len(columns) > 1:
+        negatives = row.get(columns[1]) or []
+        yield from [negatives] if isinstance(negatives, str) else negatives
 
 
 def _length(row: dict) -> int:
@@ -88,6 +97,9 @@ class StreamingPairDataModule(LightningDataModule):
         passes: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        num_negatives: int = 0,
+        negatives_column: str = "negatives",
+        negatives_corpus: str | None = None,
     ):
         """
         Args:
@@ -137,7 +149,16 @@ class StreamingPairDataModule(LightningDataModule):
                 None: repeat forever; stop with trainer.max_steps. Must be None under DDP, where
                 ranks may hold different numbers of rows.
             num_workers: DataLoader worker processes.
-            seed: Shuffle seed.
+            seed: Shuffle seed (and the seed of the hard negatives' draw).
+            num_negatives: Hard negatives per training row: each pass draws up to this many of the
+                row's ``negatives_column`` (seeded by seed, pass and row id, so resumes are exact);
+                they join the row's in-batch negatives in the loss. Rows with fewer (or none) are
+                counted and reported like truncation. 0: in-batch negatives only.
+            negatives_column: Column holding each row's hard negatives: a list of document texts, or
+                of ids into ``negatives_corpus`` when that is set.
+            negatives_corpus: A JSON Lines corpus (BEIR corpus.jsonl: ``_id``, ``text``) that the
+                negatives column's ids refer to; an id not in it stops the run, naming it. None:
+                the column holds texts.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -164,9 +185,19 @@ class StreamingPairDataModule(LightningDataModule):
             raise ConfigError(
                 f"data.passes={passes} must be >= 1, or null to repeat until trainer.max_steps."
             )
+        if num_negatives < 0:
+            raise ConfigError(
+                f"data.num_negatives={num_negatives} must be >= 0 (0: in-batch negatives only)."
+            )
+        if negatives_corpus is not None and not num_negatives:
+            raise ConfigError(
+                f"data.negatives_corpus={negatives_corpus!r} is set but data.num_negatives is 0: set "
+                "data.num_negatives (e.g. 3) to train with the rows' hard negatives, or drop it."
+            )
         _check_local_paths_exist(
             {
                 "data.train_data": train_data,
+                "data.negatives_corpus": negatives_corpus,
                 **{f"data.eval_sets.{k}": v for k, v in (eval_sets or {}).items()},
                 **{f"data.classification_sets.{k}": v for k, v in (classification_sets or {}).items()},
             }
@@ -187,6 +218,7 @@ class StreamingPairDataModule(LightningDataModule):
         self._train_truncation: dict[str, TruncationCount] = {}
         self._train_batches_measured = 0
         self._train_truncation_warned = False
+        self._train_negatives = NegativesCount(num_negatives)
 
     @property
     def _is_rank_zero(self) -> bool:
@@ -204,6 +236,8 @@ class StreamingPairDataModule(LightningDataModule):
                 hp.max_query_length,
                 hp.max_document_length,
                 self.columns,
+                num_negatives=hp.num_negatives,
+                negatives_column=hp.negatives_column,
             )
             if self.audio is not None:
                 from transformers import AutoFeatureExtractor
@@ -277,6 +311,7 @@ class StreamingPairDataModule(LightningDataModule):
         self._train_batches_measured += 1
         if self._train_batches_measured == TRUNCATION_REPORT_AFTER_BATCHES:
             self._report_training_truncation(f"its first {TRUNCATION_REPORT_AFTER_BATCHES} batches")
+            self._report_training_negatives(f"its first {TRUNCATION_REPORT_AFTER_BATCHES} batches")
 
     def _report_training_truncation(self, which_batches: str) -> None:
         if not self._is_rank_zero:
@@ -292,9 +327,21 @@ class StreamingPairDataModule(LightningDataModule):
         )
         self._train_truncation_warned |= over
 
+    def _report_training_negatives(self, which_batches: str) -> None:
+        if self._is_rank_zero and self.hparams.num_negatives:
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            share = " (rank 0's share)" if world_size > 1 else ""
+            report_negatives(f"training stream{share}, {which_batches}", self._train_negatives, log)
+
+    @property
+    def training_negatives(self) -> NegativesCount:
+        """Rows of the training batches taken so far with fewer hard negatives than asked, or none."""
+        return self._train_negatives
+
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self._train_batches_measured:
             self._report_training_truncation(f"the {self._train_batches_measured} batches of this fit")
+            self._report_training_negatives(f"the {self._train_batches_measured} batches of this fit")
 
     def split_for(self, stage: str) -> str:
         """The qrels split a stage scores: ``val_split`` for fit and validate, else ``eval_split``."""
@@ -397,7 +444,17 @@ class StreamingPairDataModule(LightningDataModule):
             rank=rank,
             world_size=world_size,
             read_error=partial(read_error, "data.train_data", hp.train_data),
+            transform=self._negative_sampler(),
             **grouping,
+        )
+
+    def _negative_sampler(self) -> NegativeSampler | None:
+        hp = self.hparams
+        if not hp.num_negatives:
+            return None
+        corpus = load_negatives_corpus(hp.negatives_corpus) if hp.negatives_corpus else None
+        return NegativeSampler(
+            hp.num_negatives, hp.seed, self.columns, hp.negatives_column, corpus, hp.negatives_corpus
         )
 
     def train_dataloader(self) -> ConsumedPositionLoader:
@@ -415,6 +472,7 @@ class StreamingPairDataModule(LightningDataModule):
             )
         stream = self._training_stream()
         self._train_truncation, self._train_batches_measured, self._train_truncation_warned = {}, 0, False
+        self._train_negatives = NegativesCount(hp.num_negatives)
         source = f"data.train_data={hp.train_data!r}"
         if stream.world_size > 1:
             source += f" (the share of rank {stream.rank} of {stream.world_size})"
@@ -433,6 +491,8 @@ class StreamingPairDataModule(LightningDataModule):
         # Called when the training loop takes a batch (fetching ran one ahead): from here on a
         # checkpoint resumes after this batch.
         if isinstance(batch, dict) and STATE_KEY in batch:
+            if "negatives_count" in batch:  # before truncation, whose count may report both
+                self._train_negatives.add_counts(*batch.pop("negatives_count"))
             self._count_training_truncation(batch.pop("truncation", None))
             if self._train_loader is not None:
                 self._train_loader.mark_consumed(batch)
@@ -465,11 +525,23 @@ class StreamingPairDataModule(LightningDataModule):
         if include_training and self.hparams.train_data:
             hp = self.hparams
             column = self.columns["document"]
-            # Only the document column is read: no audio is fetched or decoded.
-            stream = load_stream(
-                hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data", columns=[column]
+            # Hard negatives are documents too: their texts (or their corpus) go in the cache.
+            by_text = hp.num_negatives and not hp.negatives_corpus
+            columns = [column, hp.negatives_column] if by_text else [column]
+            # Only these columns are read: no audio is fetched or decoded.
+            read = partial(
+                load_stream, hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data"
             )
-            sources.append(row.get(column) for row in stream)
+            try:
+                stream = read(columns=columns)
+            except DataError:
+                if len(columns) == 1:
+                    raise
+                columns = columns[:1]  # no negatives column at all: every row trains in-batch only
+                stream = read(columns=columns)
+            sources.append(text for row in stream for text in _document_texts(row, columns))
+            if hp.num_negatives and hp.negatives_corpus:
+                sources.append(load_negatives_corpus(hp.negatives_corpus).values())
         if not self.eval_sets:
             self.setup("validate")
         sources += [(row.get("text") for row in eval_set.corpus) for eval_set in self.eval_sets.values()]

@@ -54,6 +54,10 @@ class ShuffledEpochStream(IterableDataset):
 
     ``read_error`` (a picklable ``exception -> exception or None``) turns a failure to read the
     source (a broken line deep in a file) into the error to raise instead, naming the file.
+
+    ``transform`` (a picklable ``(row, pass) -> row``) is applied to every row as it is served, e.g.
+    to draw its hard negatives for this pass (``datamodules.negatives.NegativeSampler``); being a
+    function of the row and the pass, it resumes exactly with the stream.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ShuffledEpochStream(IterableDataset):
         length_of: Callable[[dict], float] | None = None,
         batch_size: int | None = None,
         read_error: Callable[[Exception], Exception | None] | None = None,
+        transform: Callable[[dict, int], dict] | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
@@ -75,6 +80,7 @@ class ShuffledEpochStream(IterableDataset):
         self.length_of = length_of
         self.batch_size = batch_size
         self.read_error = read_error
+        self.transform = transform
         self.dataset = dataset
         self.seed = seed
         self.block_size = block_size
@@ -163,9 +169,9 @@ class ShuffledEpochStream(IterableDataset):
                     }
                     served_any = True
                     if self.length_of is None:
-                        yield rows_of_block[index]
+                        yield self._served(rows_of_block[index], epoch)
                     else:
-                        yield [rows_of_block[i] for i in index]
+                        yield [self._served(rows_of_block[i], epoch) for i in index]
                 # The source now stands at the next block's first row: that is where it resumes.
                 block, served, block_start = block + 1, 0, copy.deepcopy(source.state_dict())
             self._state = {"epoch": epoch + 1, "block": 0, "block_start": None, "served": 0}
@@ -179,6 +185,9 @@ class ShuffledEpochStream(IterableDataset):
                     _worker_id(),
                 )
                 return
+
+    def _served(self, row: dict, epoch: int) -> dict:
+        return row if self.transform is None else self.transform(row, epoch)
 
     def _next_block(self, rows: Iterator[dict]) -> list[dict]:
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datamodules.negatives import row_negatives
 from errors import ConfigError
 from lightning_modules.document_cache import tokenized_document_keys as document_keys
 
@@ -91,8 +92,13 @@ class TextBatchBuilder:
         max_query_length: int,
         max_document_length: int,
         columns: Mapping[str, str],
+        num_negatives: int = 0,
+        negatives_column: str = "negatives",
     ):
         self.tokenizer = tokenizer
+        # Hard negatives per row, read from ``negatives_column`` (already sampled per pass).
+        self.num_negatives = num_negatives
+        self.negatives_column = negatives_column
         self.prompts = prompts
         self.max_query_length = max_query_length
         self.max_document_length = max_document_length
@@ -203,10 +209,24 @@ class TextBatchBuilder:
             if all(usable_text(row.get(c["query"])) for row in good):
                 queries = self.format_queries([row[c["query"]] for row in good], tasks)
                 texts["query_text"] = (queries, self.max_query_length)
-            texts["document"] = ([row[c["document"]] for row in good], self.max_document_length)
+            documents = [row[c["document"]] for row in good]
+            negatives, owners = [], []
+            if self.num_negatives:
+                negatives, owners, batch["negatives_count"] = row_negatives(
+                    good, self.negatives_column, self.num_negatives
+                )
+            # Negatives are documents: tokenized (and measured) with them, so both share a width
+            # and the model embeds them in one pass.
+            texts["document"] = (documents + negatives, self.max_document_length)
             batch["truncation"] = {}
             for key, (values, limit) in texts.items():
                 batch[key], batch["truncation"][key] = self._measured_tokens(values, limit)
+            if negatives:
+                joint, rows = batch["document"], len(documents)
+                batch["document"] = {key: value[:rows] for key, value in joint.items()}
+                batch["negatives"] = {key: value[rows:] for key, value in joint.items()}
+                batch["negative_rows"] = torch.tensor(owners, dtype=torch.long)
+                batch["negative_keys"] = document_keys(batch["negatives"])
             # Equal for identical documents: InfoNCE does not count a copy of a row's own
             # document as its negative. Hashed here, on the CPU, not in the training step.
             batch["document_keys"] = document_keys(batch["document"])

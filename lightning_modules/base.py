@@ -24,6 +24,7 @@ from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.document_cache import CachedDocuments, document_keys
 from lightning_modules.frozen_towers import FrozenTowers
 from lightning_modules.grad_cache import chunked_embeddings
+from lightning_modules.hard_negatives import embed_documents_and_negatives
 from lightning_modules.losses import EmbeddingLoss, LossInputs, MatryoshkaInfoNCE, loss_from_config
 from lightning_modules.weight_decay import parameter_groups
 
@@ -98,7 +99,8 @@ class MatryoshkaEmbedder(FrozenTowers, CachedDocuments):
         inputs = LossInputs(chunked_embeddings(self.embed_queries, batch, chunk, trainable))
         if "documents" in self.loss.needs:
             frozen = self.document_tower_frozen
-            inputs.documents = chunked_embeddings(
+            # Hard negatives, when the batch has any, share the documents' pass (and cache).
+            inputs.documents, inputs.negatives = embed_documents_and_negatives(
                 self.document_embeddings, batch, chunk, None if frozen else trainable
             )
             inputs.document_keys = document_keys(batch, inputs.queries)

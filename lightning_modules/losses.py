@@ -20,6 +20,7 @@ from torch import nn
 import collectives
 from errors import ConfigError
 from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
+from lightning_modules.hard_negatives import HardNegatives, gather_with_negatives, negative_mask
 
 
 def matryoshka_info_nce(
@@ -30,6 +31,8 @@ def matryoshka_info_nce(
     cross_device: bool = False,
     symmetric: bool = False,
     document_keys: torch.Tensor | None = None,
+    negatives: HardNegatives | None = None,
+    own_negatives_only: bool = False,
 ) -> torch.Tensor:
     """``sum_d w_d * CrossEntropy(cos(q_d, D_d) / temperature, arange(B))`` with in-batch negatives.
 
@@ -51,6 +54,15 @@ def matryoshka_info_nce(
     ``document_keys`` (``[B]`` integers, equal for identical documents): a copy of a row's own
     document elsewhere in the (global) batch is no negative for it: its logit is masked out, in
     both directions. Without keys every other column is a negative, as in sentence-transformers.
+
+    ``negatives`` (hard negatives, ``lightning_modules.hard_negatives``): more columns after the
+    (global) batch's documents, so row ``i``'s target stays ``offset + i``; gathered across ranks
+    with their gradients like documents. A query sees every row's negatives (Tevatron,
+    sentence-transformers), or with ``own_negatives_only`` only its own; a negative that is a copy
+    of the query's own document (by key, whichever row listed it) is masked. The symmetric
+    direction scores documents against queries only, over positives (as sentence-transformers'
+    symmetric loss does). Without negatives (None, or none on any rank) the computation is the
+    one above, unchanged.
     """
     if set(query_embeddings) != set(document_embeddings):
         raise ValueError(
@@ -73,8 +85,20 @@ def matryoshka_info_nce(
     documents = {dim: F.normalize(document_embeddings[dim].float(), dim=-1) for dim in dims}
     all_queries, all_documents = queries, documents  # the candidates each side is scored against
     offset, global_rows, scale = 0, local_rows, 1.0
-    if cross_device and collectives.world_size() > 1:
-        sizes = collectives.gathered_sizes(local_rows, documents[dims[0]].device)
+    local_negatives = 0 if negatives is None else negatives.count
+    all_negatives = negatives.normalized() if local_negatives else None
+    distributed = cross_device and collectives.world_size() > 1
+    if distributed:
+        counts = collectives.gathered_counts((local_rows, local_negatives), documents[dims[0]].device)
+        sizes = tuple(rows for rows, _ in counts)
+        offset, global_rows = sum(sizes[: collectives.rank()]), sum(sizes)
+        scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
+    if distributed and any(count for _, count in counts):  # hard negatives on some rank
+        all_documents, gathered_queries, all_keys, all_negatives = gather_with_negatives(
+            documents, queries if symmetric else None, all_negatives, document_keys, counts
+        )
+        all_queries = gathered_queries if symmetric else all_queries
+    elif distributed:
         # One collective for all dims (and both sides): columns side by side, split again after.
         local = dims_side_by_side(documents)
         if symmetric:
@@ -84,8 +108,6 @@ def matryoshka_info_nce(
         all_documents = split_dims(gathered[:, :width], dims)
         if symmetric:
             all_queries = split_dims(gathered[:, width:], dims)
-        offset, global_rows = sum(sizes[: collectives.rank()]), sum(sizes)
-        scale = local_rows * len(sizes) / global_rows  # local mean -> this rank's share of the global mean
         if document_keys is not None:
             all_keys = collectives.gather_with_grad(document_keys, sizes)  # integers: no gradient
     elif document_keys is not None:
@@ -97,14 +119,23 @@ def matryoshka_info_nce(
     if document_keys is not None:
         false_negatives = document_keys.to(device)[:, None] == all_keys.to(device)[None, :]
         false_negatives[torch.arange(local_rows, device=device), targets] = False
+    mask = false_negatives  # over every column the queries score
+    if all_negatives is not None:
+        hidden = negative_mask(all_negatives, targets, document_keys, own_negatives_only)
+        if hidden is not None or false_negatives is not None:
+            none = torch.zeros(local_rows, global_rows + all_negatives.count, dtype=torch.bool, device=device)
+            on_documents = false_negatives if false_negatives is not None else none[:, :global_rows]
+            on_negatives = hidden if hidden is not None else none[:, global_rows:]
+            mask = torch.cat([on_documents, on_negatives], dim=1)
     total = None
     # Autocast would run the matmul in bf16 despite .float(): at temperature 0.05 that rounds
     # logits by ~0.06, so the similarities are computed with autocast off.
     with torch.autocast(device_type=device.type, enabled=False):
         for dim in dims:
-            term = F.cross_entropy(
-                _masked(queries[dim] @ all_documents[dim].T, false_negatives) / temperature, targets
-            )
+            logits = queries[dim] @ all_documents[dim].T
+            if all_negatives is not None:
+                logits = torch.cat([logits, queries[dim] @ all_negatives.embeddings[dim].T], dim=1)
+            term = F.cross_entropy(_masked(logits, mask) / temperature, targets)
             if symmetric:
                 # Document i against query j: j's document is a copy of i exactly when i's is of j's.
                 logits = _masked(documents[dim] @ all_queries[dim].T, false_negatives)
@@ -160,6 +191,8 @@ class LossInputs:
     transcriptions: Mapping[int, torch.Tensor] | None = None
     # [B] integers, equal for identical documents: a copy of a row's document is not its negative.
     document_keys: torch.Tensor | None = None
+    # The batch's hard negatives (embedded with the documents), when its rows carry any.
+    negatives: HardNegatives | None = None
 
 
 class EmbeddingLoss(nn.Module):
@@ -208,6 +241,7 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
         dim_weights: dict[int, float] | None = None,
         symmetric: bool = False,
         cross_device_negatives: bool = True,
+        own_negatives_only: bool = False,
     ):
         """
         Args:
@@ -217,6 +251,10 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
                 of both directions per dim); false: queries -> documents only.
             cross_device_negatives: Under DDP, every rank's documents are negatives for every
                 query (global batch); false: each rank contrasts its own batch only.
+            own_negatives_only: With hard negatives in the data (``data.num_negatives``): each
+                query sees only its own row's negatives; false: every row's negatives in the
+                (global) batch, as Tevatron and sentence-transformers do. In-batch documents are
+                negatives either way.
         """
         super().__init__()
         if temperature <= 0:
@@ -225,11 +263,13 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
         self.dim_weights = {int(dim): weight for dim, weight in (dim_weights or {}).items()}
         self.symmetric = symmetric
         self.cross_device_negatives = cross_device_negatives
+        self.own_negatives_only = own_negatives_only
         self.init_args = {
             "temperature": temperature,
             "dim_weights": self.dim_weights,
             "symmetric": symmetric,
             "cross_device_negatives": cross_device_negatives,
+            "own_negatives_only": own_negatives_only,
         }
 
     def min_rows(self) -> int:
@@ -245,6 +285,8 @@ class MatryoshkaInfoNCE(EmbeddingLoss):
             self.cross_device_negatives,
             symmetric=self.symmetric,
             document_keys=inputs.document_keys,
+            negatives=inputs.negatives,
+            own_negatives_only=self.own_negatives_only,
         )
         return {"info_nce": loss}
 

@@ -26,7 +26,11 @@ from lightning_modules.losses import MatryoshkaInfoNCE
 
 
 def _model(
-    text_model: str, cross_device: bool, chunk: int | None = None, symmetric: bool = False
+    text_model: str,
+    cross_device: bool,
+    chunk: int | None = None,
+    symmetric: bool = False,
+    own_negatives_only: bool = False,
 ) -> TextOnly:
     torch.manual_seed(0)  # the same LoRA initialization in every process
     config = TextEncoderConfig(text_model, lora=LoraSettings(r=4, dropout=0.0))
@@ -34,7 +38,12 @@ def _model(
     model = TextOnly(
         config,
         matryoshka_dims=[32, 128, 256],
-        loss=MatryoshkaInfoNCE(temperature=1.0, cross_device_negatives=cross_device, symmetric=symmetric),
+        loss=MatryoshkaInfoNCE(
+            temperature=1.0,
+            cross_device_negatives=cross_device,
+            symmetric=symmetric,
+            own_negatives_only=own_negatives_only,
+        ),
         gradient_chunk_size=chunk,
     )
     # LoRA's B starts at zero, which would make most gradients trivially zero; start it random.
@@ -65,10 +74,19 @@ def _trainable_gradients(model: TextOnly) -> dict[str, torch.Tensor]:
 STACK_DUMP_AFTER_S, STEP_DEADLINE_S = 120, 150
 
 
-def _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output):
-    model = _model(text_model, cross_device, chunk, symmetric)
+def _batch(text_model: str, rows: list[dict], negatives: dict) -> dict:
+    """The training batch of ``rows`` (with ``negatives``: each row's ``negatives`` list, up to
+    ``negatives["num_negatives"]`` of it, as the datamodule's per-pass draw leaves it)."""
+    builder = StreamingPairDataModule(text_model, num_negatives=negatives.get("num_negatives", 0)).batches
+    return builder.training_batch(rows)
+
+
+def _ddp_step_on_rank(
+    rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+):
+    model = _model(text_model, cross_device, chunk, symmetric, negatives.get("own_negatives_only", False))
     ddp = DistributedDataParallel(_TrainingLoss(model))
-    batch = StreamingPairDataModule(text_model).batches.training_batch(rows_per_rank[rank])
+    batch = _batch(text_model, rows_per_rank[rank], negatives)
     loss = ddp(batch)
     loss.backward()  # DDP averages the gradients over ranks here
     # The global loss is the mean of the ranks' losses (each rank's is its share, rescaled).
@@ -78,7 +96,9 @@ def _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device,
         torch.save({"loss": global_loss / world_size, "grads": _trainable_gradients(model)}, output)
 
 
-def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_device, chunk, symmetric, output):
+def _ddp_step(
+    rank, world_size, init_file, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+):
     stacks = open(f"{output}.stacks-rank{rank}.txt", "w")  # open until the process ends
     faulthandler.dump_traceback_later(STACK_DUMP_AFTER_S, file=stacks)
     dist.init_process_group(
@@ -89,7 +109,9 @@ def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_devi
         timeout=timedelta(seconds=60),
     )
     try:
-        _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output)
+        _ddp_step_on_rank(
+            rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+        )
         # Every rank's DDP wrapper is gone (freed on return) before any rank leaves the group:
         # a rank destroying its Reducer after its peer had exited hung now and then at teardown.
         dist.barrier()
@@ -98,17 +120,19 @@ def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_devi
         # No cancel: a rank stuck on its way out (exit handlers) gets its stack written too.
 
 
-def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None, symmetric=False) -> dict:
+def _run_ddp(
+    tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None, symmetric=False, negatives=None
+) -> dict:
     # Full-suite runs sometimes hung here (a 2-process gloo step). The one stack caught (2026-11-29)
     # had rank 0 still alive after its step, in a destructor run at `_ddp_step`'s return (its
     # DDP Reducer, freed after `destroy_process_group`) with its peer gone: hence the function
     # scope and the barrier in `_ddp_step`. Whether that was the only cause is not known, so
     # collectives still time out after 60 s and a killed step is started afresh once.
     for attempt in range(2):
-        tag = f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{attempt}"
+        tag = f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{bool(negatives)}-{attempt}"
         output, init_file = tmp_path / f"ddp-{tag}.pt", tmp_path / f"init-{tag}"
         args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, chunk)
-        args += (symmetric, str(output))
+        args += (symmetric, negatives or {}, str(output))
         context = mp.start_processes(_ddp_step, args=args, nprocs=len(rows_per_rank), join=False)
         deadline = time.monotonic() + STEP_DEADLINE_S
         while not context.join(timeout=5):
@@ -124,9 +148,12 @@ def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None,
     raise TimeoutError("the 2-process DDP step did not finish twice in a row")
 
 
-def _single_process(text_model, rows, symmetric: bool = False) -> dict:
-    model = _model(text_model, cross_device=True, symmetric=symmetric)
-    batch = StreamingPairDataModule(text_model).batches.training_batch(rows)
+def _single_process(text_model, rows, symmetric: bool = False, negatives: dict | None = None) -> dict:
+    negatives = negatives or {}
+    model = _model(
+        text_model, True, symmetric=symmetric, own_negatives_only=negatives.get("own_negatives_only", False)
+    )
+    batch = _batch(text_model, rows, negatives)
     loss = model.training_loss(batch)
     loss.backward()
     return {"loss": loss.detach(), "grads": _trainable_gradients(model)}
@@ -161,6 +188,55 @@ def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batc
     rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
     ddp = _run_ddp(tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric)
     reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric)
+    assert torch.allclose(ddp["loss"], reference["loss"], atol=1e-5, rtol=0)
+    assert ddp["grads"].keys() == reference["grads"].keys() and len(reference["grads"]) > 0
+    for name, gradient in reference["grads"].items():
+        assert gradient.abs().max() > 1e-6, f"{name}: the reference gradient is zero, the test proves nothing"
+        assert torch.allclose(ddp["grads"][name], gradient, atol=1e-5, rtol=0), (
+            f"{name}: max diff {(ddp['grads'][name] - gradient).abs().max():.2e}"
+        )
+
+
+def _rows_with_negatives(count: int) -> list[dict]:
+    """Rows whose hard negatives differ in number per row (0 to 3, some missing): per-rank counts
+    then differ as well. Row 6's first negative is row 1's document: a false negative for row 1,
+    on the other rank."""
+    rows = text_rows(count)
+    for i, row in enumerate(rows):
+        if i % 4 != 3:
+            row["negatives"] = [
+                f"{text_rows(1, start=40 + 3 * i + k)[0]['document']} n{i}" for k in range(i % 4)
+            ]
+    rows[6]["negatives"] = [rows[1]["document"], *rows[6]["negatives"]]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "sizes, chunk, symmetric, own",
+    [
+        ((5, 2), 2, True, False),
+        pytest.param((3, 5), None, False, False, marks=pytest.mark.slow),
+        pytest.param((3, 5), None, False, True, marks=pytest.mark.slow),
+    ],
+    ids=["unequal-shards-gradcache-symmetric", "unequal-shards", "unequal-shards-own-negatives"],
+)
+def test_ddp_with_hard_negatives_equals_one_process_with_the_global_batch(
+    tmp_path, tiny_text_model, sizes, chunk, symmetric, own
+):
+    """Ranks hold different numbers of rows and of negatives (the sentence-transformers #3453 case:
+    labels misaligned after gathering would pull queries towards negatives and change both the
+    loss and the gradients); negatives are gathered with their gradients."""
+    rows = _rows_with_negatives(sum(sizes))
+    negatives = {"num_negatives": 3, "own_negatives_only": own}
+    rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
+    counts = [len(_batch(str(tiny_text_model), part, negatives)["negative_rows"]) for part in rows_per_rank]
+    assert counts[0] != counts[1] and min(counts) > 0
+    ddp = _run_ddp(
+        tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric, negatives=negatives
+    )
+    reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric, negatives=negatives)
+    in_batch_only = _single_process(str(tiny_text_model), rows, symmetric=symmetric)
+    assert not torch.allclose(reference["loss"], in_batch_only["loss"], atol=1e-3)  # the negatives count
     assert torch.allclose(ddp["loss"], reference["loss"], atol=1e-5, rtol=0)
     assert ddp["grads"].keys() == reference["grads"].keys() and len(reference["grads"]) > 0
     for name, gradient in reference["grads"].items():
