@@ -183,9 +183,7 @@ def test_snr_proxy_orders_noise_levels_and_filters(tmp_path):
     for level in levels:
         audio, _ = build_recording(np.random.default_rng(0), texts, gaps, -90, background_dbfs=level)
         soundfile.write(folder / f"noise{-level}.wav", np.clip(audio, -1, 1), RATE, subtype="FLOAT")
-    curate(
-        CurationConfig(input=str(folder), output=str(tmp_path / "out"), min_snr_db=-100, progress=False)
-    )
+    curate(CurationConfig(input=str(folder), output=str(tmp_path / "out"), min_snr_db=-100, progress=False))
     clips = rows(tmp_path / "out")
     snr = {
         level: np.mean([c["snr_db"] for c in clips if c["source"] == f"noise{-level}.wav"])
