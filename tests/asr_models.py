@@ -3,7 +3,8 @@
 - ``save_tiny_wav2vec2_ctc``: a waveform CTC model (wav2vec2, per-frame LayerNorm, so padded
   batches are masked) with a ``Wav2Vec2CTCTokenizer`` over a few characters;
 - ``save_tiny_whisper``: a sequence-to-sequence model (Whisper, 80 mel bins over 3 s windows) with
-  a byte-level BPE tokenizer trained here and Whisper's special tokens.
+  a byte-level BPE tokenizer trained here and Whisper's special tokens;
+- ``edit_distance``: Levenshtein by dynamic programming, the reference CER/WER are checked against.
 """
 
 from __future__ import annotations
@@ -120,3 +121,14 @@ def save_tiny_whisper(
     model.save_pretrained(save_dir)
     WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(save_dir)
     return save_dir
+
+
+def edit_distance(hypothesis: list, reference: list) -> int:
+    """Levenshtein distance by dynamic programming (insertions, deletions, substitutions cost 1)."""
+    previous = list(range(len(reference) + 1))
+    for i, h in enumerate(hypothesis, start=1):
+        current = [i]
+        for j, r in enumerate(reference, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (h != r)))
+        previous = current
+    return previous[-1]
