@@ -101,7 +101,10 @@ class RetrievalEvaluator(Callback):
             return
         eval_sets = getattr(trainer.datamodule, "eval_sets", None) or {}
         kinds = {name: eval_set.kind for name, eval_set in eval_sets.items()}
-        monitor = automatic_monitor(self.evaluator, kinds, getattr(pl_module, "matryoshka_dims", []))
+        dims = getattr(pl_module, "matryoshka_dims", None)
+        monitor = automatic_monitor(self.evaluator, kinds, dims or [])
+        if dims is None and kinds and hasattr(pl_module, "transcribe"):  # a speech recognizer
+            monitor = f"val/{next(iter(kinds))}/cer"  # lower is better: its recipe sets mode: min
         for callback in automatic:
             callback.monitor = monitor
         if monitor is not None and stage == "fit":

@@ -36,7 +36,6 @@ def _stand_ins(
     recipe = (ROOT / config).read_text()
     if "lightning_modules.AsrCtc" in recipe:  # a speech model to train, no text model
         args = [f"--model.init_args.speech_model={speech_model}", f"--data.init_args.tokenizer={wide_model}"]
-        args.append("--best_checkpoint.monitor=val/demo/cer")
     else:
         args = [f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}"]
     if "speech_encoder:" in recipe:
@@ -118,8 +117,14 @@ def _check_asr_recipe(cli, root: Path) -> None:
 
     from lightning_modules.asr_ctc import character_vocabulary
 
-    _assert_run_callbacks(cli.trainer, root, monitor=("val/demo/cer", "min"))
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor in ("auto", "val/demo/cer")  # auto: the first eval set's CER
+    _assert_run_callbacks(cli.trainer, root, monitor=(best.monitor, "min"))
     cli.datamodule.setup("fit")
+    cli.trainer.datamodule = cli.datamodule
+    (evaluator,) = [c for c in cli.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
+    evaluator.setup(cli.trainer, cli.model, "fit")
+    assert best.monitor == "val/demo/cer"
     cli.model._build(character_vocabulary(cli.datamodule.training_transcriptions()))
     assert cli.model.hparams.vocabulary == list("abdegijkmnopstuwxy")
     batch = next(iter(cli.datamodule.train_dataloader()))
