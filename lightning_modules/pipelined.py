@@ -43,6 +43,21 @@ def text_query_builder(datamodule):
     return builder
 
 
+def check_feature_extractor(data_extractor, recognizer: SpeechRecognizer) -> None:
+    """The data's audio must be prepared by the recognizer's own feature extractor."""
+    name = recognizer.config.pretrained_model_name_or_path
+    if data_extractor is None:
+        raise ConfigError(
+            f"Pipelined transcribes spoken queries: set data.init_args.audio (its feature_extractor: {name})."
+        )
+    own = getattr(recognizer.processor, "feature_extractor", None)
+    if own is not None and data_extractor.to_dict() != own.to_dict():
+        raise ConfigError(
+            f"data.init_args.audio.feature_extractor is not the speech recognizer's ({name}): set it to "
+            f"{name} (the recipes write ${{model.init_args.asr.pretrained_model_name_or_path}})."
+        )
+
+
 class Pipelined(TextOnly):
     """Spoken queries transcribed by an ASR model, then embedded as written queries by the text stage."""
 
@@ -68,7 +83,9 @@ class Pipelined(TextOnly):
                 "validate, test or predict. Train the text stage with TextOnly (configs/text_only.yaml) "
                 "and a CTC ASR with lightning_modules.AsrCtc (configs/asr_ctc.yaml)."
             )
-        self.text_queries = text_query_builder(self.trainer.datamodule)
+        data = self.trainer.datamodule
+        self.text_queries = text_query_builder(data)
+        check_feature_extractor(getattr(data.batches, "feature_extractor", None), self.asr)
 
     @property
     def document_tower_frozen(self) -> bool:

@@ -87,3 +87,14 @@ def test_fit_is_refused(tiny_text_model, tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="evaluation-only"):
         model.setup("fit")
+
+
+def test_the_data_must_use_the_recognizers_feature_extractor(tiny_text_model, tiny_speech_model, tmp_path):
+    from lightning_modules.pipelined import check_feature_extractor
+
+    model = pipelined(tiny_text_model, save_tiny_wav2vec2_ctc(tmp_path / "asr"))
+    check_feature_extractor(AutoFeatureExtractor.from_pretrained(tmp_path / "asr"), model.asr)
+    with pytest.raises(ConfigError, match="data.init_args.audio.feature_extractor"):
+        check_feature_extractor(AutoFeatureExtractor.from_pretrained(tiny_speech_model), model.asr)
+    with pytest.raises(ConfigError, match="data.init_args.audio"):
+        check_feature_extractor(None, model.asr)
