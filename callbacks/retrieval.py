@@ -180,7 +180,7 @@ class RetrievalEvaluator(Callback):
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.last_embeddings, self.last_metrics, self.last_scores = {}, {}, {}
-        self.last_transcription_scores: dict[str, dict[str, float]] = {}
+        self.last_transcription_scores = {}
         chunks = chunks_of_all_ranks(trainer, self._chunks)
         if chunks is not None:
             self._score(trainer, chunks, stage)
