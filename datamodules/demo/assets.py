@@ -262,9 +262,10 @@ def asr_model_dir() -> Path:
         steps = yaml_steps(ASR_RECIPE)
         log.warning(
             "The pipelined demo's speech recognizer is not trained yet (%s is missing). Training it now, "
-            "once (later runs reuse it), in a child process:\n    %s\n%d steps: about 15 minutes on 2 CPU "
-            "cores. To skip it, name a speech recognizer you have (a from_pretrained folder with its "
-            "processor):\n    %s=PATH --data.init_args.audio.feature_extractor=PATH",
+            "once (later runs reuse it), in a child process:\n    %s\n%d steps: about 11 minutes on 2 CPU "
+            "cores, 40 on a loaded machine. To skip it, name a speech recognizer you have (a "
+            "from_pretrained folder with its processor):\n"
+            "    %s=PATH --data.init_args.audio.feature_extractor=PATH",
             target,
             " ".join(command),
             steps,
