@@ -8,6 +8,7 @@ import sys
 import torch.distributed
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -21,7 +22,6 @@ from callbacks.write_embeddings import WriteEmbeddings
 from datamodules.demo.assets import register_resolver
 from datamodules.pairs import StreamingPairDataModule
 from errors import ConfigError, InputError
-from lightning_modules.base import MatryoshkaEmbedder
 from lightning_modules.components.unknown_keys import unknown_key_message
 
 # Printed after `python cli.py fit --help`, which lists --data and --model as one option each.
@@ -173,7 +173,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EmbeddingCLI:
     # Lets a config file write ${trainer.max_steps} from its own root (the subcommand's).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return EmbeddingCLI(
-        MatryoshkaEmbedder,
+        # Any LightningModule: the embedders (MatryoshkaEmbedder) and the ASR the pipelined baseline trains.
+        LightningModule,
         StreamingPairDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

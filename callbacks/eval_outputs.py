@@ -13,11 +13,30 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+TRANSCRIPTS = "transcripts"
+"""The key transcripts are filed under, beside the sides: ``(eval set, "transcripts")``."""
+
 
 def add_eval_output(chunks: dict[tuple[str, str], list], outputs) -> None:
-    """Files one eval batch's embeddings (an ``evaluation_step`` output) under (eval set, side)."""
-    if isinstance(outputs, dict) and "embeddings" in outputs:
+    """Files one eval batch's embeddings (an ``evaluation_step`` output) under (eval set, side),
+    and the transcripts of a model that transcribes its queries under (eval set, "transcripts")."""
+    if not isinstance(outputs, dict):
+        return
+    if "embeddings" in outputs:
         chunks[(outputs["eval_set"], outputs["side"])].append((outputs["index"], outputs["embeddings"]))
+    if TRANSCRIPTS in outputs:
+        chunks[(outputs["eval_set"], TRANSCRIPTS)].append((outputs["index"], outputs[TRANSCRIPTS]))
+
+
+def assemble_transcripts(chunks: list[tuple[torch.Tensor, list[str]]], size: int) -> list[str] | None:
+    """Per-batch transcripts put at their rows' positions; None if some row never arrived."""
+    if not chunks:
+        return None
+    rows: list[str | None] = [None] * size
+    for index, texts in chunks:
+        for position, text in zip(index.tolist(), texts, strict=True):
+            rows[position] = text
+    return None if any(text is None for text in rows) else rows
 
 
 def assemble(

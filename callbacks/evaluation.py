@@ -7,7 +7,10 @@ under ``<stage>/<eval set>/``:
   ``mrr@k`` per dim (``ndcg@10/d256``), and ``num_queries_evaluated``;
 - classification sets (keyword spotting, zero-shot intent): each query takes its nearest class
   text; ``accuracy``, ``macro_recall`` and ``macro_f1`` per dim, and ``num_queries_evaluated``;
-- then every analysis's numbers (effective rank, cost per dim, ...) on the same embeddings.
+- then every analysis's numbers (effective rank, cost per dim, ...) on the same embeddings;
+- for a model that transcribes its spoken queries (``Pipelined``, ``AsrCtc``), given the transcripts:
+  ``cer`` and ``wer`` against the queries' own transcriptions (their ``text``), corpus-level
+  (edits over reference characters / words, torchmetrics).
 
 ``callbacks.retrieval.RetrievalEvaluator`` runs one of these at every validation; embeddings
 that ``predict`` wrote (``callbacks.write_embeddings.read_embeddings``) score the same way.
@@ -57,20 +60,32 @@ class Evaluator:
 
     # ----- scoring ------------------------------------------------------------------------
     def score(
-        self, eval_set: EvalSet, queries: Mapping[int, torch.Tensor], corpus: Mapping[int, torch.Tensor]
+        self,
+        eval_set: EvalSet,
+        queries: Mapping[int, torch.Tensor],
+        corpus: Mapping[int, torch.Tensor],
+        transcripts: Sequence[str] | None = None,
     ) -> dict[str, float]:
-        """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers."""
+        """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers;
+        with ``transcripts`` (one per query, in row order), ``cer`` and ``wer`` too."""
         scores = self.metrics(eval_set, queries, corpus)
         for analysis in self.analyses:
             scores |= analysis.analyze(eval_set, {"queries": dict(queries), "corpus": dict(corpus)})
+        if transcripts is not None:
+            scores |= transcription_scores(eval_set, transcripts)
         return scores
 
     def evaluate(
-        self, eval_sets: Mapping[str, EvalSet], embeddings: Mapping[str, Embeddings]
+        self,
+        eval_sets: Mapping[str, EvalSet],
+        embeddings: Mapping[str, Embeddings],
+        transcripts: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """``score`` of every eval set in ``embeddings`` (``{name: {"queries": ..., "corpus": ...}}``)."""
+        """``score`` of every eval set in ``embeddings`` (``{name: {"queries": ..., "corpus": ...}}``),
+        with its transcripts where ``transcripts`` (``{name: [one per query]}``) has them."""
+        transcripts = transcripts or {}
         return {
-            name: self.score(eval_sets[name], sides["queries"], sides["corpus"])
+            name: self.score(eval_sets[name], sides["queries"], sides["corpus"], transcripts.get(name))
             for name, sides in embeddings.items()
         }
 
@@ -157,3 +172,30 @@ class Evaluator:
         for analysis in self.analyses:
             figures |= analysis.figures(eval_set)
         return figures
+
+
+TRANSCRIPTION_METRICS = ("cer", "wer")
+
+
+def transcription_scores(eval_set: EvalSet, transcripts: Sequence[str]) -> dict[str, float]:
+    """``cer`` and ``wer`` of one transcript per query (row order) against the queries' ``text``;
+    queries without a transcription are left out (``num_queries_transcribed`` counts the rest)."""
+    from torchmetrics.functional.text import char_error_rate, word_error_rate
+
+    if len(transcripts) != len(eval_set.queries):
+        raise ValueError(
+            f"eval set {eval_set.name!r}: {len(transcripts)} transcripts for {len(eval_set.queries)} queries."
+        )
+    pairs = [
+        (hypothesis, row["text"])
+        for hypothesis, row in zip(transcripts, eval_set.queries, strict=True)
+        if isinstance(row.get("text"), str) and row["text"].strip()
+    ]
+    if not pairs:
+        return {}
+    hypotheses, references = map(list, zip(*pairs, strict=True))
+    return {
+        "cer": float(char_error_rate(hypotheses, references)),
+        "wer": float(word_error_rate(hypotheses, references)),
+        "num_queries_transcribed": len(pairs),
+    }

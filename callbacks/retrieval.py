@@ -31,8 +31,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.analysis import EmbeddingAnalysis
 from callbacks.dashboards import custom_scalars_layout, write_hparams_summary
-from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
-from callbacks.evaluation import Evaluator
+from callbacks.eval_outputs import (
+    TRANSCRIPTS,
+    add_eval_output,
+    assemble,
+    assemble_transcripts,
+    chunks_of_all_ranks,
+)
+from callbacks.evaluation import TRANSCRIPTION_METRICS, Evaluator, transcription_scores
 from callbacks.lightning_internals import tensorboard_hparams
 from callbacks.monitors import AUTO, automatic_monitor, unknown_monitor
 from callbacks.score_table import by_metric, headline, score_table
@@ -71,6 +77,8 @@ class RetrievalEvaluator(Callback):
         self.last_metrics: dict[str, float] = {}
         # Per eval set, its own metrics (not the analyses'), for the terminal summary.
         self.last_scores: dict[str, dict[str, float]] = {}
+        # Per eval set, CER and WER of a model that transcribes its queries.
+        self.last_transcription_scores: dict[str, dict[str, float]] = {}
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -93,7 +101,10 @@ class RetrievalEvaluator(Callback):
             return
         eval_sets = getattr(trainer.datamodule, "eval_sets", None) or {}
         kinds = {name: eval_set.kind for name, eval_set in eval_sets.items()}
-        monitor = automatic_monitor(self.evaluator, kinds, getattr(pl_module, "matryoshka_dims", []))
+        dims = getattr(pl_module, "matryoshka_dims", None)
+        monitor = automatic_monitor(self.evaluator, kinds, dims or [])
+        if dims is None and kinds and hasattr(pl_module, "transcribe"):  # a speech recognizer
+            monitor = f"val/{next(iter(kinds))}/cer"  # lower is better: its recipe sets mode: min
         for callback in automatic:
             callback.monitor = monitor
         if monitor is not None and stage == "fit":
@@ -119,8 +130,9 @@ class RetrievalEvaluator(Callback):
             return
         watchers = self._watchers(trainer)
         dims = list(getattr(pl_module, "matryoshka_dims", []))
+        transcribes = hasattr(pl_module, "transcribe")
         for callback in watchers:
-            problem = self.unknown_monitor(callback.monitor, eval_sets, dims)
+            problem = self.unknown_monitor(callback.monitor, eval_sets, dims, transcribes)
             if problem:
                 raise ConfigError(f"{type(callback).__name__}.monitor={callback.monitor!r}: {problem}")
         selecting = [c.monitor for c in watchers if c.monitor.startswith("val/")]
@@ -134,9 +146,15 @@ class RetrievalEvaluator(Callback):
                 data.hparams.eval_split,
             )
 
-    def unknown_monitor(self, monitor: str, eval_sets: dict, dims: Sequence[int]) -> str | None:
-        """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``) will never be logged, or None."""
+    def unknown_monitor(
+        self, monitor: str, eval_sets: dict, dims: Sequence[int], transcribes: bool = False
+    ) -> str | None:
+        """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``, or ``val/<eval set>/cer`` of a model
+        that transcribes) will never be logged, or None."""
         kinds = {name: eval_set.kind for name, eval_set in eval_sets.items()}
+        parts = monitor.split("/")
+        if len(parts) == 3 and parts[0] == "val" and parts[2] in TRANSCRIPTION_METRICS and parts[1] in kinds:
+            return None if transcribes else "this model writes no transcripts to score."
         return unknown_monitor(monitor, self.evaluator, kinds, dims)
 
     # ----- collection ---------------------------------------------------------------------
@@ -162,6 +180,7 @@ class RetrievalEvaluator(Callback):
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.last_embeddings, self.last_metrics, self.last_scores = {}, {}, {}
+        self.last_transcription_scores = {}
         chunks = chunks_of_all_ranks(trainer, self._chunks)
         if chunks is not None:
             self._score(trainer, chunks, stage)
@@ -177,8 +196,15 @@ class RetrievalEvaluator(Callback):
 
     def _score(self, trainer: Trainer, chunks: dict[tuple[str, str], list], stage: str) -> None:
         eval_sets = getattr(trainer.datamodule, "eval_sets", {}) if trainer.datamodule is not None else {}
-        dims = trainer.lightning_module.matryoshka_dims
+        # None: a model that embeds nothing (a speech recognizer), scored on its transcripts alone.
+        dims = getattr(trainer.lightning_module, "matryoshka_dims", None)
+        transcripts = {}
         for name, eval_set in eval_sets.items():
+            texts = assemble_transcripts(chunks.get((name, TRANSCRIPTS), []), len(eval_set.queries))
+            if texts is not None:
+                transcripts[name] = texts
+            if dims is None:
+                continue
             if not eval_set.queries or not eval_set.corpus:
                 side = "queries" if not eval_set.queries else "documents"
                 log.warning(
@@ -195,18 +221,31 @@ class RetrievalEvaluator(Callback):
                 )
                 continue
             self.last_embeddings[name] = {"queries": queries, "corpus": corpus}
-        results = self.evaluator.evaluate(eval_sets, self.last_embeddings)
+        results = self.evaluator.evaluate(eval_sets, self.last_embeddings, transcripts)
+        for name in transcripts.keys() - results.keys():  # transcribed, not embedded
+            results[name] = transcription_scores(eval_sets[name], transcripts[name])
         for name, scores in results.items():
-            own = self.evaluator.own_metric_names(eval_sets[name].kind, dims) - {"num_queries_evaluated"}
+            own = self.evaluator.own_metric_names(eval_sets[name].kind, dims or []) - {
+                "num_queries_evaluated"
+            }
             self.last_scores[name] = {tag: value for tag, value in scores.items() if tag in own}
             self.last_metrics |= {f"{stage}/{name}/{tag}": value for tag, value in scores.items()}
-            if self.dashboards and stage == "val":
+            if name in transcripts:
+                self.last_transcription_scores[name] = {
+                    m: scores[m] for m in TRANSCRIPTION_METRICS if m in scores
+                }
+            if self.dashboards and stage == "val" and dims is not None:
                 self._write_figures(trainer, eval_sets[name], scores)
 
     def _summarize(self, trainer: Trainer, stage: str) -> None:
         """The scores in the terminal: a line per eval set while fitting, a table per set otherwise."""
         fitting = trainer.state.fn == "fit"
+        for name, scores in self.last_transcription_scores.items():
+            numbers = " | ".join(f"{metric} {value:.3f}" for metric, value in scores.items())
+            log.info("%s at step %d, %s transcripts: %s", stage, trainer.global_step, name, numbers)
         for name, scores in self.last_scores.items():
+            if not scores:
+                continue
             if fitting:
                 table = by_metric(scores)
                 metric = self.evaluator.headline_metric(trainer.datamodule.eval_sets[name].kind)

@@ -518,6 +518,18 @@ class StreamingPairDataModule(LightningDataModule):
         if chunk:
             yield self.batches.training_batch(chunk, base_dir=base_dir)
 
+    def training_transcriptions(self) -> Iterator[str]:
+        """Every training row's query text (file order, one fresh read of that column only): an
+        ASR's characters come from them."""
+        hp = self.hparams
+        if not hp.train_data:
+            raise ConfigError("data.train_data is not set: the training transcriptions are read from it.")
+        column = self.columns["query"]
+        stream = load_stream(
+            hp.train_data, hp.train_split, hp.train_config_name, key="data.train_data", columns=[column]
+        )
+        return (row.get(column) for row in stream)
+
     # ----- documents, for a frozen-document cache -----------------------------------------
     def distinct_documents(self, include_training: bool = True) -> Iterator[str]:
         """Each distinct document text: the training data (one pass, file order), then the eval corpora."""

@@ -77,6 +77,8 @@ class SpeechBatchBuilder:
                 reasons.append(reason)
                 kinds.append(kind)
         batch = self.text.training_batch(kept, query_text_required=False)  # drops nothing more
+        # The transcriptions as written (None where a row has none): an ASR's training targets.
+        batch["transcriptions"] = [row.get(self.text.columns["query"]) for row in kept]
         batch["skipped_ids"] = skipped + batch["skipped_ids"]
         batch["skip_reasons"] = reasons + batch["skip_reasons"]
         batch["skip_kinds"] = kinds + batch["skip_kinds"]
@@ -90,6 +92,7 @@ class SpeechBatchBuilder:
             rows = [row for _, row in items]
             tasks = [row.get("task") for row in rows]
             batch.update(self._speech_fields([row["waveform"] for row in rows], tasks))
+            batch["tasks"] = tasks  # a model that transcribes formats its text queries with them
         return batch
 
     def load_eval_waveforms(self, rows: list[dict], base_dir: Path | None) -> tuple[list[dict], list[str]]:

@@ -161,3 +161,26 @@ def save_tiny_hubert(
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
     ).save_pretrained(save_dir)
+
+
+def save_tiny_ctc_asr(
+    save_dir: Path,
+    vocabulary: list[str],
+    feature_extractor_source: Path,
+    hidden_size: int = 64,
+    seed: int = 0,
+) -> None:
+    """Random-init tiny w2v-BERT CTC recognizer over ``vocabulary`` + its processor (the feature
+    extractor of ``feature_extractor_source``, a filterbank one): a stand-in for the demo's trained ASR."""
+    import torch
+    from transformers import AutoFeatureExtractor, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
+
+    from lightning_modules.asr_ctc import ctc_tokenizer
+
+    tokenizer = ctc_tokenizer(vocabulary)
+    config = tiny_w2v_bert_config(hidden_size, num_layers=1)
+    config.vocab_size, config.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    Wav2Vec2BertForCTC(config).save_pretrained(save_dir)
+    extractor = AutoFeatureExtractor.from_pretrained(feature_extractor_source)
+    Wav2Vec2BertProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(save_dir)

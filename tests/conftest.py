@@ -25,8 +25,9 @@ SMALL_CORPUS = DemoCorpusConfig(num_train_pairs=256, num_eval_queries=24, num_ev
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """Demo assets for the session. Two are placed rather than built: the speech corpus (small) and
-    the text stage (the untrained tiny model instead of a 3-minute training run); the slow
+    """Demo assets for the session. Three are placed rather than built: the speech corpus (small),
+    the text stage (the untrained tiny model instead of a 3-minute training run) and the pipelined
+    demo's speech recognizer (an untrained tiny CTC model instead of a 15-minute one); the slow
     end-to-end test builds the real ones."""
     root = tmp_path_factory.mktemp("demo")
     previous = os.environ.get(assets.DEMO_DIR_ENV)
@@ -34,6 +35,9 @@ def demo_dir(tmp_path_factory) -> Path:
     text_model = assets.text_model_dir()  # builds the corpus too
     write_demo_speech_corpus(root / "speech", SMALL_CORPUS)
     shutil.copytree(text_model, root / "text-stage" / "text_encoder")
+    tiny_models.save_tiny_ctc_asr(
+        root / "asr-ctc" / "model", list("abdegijkmnopstuwxy"), assets.speech_model_dir()
+    )
     yield root
     if previous is None:
         os.environ.pop(assets.DEMO_DIR_ENV, None)
@@ -79,6 +83,12 @@ def group_norm_hubert(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-hubert-group-norm")
     tiny_models.save_tiny_hubert(path, feat_extract_norm="group", do_stable_layer_norm=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ctc_asr(demo_dir) -> Path:
+    """The pipelined demo's speech recognizer, untrained: a tiny w2v-BERT CTC model with its processor."""
+    return assets.asr_model_dir()
 
 
 @pytest.fixture(scope="session")

@@ -231,6 +231,64 @@ def text_stage_dir() -> Path:
     return _build_atomically(target, build, what) / "text_encoder"
 
 
+ASR_RECIPE = REPO_ROOT / "configs" / "demo" / "asr_ctc.yaml"
+ASR_KEY = "--model.init_args.asr.pretrained_model_name_or_path"
+
+
+def asr_model_dir() -> Path:
+    """The demo's speech recognizer, trained once: the ASR of the pipelined demo.
+
+    Runs ``python cli.py fit --config configs/demo/asr_ctc.yaml`` in a child process (as the text
+    stage is trained) and keeps the model and processor it exports.
+    """
+    speech_corpus_dir()  # built first, outside the child, so their locks are not held twice
+    speech_model_dir()
+    text_model_dir()
+    target = demo_root() / "asr-ctc"
+
+    def build(staging: Path) -> None:
+        run_dir = staging / "run"
+        command = [
+            sys.executable,
+            str(REPO_ROOT / "cli.py"),
+            "fit",
+            "--config",
+            str(ASR_RECIPE),
+            f"--trainer.default_root_dir={run_dir}",
+            f"--model.init_args.export_dir={staging / 'model'}",
+        ]
+        if not sys.stdout.isatty():
+            command.append("--trainer.callbacks+=callbacks.progress_lines.ProgressLines")
+        steps = yaml_steps(ASR_RECIPE)
+        log.warning(
+            "The pipelined demo's speech recognizer is not trained yet (%s is missing). Training it now, "
+            "once (later runs reuse it), in a child process:\n    %s\n%d steps: about 11 minutes on 2 CPU "
+            "cores, 40 on a loaded machine. To skip it, name a speech recognizer you have (a "
+            "from_pretrained folder with its processor):\n"
+            "    %s=PATH --data.init_args.audio.feature_extractor=PATH",
+            target,
+            " ".join(command),
+            steps,
+            ASR_KEY,
+        )
+        started = time.monotonic()
+        subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
+        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
+        shutil.rmtree(run_dir)
+        log.warning(
+            "The demo speech recognizer is trained (%.1f min): %s", (time.monotonic() - started) / 60, target
+        )
+
+    what = f"the pipelined demo's speech recognizer (configs/demo/asr_ctc.yaml); skipped by {ASR_KEY}=PATH"
+    return _build_atomically(target, build, what) / "model"
+
+
+def yaml_steps(recipe: Path) -> int:
+    import yaml
+
+    return yaml.safe_load(recipe.read_text())["trainer"]["max_steps"]
+
+
 ASSETS: dict[str, Callable[[], Path]] = {
     "corpus": corpus_dir,
     "text_model": text_model_dir,
@@ -238,6 +296,7 @@ ASSETS: dict[str, Callable[[], Path]] = {
     "speech_tasks": speech_tasks_dir,
     "speech_model": speech_model_dir,
     "text_stage": text_stage_dir,
+    "asr": asr_model_dir,
 }
 
 

@@ -10,8 +10,9 @@ import yaml
 from callbacks.monitors import automatic_monitor
 from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
-from lightning_modules import UnitFusion
+from lightning_modules import AsrCtc, Pipelined, UnitFusion
 from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.pipelined import text_query_builder
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
@@ -22,16 +23,28 @@ TRAINER_OVERLAYS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs" / "trai
 
 
 def _stand_ins(
-    config: Path, wide_model: Path, corpus: Path, speech_model: Path, speech_corpus: Path
+    config: Path,
+    wide_model: Path,
+    corpus: Path,
+    speech_model: Path,
+    speech_corpus: Path,
+    asr_model: Path | None = None,
 ) -> list[str]:
     """Overrides that swap hub models and data for local tiny ones; demo configs need none."""
     if config.parts[1] == "demo":
         return []
-    args = [f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}"]
-    if "speech_encoder:" in (ROOT / config).read_text():
+    recipe = (ROOT / config).read_text()
+    if "lightning_modules.AsrCtc" in recipe:  # a speech model to train, no text model
+        args = [f"--model.init_args.speech_model={speech_model}", f"--data.init_args.tokenizer={wide_model}"]
+    else:
+        args = [f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}"]
+    if "speech_encoder:" in recipe:
         args.append(f"--model.init_args.speech_encoder.pretrained_model_name_or_path={speech_model}")
-        train, eval_set = speech_corpus / "train", speech_corpus / "eval" / "demo"
+    if "asr:" in recipe:
+        args.append(f"--model.init_args.asr.pretrained_model_name_or_path={asr_model}")
+    if "audio:" in recipe:  # spoken queries: the demo's speech corpus
         args.append("--data.init_args.audio.min_duration=0.5")  # the demo's clips are 1-3 s
+        train, eval_set = speech_corpus / "train", speech_corpus / "eval" / "demo"
     else:
         train, eval_set = corpus / "train.jsonl", corpus / "eval" / "demo"
     return args + [f"--data.init_args.train_data={train}", f"--data.init_args.eval_sets={{demo: {eval_set}}}"]
@@ -54,17 +67,30 @@ def test_no_key_is_written_twice(config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_config_instantiates(
-    config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir, tmp_path, monkeypatch
+    config,
+    wide_tiny_text_model,
+    corpus_dir,
+    tiny_speech_model,
+    speech_corpus_dir,
+    tiny_ctc_asr,
+    tmp_path,
+    monkeypatch,
 ):
     monkeypatch.chdir(ROOT)
-    stand_ins = _stand_ins(config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir)
+    stand_ins = _stand_ins(
+        config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir, tiny_ctc_asr
+    )
     args = ["--config", str(config), *stand_ins]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     cli = cli_main(args, run=False)
+    if isinstance(cli.model, AsrCtc):
+        _check_asr_recipe(cli, tmp_path)
+        return
     assert isinstance(cli.model, MatryoshkaEmbedder)
     assert cli.model.matryoshka_dims == sorted(cli.model.matryoshka_dims)
     _assert_run_callbacks(cli.trainer, tmp_path)
-    cli.datamodule.setup("fit")
+    evaluation_only = isinstance(cli.model, Pipelined)  # no training data: validate, test, predict
+    cli.datamodule.setup("validate" if evaluation_only else "fit")
     assert cli.datamodule.eval_sets, "every recipe evaluates on at least one eval set"
     # `best_checkpoint.monitor: auto` stands for the first eval set's nDCG@10 at the largest dim:
     # val/demo/ndcg@10/d256 in the demos, the tag they named before it was the default.
@@ -74,12 +100,39 @@ def test_config_instantiates(
     assert monitor == f"val/demo/ndcg@10/d{max(cli.model.matryoshka_dims)}"
     if isinstance(cli.model, UnitFusion):  # its tokens come from a codebook fitted on training audio
         cli.model.fit_codebook(cli.datamodule)
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    if evaluation_only:  # its transcripts are formatted as the data's text queries; eval queries come first
+        cli.model.text_queries = text_query_builder(cli.datamodule)
+        batch = next(iter(cli.datamodule.val_dataloader()))
+        assert batch["side"] == "queries"
+    else:
+        batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
     assert sorted(embeddings) == cli.model.matryoshka_dims
 
 
-def _assert_run_callbacks(trainer, root: Path) -> None:
+def _check_asr_recipe(cli, root: Path) -> None:
+    """A CTC recipe: the run callbacks (its best checkpoint: the lowest CER), its characters from
+    the training transcriptions, a finite loss on a training batch."""
+    import torch
+
+    from lightning_modules.asr_ctc import character_vocabulary
+
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor in ("auto", "val/demo/cer")  # auto: the first eval set's CER
+    _assert_run_callbacks(cli.trainer, root, monitor=(best.monitor, "min"))
+    cli.datamodule.setup("fit")
+    cli.trainer.datamodule = cli.datamodule
+    (evaluator,) = [c for c in cli.trainer.callbacks if isinstance(c, RetrievalEvaluator)]
+    evaluator.setup(cli.trainer, cli.model, "fit")
+    assert best.monitor == "val/demo/cer"
+    cli.model._build(character_vocabulary(cli.datamodule.training_transcriptions()))
+    assert cli.model.hparams.vocabulary == list("abdegijkmnopstuwxy")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert all(batch["transcriptions"])
+    assert torch.isfinite(cli.model.training_loss(batch))
+
+
+def _assert_run_callbacks(trainer, root: Path, monitor: tuple[str, str] = ("auto", "max")) -> None:
     """What cli.py gives every recipe: one of each run callback, best checkpoint first, every
     folder under trainer.default_root_dir, and the TensorBoard logger there too."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -100,7 +153,7 @@ def _assert_run_callbacks(trainer, root: Path) -> None:
     best, last = of_type(ModelCheckpoint)
     # ExportTextEncoder exports trainer.checkpoint_callback as "best"; preemption writes beside it.
     assert trainer.checkpoint_callback is best
-    assert best.monitor == "auto" and best.mode == "max" and best.filename == "best-{step}"
+    assert (best.monitor, best.mode) == monitor and best.filename == "best-{step}"
     assert last.monitor is None and last.filename == "last" and not last._enable_version_counter
     assert Path(best.dirpath) == Path(last.dirpath) == root / "checkpoints"
     assert preemption.checkpoint_path(trainer) == root / "checkpoints" / "last-preempted.ckpt"
