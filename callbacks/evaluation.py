@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from callbacks.analysis import EmbeddingAnalysis, Embeddings
+from callbacks.exit_grid import exit_tag
 from callbacks.metrics import (
     CLASSIFICATION_METRICS,
     RETRIEVAL_MEASURES,
@@ -28,6 +29,7 @@ from callbacks.metrics import (
     metrics_from_ranking,
     top_k_search,
 )
+from lightning_modules.components.early_exit import exit_layers, exit_view
 
 if TYPE_CHECKING:
     from datamodules.eval_sets import EvalSet
@@ -59,10 +61,18 @@ class Evaluator:
     def score(
         self, eval_set: EvalSet, queries: Mapping[int, torch.Tensor], corpus: Mapping[int, torch.Tensor]
     ) -> dict[str, float]:
-        """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers."""
-        scores = self.metrics(eval_set, queries, corpus)
+        """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers.
+
+        With early exits (``(layer, dim)`` keys, ``lightning_modules/components/early_exit.py``)
+        every exit is scored as well, under ``<metric>/L<layer>/d<dim>``; the analyses read the
+        full depth."""
+        full_queries, full_corpus = exit_view(queries, None), exit_view(corpus, None)
+        scores = self.metrics(eval_set, full_queries, full_corpus)
+        for layer in sorted({*exit_layers(queries), *exit_layers(corpus)}):
+            at_exit = self.metrics(eval_set, exit_view(queries, layer), exit_view(corpus, layer))
+            scores |= {exit_tag(tag, layer): value for tag, value in at_exit.items() if "/d" in tag}
         for analysis in self.analyses:
-            scores |= analysis.analyze(eval_set, {"queries": dict(queries), "corpus": dict(corpus)})
+            scores |= analysis.analyze(eval_set, {"queries": full_queries, "corpus": full_corpus})
         return scores
 
     def evaluate(

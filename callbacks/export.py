@@ -21,14 +21,17 @@ class ExportTextEncoder(Callback):
     text-only stage hands its result to the speech stages without any conversion step.
     """
 
-    def __init__(self, dirpath: str, use_best: bool = True):
+    def __init__(self, dirpath: str, use_best: bool = True, num_layers: int | None = None):
         """
         Args:
             dirpath: Output folder (config.json, weights, tokenizer; LoRA also as lora_adapter/).
             use_best: Export the weights of the best checkpoint (ModelCheckpoint's monitor), else the last.
+            num_layers: Export the early exit at this depth (one of model.matryoshka_layers): the
+                first layers and the final norm, ``config.num_hidden_layers`` set to it; None: all.
         """
         self.dirpath = dirpath
         self.use_best = use_best
+        self.num_layers = num_layers
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -54,7 +57,11 @@ class ExportTextEncoder(Callback):
             pl_module.load_state_dict(
                 torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False
             )
-        pl_module.export_text_encoder(Path(self.dirpath))
-        log.info("Exported the text encoder (%s) to %s", best or "last weights", self.dirpath)
+        if self.num_layers is None:
+            pl_module.export_text_encoder(Path(self.dirpath))
+        else:
+            pl_module.export_text_encoder(Path(self.dirpath), num_layers=self.num_layers)
+        depth = "" if self.num_layers is None else f" at its {self.num_layers}-layer exit"
+        log.info("Exported the text encoder%s (%s) to %s", depth, best or "last weights", self.dirpath)
         if current is not None:
             pl_module.load_state_dict(current, strict=False)

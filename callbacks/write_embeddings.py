@@ -37,6 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
 from errors import ConfigError, DataError
+from lightning_modules.components.early_exit import exit_view
 
 if TYPE_CHECKING:
     from datamodules.eval_sets import EvalSet
@@ -127,7 +128,8 @@ class WriteEmbeddings(Callback):
             folder.mkdir()
             for side, embeddings in sides.items():
                 _ids_file(folder, side).write_text(json.dumps([row["id"] for row in rows[side]]))
-                for dim, values in embeddings.items():
+                # The full depth; an early exit is written by predicting with its exported model.
+                for dim, values in exit_view(embeddings, None).items():
                     np.save(_array_file(folder, side, dim), values.numpy().astype(self.dtype))
             written[name] = {side: len(rows[side]) for side in SIDES}
         manifest = {

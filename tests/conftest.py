@@ -92,3 +92,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "gpu" in item.path.parts:  # tests/gpu/: run on CUDA, skipped without it
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session")
+def deep_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
+    """4 narrow layers: early exits at 1, 2 and 3 layers mean something (nested-layers tests)."""
+    path = tmp_path_factory.mktemp("deep-tiny-qwen3")
+    tiny_models.save_tiny_text_model(path, tokenizer_source=tiny_text_model, hidden_size=64, num_layers=4)
+    return path

@@ -8,7 +8,9 @@ fusion uses to splice speech frames between text tokens).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from errors import ConfigError
 from lightning_modules.components.decoder_support import full_attention_decoder, rope_is_length_independent
+from lightning_modules.components.early_exit import captured_layer_outputs, final_norm
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS
@@ -217,6 +220,15 @@ class TextEncoder(nn.Module):
         )
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
+    @property
+    def num_layers(self) -> int:
+        """The depth of the text model (its decoder layers)."""
+        return self.model.config.num_hidden_layers
+
+    def decoder(self) -> nn.Module:
+        """The bare transformers model (under PEFT's wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.config.lora is not None else self.model
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -226,6 +238,21 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Pooled embeddings ``[B, hidden]``; with ``prompt_states``, of ``prompt | these tokens``
         (the cached prompt's keys and values stand in for running the LLM over it)."""
+        return self.forward_exits((), input_ids, attention_mask, inputs_embeds, prompt_states)[
+            self.num_layers
+        ]
+
+    def forward_exits(
+        self,
+        exits: Sequence[int],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        prompt_states: PromptStates | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """``{layer: pooled [B, hidden]}`` at every exit in ``exits`` (layer counts below the depth)
+        and at the full depth, from one forward pass: each exit's hidden states go through the
+        model's final norm, then the same pooling (``components/early_exit.py``)."""
         if attention_mask is None:
             raise ValueError("TextEncoder needs an attention_mask to pool over real tokens only.")
         kwargs = {}
@@ -246,14 +273,23 @@ class TextEncoder(nn.Module):
             if self.pooled_final_layer is not None
             else contextlib.nullcontext()
         )
-        with pruning:
+        decoder = self.decoder() if exits else None
+        capture = captured_layer_outputs(decoder, exits) if exits else contextlib.nullcontext({})
+        with pruning, capture as states:
             output = self.model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **kwargs
             )
-        return self.pool(output.last_hidden_state, attention_mask)
+        pooled = {layer: self.pool(final_norm(decoder)(states[layer]), attention_mask) for layer in exits}
+        pooled[self.num_layers] = self.pool(output.last_hidden_state, attention_mask)
+        return pooled
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """A ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format)."""
+    def save_pretrained(self, directory: str | Path, num_layers: int | None = None) -> None:
+        """A ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format).
+
+        ``num_layers``: export the early exit at that depth: the first ``num_layers`` decoder
+        layers and the final norm (``config.num_hidden_layers`` says so), a model whose last-token
+        embedding is the exit's; the dropped layers' weights are not in the folder.
+        """
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -261,10 +297,28 @@ class TextEncoder(nn.Module):
         model = self.model
         if self.config.lora is not None:
             model.save_pretrained(directory / "lora_adapter")
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
+        if num_layers is not None and num_layers != self.num_layers:
+            model = truncated_decoder(model, num_layers)
         model.save_pretrained(directory)
+
+
+def truncated_decoder(model: nn.Module, num_layers: int) -> nn.Module:
+    """A copy of a transformers decoder with its first ``num_layers`` layers (and its final norm)."""
+    depth = model.config.num_hidden_layers
+    if not 1 <= num_layers <= depth:
+        raise ConfigError(f"an exit at layer {num_layers} does not exist in a {depth}-layer model.")
+    layers = model.layers
+    model.layers = nn.ModuleList()  # not deep-copied: only the kept layers are
+    try:
+        truncated = copy.deepcopy(model)
+    finally:
+        model.layers = layers
+    truncated.layers = copy.deepcopy(layers[:num_layers])
+    truncated.config.num_hidden_layers = num_layers
+    if getattr(truncated.config, "layer_types", None) is not None:
+        truncated.config.layer_types = truncated.config.layer_types[:num_layers]
+    return truncated
 
 
 def transcription_targets(text_encoder: TextEncoder, batch, dims) -> dict[int, torch.Tensor]:
