@@ -12,6 +12,7 @@ from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
 from lightning_modules import UnitFusion
 from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.components.early_exit import exit_layers, exit_view
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
@@ -22,11 +23,18 @@ TRAINER_OVERLAYS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs" / "trai
 
 
 def _stand_ins(
-    config: Path, wide_model: Path, corpus: Path, speech_model: Path, speech_corpus: Path
+    config: Path,
+    wide_model: Path,
+    corpus: Path,
+    speech_model: Path,
+    speech_corpus: Path,
+    deep_wide_model: Path | None = None,
 ) -> list[str]:
     """Overrides that swap hub models and data for local tiny ones; demo configs need none."""
     if config.parts[1] == "demo":
         return []
+    if "matryoshka_layers:" in (ROOT / config).read_text():  # exits need depth: 28 narrow layers
+        wide_model = deep_wide_model
     args = [f"--model.init_args.text_encoder.pretrained_model_name_or_path={wide_model}"]
     if "speech_encoder:" in (ROOT / config).read_text():
         args.append(f"--model.init_args.speech_encoder.pretrained_model_name_or_path={speech_model}")
@@ -54,10 +62,24 @@ def test_no_key_is_written_twice(config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_config_instantiates(
-    config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir, tmp_path, monkeypatch
+    config,
+    wide_tiny_text_model,
+    deep_wide_tiny_text_model,
+    corpus_dir,
+    tiny_speech_model,
+    speech_corpus_dir,
+    tmp_path,
+    monkeypatch,
 ):
     monkeypatch.chdir(ROOT)
-    stand_ins = _stand_ins(config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir)
+    models = (
+        wide_tiny_text_model,
+        corpus_dir,
+        tiny_speech_model,
+        speech_corpus_dir,
+        deep_wide_tiny_text_model,
+    )
+    stand_ins = _stand_ins(config, *models)
     args = ["--config", str(config), *stand_ins]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     cli = cli_main(args, run=False)
@@ -76,7 +98,13 @@ def test_config_instantiates(
         cli.model.fit_codebook(cli.datamodule)
     batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
-    assert sorted(embeddings) == cli.model.matryoshka_dims
+    assert sorted(exit_view(embeddings, None)) == cli.model.matryoshka_dims
+    # Recipes with nested layers embed at every listed exit from the one pass, each at every dim.
+    exits = getattr(cli.model, "matryoshka_layers", [])[:-1]
+    assert exit_layers(embeddings) == exits
+    assert set(embeddings) == {*cli.model.matryoshka_dims} | {
+        (layer, dim) for layer in exits for dim in cli.model.matryoshka_dims
+    }
 
 
 def _assert_run_callbacks(trainer, root: Path) -> None:
