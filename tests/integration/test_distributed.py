@@ -23,18 +23,23 @@ from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.losses import MatryoshkaInfoNCE
+from lightning_modules.nested_layers import NestedLayers
 
 
 def _model(
-    text_model: str, cross_device: bool, chunk: int | None = None, symmetric: bool = False
+    text_model: str, cross_device: bool, chunk: int | None = None, symmetric: bool = False, exits=None
 ) -> TextOnly:
     torch.manual_seed(0)  # the same LoRA initialization in every process
     config = TextEncoderConfig(text_model, lora=LoraSettings(r=4, dropout=0.0))
     # Temperature 1 keeps gradients O(1), so the 1e-5 tolerance is a relative one as well.
+    loss = MatryoshkaInfoNCE(temperature=1.0, cross_device_negatives=cross_device, symmetric=symmetric)
+    if exits:  # nested layers: the loss at every exit, exit 1 weighted apart from the full depth
+        loss = NestedLayers(loss, layer_weights={1: 0.5})
     model = TextOnly(
         config,
         matryoshka_dims=[32, 128, 256],
-        loss=MatryoshkaInfoNCE(temperature=1.0, cross_device_negatives=cross_device, symmetric=symmetric),
+        matryoshka_layers=exits,
+        loss=loss,
         gradient_chunk_size=chunk,
     )
     # LoRA's B starts at zero, which would make most gradients trivially zero; start it random.
@@ -65,8 +70,10 @@ def _trainable_gradients(model: TextOnly) -> dict[str, torch.Tensor]:
 STACK_DUMP_AFTER_S, STEP_DEADLINE_S = 120, 150
 
 
-def _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output):
-    model = _model(text_model, cross_device, chunk, symmetric)
+def _ddp_step_on_rank(
+    rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output, exits=None
+):
+    model = _model(text_model, cross_device, chunk, symmetric, exits)
     ddp = DistributedDataParallel(_TrainingLoss(model))
     batch = StreamingPairDataModule(text_model).batches.training_batch(rows_per_rank[rank])
     loss = ddp(batch)
@@ -78,7 +85,9 @@ def _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device,
         torch.save({"loss": global_loss / world_size, "grads": _trainable_gradients(model)}, output)
 
 
-def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_device, chunk, symmetric, output):
+def _ddp_step(
+    rank, world_size, init_file, text_model, rows_per_rank, cross_device, chunk, symmetric, output, exits=None
+):
     stacks = open(f"{output}.stacks-rank{rank}.txt", "w")  # open until the process ends
     faulthandler.dump_traceback_later(STACK_DUMP_AFTER_S, file=stacks)
     dist.init_process_group(
@@ -89,7 +98,9 @@ def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_devi
         timeout=timedelta(seconds=60),
     )
     try:
-        _ddp_step_on_rank(rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output)
+        _ddp_step_on_rank(
+            rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, output, exits
+        )
         # Every rank's DDP wrapper is gone (freed on return) before any rank leaves the group:
         # a rank destroying its Reducer after its peer had exited hung now and then at teardown.
         dist.barrier()
@@ -98,17 +109,19 @@ def _ddp_step(rank, world_size, init_file, text_model, rows_per_rank, cross_devi
         # No cancel: a rank stuck on its way out (exit handlers) gets its stack written too.
 
 
-def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None, symmetric=False) -> dict:
+def _run_ddp(
+    tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None, symmetric=False, exits=None
+) -> dict:
     # Full-suite runs sometimes hung here (a 2-process gloo step). The one stack caught (2026-11-29)
     # had rank 0 still alive after its step, in a destructor run at `_ddp_step`'s return (its
     # DDP Reducer, freed after `destroy_process_group`) with its peer gone: hence the function
     # scope and the barrier in `_ddp_step`. Whether that was the only cause is not known, so
     # collectives still time out after 60 s and a killed step is started afresh once.
     for attempt in range(2):
-        tag = f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{attempt}"
+        tag = f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{exits}-{attempt}"
         output, init_file = tmp_path / f"ddp-{tag}.pt", tmp_path / f"init-{tag}"
         args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, chunk)
-        args += (symmetric, str(output))
+        args += (symmetric, str(output), exits)
         context = mp.start_processes(_ddp_step, args=args, nprocs=len(rows_per_rank), join=False)
         deadline = time.monotonic() + STEP_DEADLINE_S
         while not context.join(timeout=5):
@@ -124,8 +137,8 @@ def _run_ddp(tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None,
     raise TimeoutError("the 2-process DDP step did not finish twice in a row")
 
 
-def _single_process(text_model, rows, symmetric: bool = False) -> dict:
-    model = _model(text_model, cross_device=True, symmetric=symmetric)
+def _single_process(text_model, rows, symmetric: bool = False, exits=None) -> dict:
+    model = _model(text_model, cross_device=True, symmetric=symmetric, exits=exits)
     batch = StreamingPairDataModule(text_model).batches.training_batch(rows)
     loss = model.training_loss(batch)
     loss.backward()
@@ -133,13 +146,14 @@ def _single_process(text_model, rows, symmetric: bool = False) -> dict:
 
 
 @pytest.mark.parametrize(
-    "sizes, chunk, symmetric, copies",
+    "sizes, chunk, symmetric, copies, exits",
     [
-        ((4, 4), None, False, False),
-        ((3, 5), None, False, False),
-        ((3, 5), 2, False, False),
-        ((3, 5), 2, True, False),
-        ((3, 5), None, True, True),
+        ((4, 4), None, False, False, None),
+        ((3, 5), None, False, False, None),
+        ((3, 5), 2, False, False, None),
+        ((3, 5), 2, True, False, None),
+        ((3, 5), None, True, True, None),
+        ((3, 5), 2, False, False, [1]),
     ],
     ids=[
         "equal-shards",
@@ -147,20 +161,24 @@ def _single_process(text_model, rows, symmetric: bool = False) -> dict:
         "unequal-shards-gradcache",
         "unequal-shards-gradcache-symmetric",
         "copies-of-documents-across-ranks-symmetric",
+        "unequal-shards-gradcache-nested-layers",
     ],
 )
 def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batch(
-    tmp_path, tiny_text_model, sizes, chunk, symmetric, copies
+    tmp_path, tiny_text_model, sizes, chunk, symmetric, copies, exits
 ):
     """With ``chunk``: each rank embeds in GradCache chunks of 2 rows (the reference does not).
+    With ``exits``: nested layers, the loss at the 1-layer exit and the full depth (2 layers).
     With ``symmetric``: documents also pick their query among every rank's queries. With
     ``copies``: a document appears on both ranks and twice on one, and no copy is a negative."""
     rows = text_rows(sum(sizes))
     if copies:
         rows[5]["document"] = rows[6]["document"] = rows[1]["document"]
     rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
-    ddp = _run_ddp(tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric)
-    reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric)
+    ddp = _run_ddp(
+        tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric, exits=exits
+    )
+    reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric, exits=exits)
     assert torch.allclose(ddp["loss"], reference["loss"], atol=1e-5, rtol=0)
     assert ddp["grads"].keys() == reference["grads"].keys() and len(reference["grads"]) > 0
     for name, gradient in reference["grads"].items():
