@@ -191,3 +191,36 @@ def test_a_model_with_exits_refuses_a_loss_that_ignores_them(deep_tiny_text_mode
         _model(deep_tiny_text_model, loss=MatryoshkaInfoNCE())
     with pytest.raises(ConfigError, match=r"model.loss.layer_weights names layers \[3\]"):
         _model(deep_tiny_text_model, loss=NestedLayers(MatryoshkaInfoNCE(), layer_weights={3: 1.0}))
+
+
+def test_late_fusion_exits_on_the_query_path_with_cached_prompt_states(tiny_text_model, tiny_speech_model):
+    """Queries exit early (from the one pass, the prompt's cached keys and values standing in for
+    it), documents stay at full depth, and the loss at an exit scores the exit's queries against them."""
+    from speech_inputs import query_batch, sample_clips
+
+    from lightning_modules import LateFusion
+
+    def late_fusion(cache: bool) -> LateFusion:
+        torch.manual_seed(0)
+        return LateFusion(
+            text_encoder={"pretrained_model_name_or_path": str(tiny_text_model)},
+            speech_encoder={"pretrained_model_name_or_path": str(tiny_speech_model)},
+            adapter={"conv_channels": 16, "kernel_size": 5, "stride": 2},
+            matryoshka_dims=[32, 256],
+            matryoshka_layers=[1, 2],
+            loss=NestedLayers(MatryoshkaInfoNCE(temperature=1.0)),
+            cache_prompt_states=cache,
+        ).eval()
+
+    batch = query_batch(tiny_text_model, tiny_speech_model, sample_clips(), ["document_retrieval"] * 3)
+    cached, uncached = late_fusion(True), late_fusion(False)
+    with torch.no_grad():
+        queries, reference = cached.embed_queries(batch), uncached.embed_queries(batch)
+    assert set(queries) == {32, 256, (1, 32), (1, 256)} and cached.matryoshka_layers == [1, 2]
+    for key, value in reference.items():
+        assert torch.allclose(queries[key], value, atol=1e-5), key
+    assert not torch.allclose(queries[(1, 256)], queries[256], atol=1e-3)
+    documents = {dim: F.normalize(torch.randn(3, dim), dim=-1) for dim in (32, 256)}
+    terms = cached.loss.terms(LossInputs(queries=queries, documents=documents))
+    at_exit = LossInputs(queries={dim: queries[(1, dim)] for dim in (32, 256)}, documents=documents)
+    assert torch.allclose(terms["info_nce_L1"], MatryoshkaInfoNCE(temperature=1.0)(at_exit))
