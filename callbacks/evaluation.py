@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from callbacks.analysis import EmbeddingAnalysis, Embeddings
-from callbacks.exit_grid import exit_tag
+from callbacks.exit_grid import exit_layers, exit_tag, exit_view
 from callbacks.metrics import (
     CLASSIFICATION_METRICS,
     RETRIEVAL_MEASURES,
@@ -29,7 +29,6 @@ from callbacks.metrics import (
     metrics_from_ranking,
     top_k_search,
 )
-from lightning_modules.components.early_exit import exit_layers, exit_view
 
 if TYPE_CHECKING:
     from datamodules.eval_sets import EvalSet

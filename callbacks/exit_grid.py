@@ -16,6 +16,36 @@ from dataclasses import dataclass
 import torch
 
 Grid = dict[int, dict[int, float]]  # {layer: {dim: score}}, the full depth under its own layer count
+# An embedding dict's key: a full-depth dim, or (layer, dim) at an early exit
+# (the scheme is described in lightning_modules/components/early_exit.py).
+ExitKey = int | tuple[int, int]
+
+
+def exit_layers(embeddings: Mapping[ExitKey, torch.Tensor]) -> list[int]:
+    """The early exits present in an embedding dict, ascending (the full depth not included)."""
+    return sorted({key[0] for key in embeddings if isinstance(key, tuple)})
+
+
+def exit_view(embeddings: Mapping[ExitKey, torch.Tensor], layer: int | None) -> dict[int, torch.Tensor]:
+    """``{dim: [B, dim]}`` at one exit (``None``: the full depth); a side without that exit's keys
+    is read at full depth (a frozen document tower that does not exit)."""
+    full = {key: value for key, value in embeddings.items() if not isinstance(key, tuple)}
+    if layer is None:
+        return full
+    at_exit = {
+        key[1]: value for key, value in embeddings.items() if isinstance(key, tuple) and key[0] == layer
+    }
+    return at_exit or full
+
+
+def with_exits(
+    full: Mapping[int, torch.Tensor], exits: Mapping[int, Mapping[int, torch.Tensor]]
+) -> dict[ExitKey, torch.Tensor]:
+    """The full-depth ``{dim: ...}`` plus each exit's ``{(layer, dim): ...}`` in one dict."""
+    merged: dict[ExitKey, torch.Tensor] = dict(full)
+    for layer, slices in exits.items():
+        merged |= {(layer, dim): value for dim, value in slices.items()}
+    return merged
 
 
 def exit_tag(tag: str, layer: int) -> str:

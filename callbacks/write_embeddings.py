@@ -36,8 +36,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
+from callbacks.exit_grid import exit_view
 from errors import ConfigError, DataError
-from lightning_modules.components.early_exit import exit_view
 
 if TYPE_CHECKING:
     from datamodules.eval_sets import EvalSet

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from callbacks.exit_grid import exit_layers, exit_view
 from errors import ConfigError
-from lightning_modules.components.early_exit import exit_layers, exit_view, validate_matryoshka_layers
+from lightning_modules.components.early_exit import validate_matryoshka_layers
 from lightning_modules.losses import EmbeddingLoss, LossInputs, loss_from_config
 
 

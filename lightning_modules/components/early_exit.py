@@ -4,7 +4,8 @@ Key scheme of an embedding dict with nested layers: the full-depth slices keep t
 (``{dim: [B, dim]}``, exactly as without nested layers), and every earlier exit adds its slices
 under ``(layer, dim)``. Code that knows nothing of exits (other losses, caches, the embeddings
 writer) reads the int keys and sees the full-depth model; ``NestedLayers``
-(``lightning_modules/nested_layers.py``) and the evaluator read each exit through ``exit_view``.
+(``lightning_modules/nested_layers.py``) and the evaluator read each exit through ``exit_view``
+(in ``callbacks/exit_grid.py``, which the evaluator imports without Lightning).
 A side without exit keys (late fusion's frozen documents) is full depth for every exit: a query
 that exits early is scored against the same document index.
 
@@ -21,10 +22,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from callbacks.exit_grid import ExitKey, with_exits
 from errors import ConfigError
 from lightning_modules.components.matryoshka import matryoshka_slices
-
-ExitKey = int | tuple[int, int]
 
 
 def validate_matryoshka_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
@@ -83,33 +83,6 @@ def captured_layer_outputs(decoder: nn.Module, layers: Sequence[int]):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def exit_layers(embeddings: Mapping[ExitKey, torch.Tensor]) -> list[int]:
-    """The early exits present in an embedding dict, ascending (the full depth not included)."""
-    return sorted({key[0] for key in embeddings if isinstance(key, tuple)})
-
-
-def exit_view(embeddings: Mapping[ExitKey, torch.Tensor], layer: int | None) -> dict[int, torch.Tensor]:
-    """``{dim: [B, dim]}`` at one exit (``None``: the full depth); a side without that exit's keys
-    is read at full depth (a frozen document tower that does not exit)."""
-    full = {key: value for key, value in embeddings.items() if not isinstance(key, tuple)}
-    if layer is None:
-        return full
-    at_exit = {
-        key[1]: value for key, value in embeddings.items() if isinstance(key, tuple) and key[0] == layer
-    }
-    return at_exit or full
-
-
-def with_exits(
-    full: Mapping[int, torch.Tensor], exits: Mapping[int, Mapping[int, torch.Tensor]]
-) -> dict[ExitKey, torch.Tensor]:
-    """The full-depth ``{dim: ...}`` plus each exit's ``{(layer, dim): ...}`` in one dict."""
-    merged: dict[ExitKey, torch.Tensor] = dict(full)
-    for layer, slices in exits.items():
-        merged |= {(layer, dim): value for dim, value in slices.items()}
-    return merged
 
 
 def nested_slices(

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from callbacks.exit_grid import exit_layers, exit_view
 from callbacks.monitors import automatic_monitor
 from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
 from lightning_modules import UnitFusion
 from lightning_modules.base import MatryoshkaEmbedder
-from lightning_modules.components.early_exit import exit_layers, exit_view
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
