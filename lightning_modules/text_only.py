@@ -29,6 +29,10 @@ class TextOnly(MatryoshkaEmbedder):
         self.text_encoder = text_tower(text_encoder, self.matryoshka_dims)
         self.exits = nested_layer_exits(self.loss, matryoshka_layers, self.text_encoder.num_layers)
         self.ranks = self.text_encoder.config.embedding_ranks  # nested token-table ranks, or None
+        if self.ranks is not None:
+            # An evaluation setting, not a trained one: LightningCLI lays a checkpoint's hyperparameters
+            # over the command line, so `validate --ckpt_path X ...eval_rank=64` works only without it.
+            self.hparams["text_encoder"]["embedding_ranks"].pop("eval_rank", None)
 
     @property
     def matryoshka_layers(self) -> list[int]:

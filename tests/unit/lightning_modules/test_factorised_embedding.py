@@ -100,6 +100,8 @@ def test_export_at_a_rank_loads_dense_or_factorised_with_the_in_training_embeddi
         matryoshka_dims=DIMS,
         loss=MatryoshkaInfoNCE(),
     ).eval()
+    # Not in the checkpoint's hyperparameters, which LightningCLI lays over `validate`'s command line.
+    assert "eval_rank" not in model.hparams["text_encoder"]["embedding_ranks"]
     model.text_encoder.set_embedding_rank(16)
     batch = _documents(deep_tiny_text_model)
     with torch.no_grad():
