@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from callbacks.analysis import EmbeddingAnalysis, Embeddings
+from callbacks.exit_grid import exit_layers, exit_tag, exit_view
 from callbacks.metrics import (
     CLASSIFICATION_METRICS,
     RETRIEVAL_MEASURES,
@@ -67,10 +68,18 @@ class Evaluator:
         transcripts: Sequence[str] | None = None,
     ) -> dict[str, float]:
         """The eval set's metrics per dim, ``num_queries_evaluated``, then every analysis's numbers;
-        with ``transcripts`` (one per query, in row order), ``cer`` and ``wer`` too."""
-        scores = self.metrics(eval_set, queries, corpus)
+        with ``transcripts`` (one per query, in row order), ``cer`` and ``wer`` too.
+
+        With early exits (``(layer, dim)`` keys, ``lightning_modules/components/early_exit.py``)
+        every exit is scored as well, under ``<metric>/L<layer>/d<dim>``; the analyses read the
+        full depth."""
+        full_queries, full_corpus = exit_view(queries, None), exit_view(corpus, None)
+        scores = self.metrics(eval_set, full_queries, full_corpus)
+        for layer in sorted({*exit_layers(queries), *exit_layers(corpus)}):
+            at_exit = self.metrics(eval_set, exit_view(queries, layer), exit_view(corpus, layer))
+            scores |= {exit_tag(tag, layer): value for tag, value in at_exit.items() if "/d" in tag}
         for analysis in self.analyses:
-            scores |= analysis.analyze(eval_set, {"queries": dict(queries), "corpus": dict(corpus)})
+            scores |= analysis.analyze(eval_set, {"queries": full_queries, "corpus": full_corpus})
         if transcripts is not None:
             scores |= transcription_scores(eval_set, transcripts)
         return scores

@@ -21,14 +21,23 @@ class ExportTextEncoder(Callback):
     text-only stage hands its result to the speech stages without any conversion step.
     """
 
-    def __init__(self, dirpath: str, use_best: bool = True):
+    def __init__(
+        self, dirpath: str, use_best: bool = True, num_layers: int | None = None, rank: int | None = None
+    ):
         """
         Args:
             dirpath: Output folder (config.json, weights, tokenizer; LoRA also as lora_adapter/).
             use_best: Export the weights of the best checkpoint (ModelCheckpoint's monitor), else the last.
+            num_layers: Export the early exit at this depth (one of model.matryoshka_layers): the
+                first layers and the final norm, ``config.num_hidden_layers`` set to it; None: all.
+            rank: With text_encoder.embedding_ranks, the token-table rank exported (dense in the
+                folder, and its factors in embedding_factors.safetensors, which
+                ``lightning_modules.components.text_encoder.load_factorised`` loads); None: the full.
         """
         self.dirpath = dirpath
         self.use_best = use_best
+        self.num_layers = num_layers
+        self.rank = rank
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -54,7 +63,12 @@ class ExportTextEncoder(Callback):
             pl_module.load_state_dict(
                 torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False
             )
-        pl_module.export_text_encoder(Path(self.dirpath))
-        log.info("Exported the text encoder (%s) to %s", best or "last weights", self.dirpath)
+        options = {"num_layers": self.num_layers, "rank": self.rank}
+        pl_module.export_text_encoder(
+            Path(self.dirpath), **{k: v for k, v in options.items() if v is not None}
+        )
+        depth = "" if self.num_layers is None else f" at its {self.num_layers}-layer exit"
+        depth += "" if self.rank is None else f" with its token table at rank {self.rank}"
+        log.info("Exported the text encoder%s (%s) to %s", depth, best or "last weights", self.dirpath)
         if current is not None:
             pl_module.load_state_dict(current, strict=False)

@@ -59,3 +59,21 @@ def energy_curves_figure(curves: dict[str, dict[int, torch.Tensor]], title: str 
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def heatmap_figure(
+    values: list[list[float]], rows: list[str], columns: list[str], label: str, title: str = ""
+):
+    """A score heatmap (rows x columns, each cell's value written in), 0..1 colour scale."""
+    figure, axis = plt.subplots(figsize=(1.2 * len(columns) + 2.5, 0.5 * len(rows) + 1.6), dpi=100)
+    image = axis.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axis.set_xticks(range(len(columns)), columns)
+    axis.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            color = "black" if value > 0.6 else "white"
+            axis.text(j, i, f"{value:.3f}", ha="center", va="center", color=color, fontsize=8)
+    figure.colorbar(image, ax=axis, label=label)
+    axis.set_title(title)
+    figure.tight_layout()
+    return figure

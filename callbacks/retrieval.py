@@ -39,6 +39,7 @@ from callbacks.eval_outputs import (
     chunks_of_all_ranks,
 )
 from callbacks.evaluation import TRANSCRIPTION_METRICS, Evaluator, transcription_scores
+from callbacks.exit_grid import cheapest_cell, exit_grid, exit_grid_figure, grid_table
 from callbacks.lightning_internals import tensorboard_hparams
 from callbacks.monitors import AUTO, automatic_monitor, unknown_monitor
 from callbacks.score_table import by_metric, headline, score_table
@@ -58,6 +59,7 @@ class RetrievalEvaluator(Callback):
         document_chunk_size: int = 16384,
         analyses: list[EmbeddingAnalysis] | None = None,
         dashboards: bool = True,
+        keep_share: float = 0.9,
     ):
         """
         Args:
@@ -68,7 +70,12 @@ class RetrievalEvaluator(Callback):
                 callbacks.cost.CostPerDimension).
             dashboards: With a TensorBoard logger: the custom-scalars layout, image summaries, and
                 the hyperparameters with the final metrics.
+            keep_share: With early exits (model.matryoshka_layers), the log names the cheapest
+                (exit, dim) cell keeping this share of the best cell's headline score.
         """
+        if not 0 < keep_share <= 1:
+            raise ConfigError(f"RetrievalEvaluator.keep_share must be in (0, 1], got {keep_share}.")
+        self.keep_share = keep_share
         self.evaluator = Evaluator(ks, query_chunk_size, document_chunk_size, analyses)
         self.dashboards = dashboards
         self._chunks: dict[tuple[str, str], list] = defaultdict(list)
@@ -236,6 +243,7 @@ class RetrievalEvaluator(Callback):
                 }
             if self.dashboards and stage == "val" and dims is not None:
                 self._write_figures(trainer, eval_sets[name], scores)
+            self._report_exit_grid(trainer, eval_sets[name], scores, stage)
 
     def _summarize(self, trainer: Trainer, stage: str) -> None:
         """The scores in the terminal: a line per eval set while fitting, a table per set otherwise."""
@@ -253,6 +261,32 @@ class RetrievalEvaluator(Callback):
                 log.info(headline(f"{stage} at step {trainer.global_step}, {name}", metric, table[metric]))
             else:
                 log.info("\n%s", score_table(f"{stage} {name}", scores))
+
+    def _report_exit_grid(self, trainer: Trainer, eval_set, scores: dict[str, float], stage: str) -> None:
+        """With early exits: the (exit x dim) table and its cheapest cell in the log, the heatmap."""
+        layers = getattr(trainer.lightning_module, "matryoshka_layers", None)
+        if not layers or len(layers) < 2:
+            return
+        depth, metric = layers[-1], self.evaluator.headline_metric(eval_set.kind)
+        grid = exit_grid(scores, metric, depth)
+        if len(grid) < 2:
+            return
+        rows = len(eval_set.corpus)
+        best, cheapest = cheapest_cell(grid, depth, rows, self.keep_share)
+        title = f"{stage} {eval_set.name} {metric} at step {trainer.global_step}"
+        log.info(
+            "\n%s\nbest cell %s\ncheapest cell keeping %.0f%% of it: %s",
+            grid_table(title, grid, depth, rows),
+            best.describe(depth),
+            100 * self.keep_share,
+            cheapest.describe(depth),
+        )
+        logger = self._tensorboard(trainer)
+        if self.dashboards and logger is not None:
+            figure = exit_grid_figure(grid, depth, metric, title)
+            logger.experiment.add_figure(
+                f"{stage}/{eval_set.name}/exit_grid", figure, global_step=trainer.global_step, close=True
+            )
 
     # ----- TensorBoard dashboards -----------------------------------------------------------
     def _tensorboard(self, trainer: Trainer) -> TensorBoardLogger | None:

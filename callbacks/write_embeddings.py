@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from callbacks.eval_outputs import add_eval_output, assemble, chunks_of_all_ranks
+from callbacks.exit_grid import exit_view
 from errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -127,7 +128,8 @@ class WriteEmbeddings(Callback):
             folder.mkdir()
             for side, embeddings in sides.items():
                 _ids_file(folder, side).write_text(json.dumps([row["id"] for row in rows[side]]))
-                for dim, values in embeddings.items():
+                # The full depth; an early exit is written by predicting with its exported model.
+                for dim, values in exit_view(embeddings, None).items():
                     np.save(_array_file(folder, side, dim), values.numpy().astype(self.dtype))
             written[name] = {side: len(rows[side]) for side in SIDES}
         manifest = {

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from lightning_modules.components.matryoshka import dims_side_by_side, split_dims
+from lightning_modules.components.matryoshka import dims_side_by_side, ordered_keys, split_dims
 
 
 def batch_rows(batch, start: int, stop: int, rows: int):
@@ -128,7 +128,7 @@ def grad_cached_embeddings(
             stop = min(start + chunk_size, rows)
             chunks.append(_ChunkState(chunk_rows(batch, start, stop, rows), start, stop, device))
             outputs.append(embed(chunks[-1].batch))
-    dims = sorted(outputs[0])
+    dims = ordered_keys(outputs[0])  # dims, and (layer, dim) exits when the model has them
     flat = torch.cat([dims_side_by_side(output) for output in outputs], dim=0)
 
     def replay(grad: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:

@@ -16,11 +16,13 @@ import torch
 
 from errors import ConfigError
 from lightning_modules.base import MatryoshkaEmbedder
+from lightning_modules.components.early_exit import nested_slices
 from lightning_modules.components.matryoshka import matryoshka_slices
 from lightning_modules.components.prompt_states import PromptStateCache
 from lightning_modules.components.sequences import speech_after_prompt
 from lightning_modules.components.speech_encoder import SpeechEncoder, SpeechEncoderConfig
 from lightning_modules.components.text_encoder import TextEncoderConfig, text_tower, transcription_targets
+from lightning_modules.nested_layers import nested_layer_exits
 
 
 class SpeechIntoLLM(MatryoshkaEmbedder):
@@ -33,10 +35,13 @@ class SpeechIntoLLM(MatryoshkaEmbedder):
         freeze_text_encoder: bool = True,
         adapt_documents: bool = True,
         cache_prompt_states: bool = True,
+        matryoshka_layers: list[int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.text_encoder = text_tower(text_encoder, self.matryoshka_dims)
+        # Early exits on the query path (documents stay at full depth: one index for every exit).
+        self.exits = nested_layer_exits(self.loss, matryoshka_layers, self.text_encoder.num_layers)
         lora = self.text_encoder.config.lora
         self.text_frozen = freeze_text_encoder and lora is None
         if not adapt_documents and not self.text_frozen and lora is None:  # no frozen weights to keep
@@ -76,10 +81,15 @@ class SpeechIntoLLM(MatryoshkaEmbedder):
             self.closing_ids,
             prompt_cached=cached is not None,
         )
-        pooled = self.text_encoder(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, prompt_states=cached
+        pooled = self.text_encoder.forward_exits(
+            self.exits, inputs_embeds=inputs_embeds, attention_mask=attention_mask, prompt_states=cached
         )
-        return matryoshka_slices(pooled, self.matryoshka_dims)
+        return nested_slices(pooled, self.text_encoder.num_layers, self.matryoshka_dims)
+
+    @property
+    def matryoshka_layers(self) -> list[int]:
+        """Every depth the query path embeds at: the early exits, then the full depth."""
+        return [*self.exits, self.text_encoder.num_layers]
 
     def _prompt_states(self, prompt: Mapping):
         if self.prompt_state_cache is None:

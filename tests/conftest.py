@@ -102,3 +102,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "gpu" in item.path.parts:  # tests/gpu/: run on CUDA, skipped without it
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session")
+def deep_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
+    """4 narrow layers: early exits at 1, 2 and 3 layers mean something (nested-layers tests)."""
+    path = tmp_path_factory.mktemp("deep-tiny-qwen3")
+    tiny_models.save_tiny_text_model(path, tokenizer_source=tiny_text_model, hidden_size=64, num_layers=4)
+    return path
+
+
+@pytest.fixture(scope="session")
+def deep_wide_tiny_text_model(tmp_path_factory, tiny_text_model) -> Path:
+    """Qwen3-Embedding-0.6B's depth (28) and width (1024) with one narrow attention head and MLP:
+    the stand-in of recipes with early exits, a few MB."""
+    from transformers import AutoModel, AutoTokenizer, Qwen3Config
+
+    path = tmp_path_factory.mktemp("deep-wide-tiny-qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=16, num_hidden_layers=28,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -112,6 +112,24 @@ def text_model_dir() -> Path:
     )
 
 
+DEEP_TEXT_MODEL_LAYERS = 8
+
+
+def deep_text_model_dir() -> Path:
+    """The demo text model at 8 layers (same tokenizer, width and init scheme): deep enough that an
+    early exit at half depth is 4 layers, for the nested-layers demo (configs/demo/text_only_3d.yaml)."""
+    tokenizer = text_model_dir()
+
+    def build(staging: Path) -> None:
+        save_tiny_text_model(staging, tokenizer_source=tokenizer, num_layers=DEEP_TEXT_MODEL_LAYERS)
+
+    return _build_atomically(
+        demo_root() / f"tiny-qwen3-{DEEP_TEXT_MODEL_LAYERS}-layers",
+        build,
+        f"a tiny random-init Qwen3 text model with {DEEP_TEXT_MODEL_LAYERS} layers, a few seconds",
+    )
+
+
 # Qwen3-Embedding-0.6B's published configuration (the real recipe's text tower).
 QWEN3_EMBEDDING_06B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -292,6 +310,7 @@ def yaml_steps(recipe: Path) -> int:
 ASSETS: dict[str, Callable[[], Path]] = {
     "corpus": corpus_dir,
     "text_model": text_model_dir,
+    "deep_text_model": deep_text_model_dir,
     "speech_corpus": speech_corpus_dir,
     "speech_tasks": speech_tasks_dir,
     "speech_model": speech_model_dir,

@@ -38,14 +38,27 @@ def matryoshka_slices(embedding: torch.Tensor, dims: Sequence[int]) -> dict[int,
     return {d: F.normalize(embedding[:, :d], dim=-1) for d in dims}
 
 
+def key_width(key: int | tuple[int, int]) -> int:
+    """The width of an embedding key: ``dim``, or ``(layer, dim)`` for an early exit."""
+    return key[1] if isinstance(key, tuple) else key
+
+
+def ordered_keys(embeddings: Mapping) -> list:
+    """The keys of an embedding dict in one fixed order: full-depth dims ascending, then the exits'
+    ``(layer, dim)`` ascending (``components/early_exit.py``)."""
+    return sorted(embeddings, key=lambda key: (1, *key) if isinstance(key, tuple) else (0, 0, key))
+
+
 def dims_side_by_side(embeddings: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """``{d: [B, d]}`` as one ``[B, sum(dims)]`` tensor, dims ascending: one collective, copy or row."""
-    return torch.cat([embeddings[d] for d in sorted(embeddings)], dim=1)
+    """``{d: [B, d]}`` as one ``[B, sum(dims)]`` tensor, dims ascending: one collective, copy or row.
+    Exit keys ``(layer, dim)`` come after the full-depth dims (``ordered_keys``)."""
+    return torch.cat([embeddings[d] for d in ordered_keys(embeddings)], dim=1)
 
 
-def split_dims(side_by_side: torch.Tensor, dims: Sequence[int]) -> dict[int, torch.Tensor]:
-    """The inverse of ``dims_side_by_side`` for ascending ``dims``."""
-    return dict(zip(dims, side_by_side.split(list(dims), dim=1), strict=True))
+def split_dims(side_by_side: torch.Tensor, dims: Sequence) -> dict[int, torch.Tensor]:
+    """The inverse of ``dims_side_by_side`` for keys in ``ordered_keys`` order."""
+    widths = [key_width(key) for key in dims]
+    return dict(zip(dims, side_by_side.split(widths, dim=1), strict=True))
 
 
 class MatryoshkaHeads(nn.Module):

@@ -8,7 +8,10 @@ fusion uses to splice speech frames between text tokens).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +20,18 @@ from torch import nn
 
 from errors import ConfigError
 from lightning_modules.components.decoder_support import full_attention_decoder, rope_is_length_independent
+from lightning_modules.components.early_exit import captured_layer_outputs, final_norm
+from lightning_modules.components.factorised_embedding import (
+    EmbeddingRanks,
+    FactorisedEmbedding,
+    rank_savings,
+)
 from lightning_modules.components.matryoshka import matryoshka_slices, validate_matryoshka_dims
 from lightning_modules.components.pooled_final_layer import PooledFinalLayer, final_layer_is_prunable
 from lightning_modules.components.pooling import POOLERS
 from lightning_modules.components.prompt_states import PromptStates
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +69,9 @@ class TextEncoderConfig:
     pooled_final_layer: bool = True
     """With last-token pooling, run the final decoder layer at the pooled token only (the same
     embedding, fewer FLOPs: see ``components/pooled_final_layer.py``); Qwen2/3, Llama, Mistral."""
+    embedding_ranks: EmbeddingRanks | None = None
+    """Factorise the token table (SVD-initialised) and train it at nested ranks (ML-Embed's
+    Matryoshka Embedding Learning; ``components/factorised_embedding.py``). Full fine-tune only."""
 
     @classmethod
     def coerce(cls, value: TextEncoderConfig | dict) -> TextEncoderConfig:
@@ -67,9 +81,11 @@ class TextEncoderConfig:
         fields = dict(value)
         if isinstance(fields.get("lora"), dict):
             fields["lora"] = LoraSettings(**fields["lora"])
+        fields["embedding_ranks"] = EmbeddingRanks.coerce(fields.get("embedding_ranks"))
         return cls(**fields)
 
     def __post_init__(self):
+        self.embedding_ranks = EmbeddingRanks.coerce(self.embedding_ranks)
         if self.pooling not in POOLERS:
             raise ConfigError(
                 f"text_encoder.pooling={self.pooling!r} is unknown; choose one of {sorted(POOLERS)}."
@@ -129,6 +145,19 @@ class TextEncoder(nn.Module):
         model = AutoModel.from_pretrained(config.pretrained_model_name_or_path, **kwargs)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        self.nested_ranks: list[int] = []
+        if config.embedding_ranks is not None:
+            if config.lora is not None:
+                raise ConfigError(
+                    "model.text_encoder.embedding_ranks trains the token table, which LoRA freezes: "
+                    "remove text_encoder.lora or text_encoder.embedding_ranks."
+                )
+            self.nested_ranks = config.embedding_ranks.check(model.config.hidden_size)
+            table = model.get_input_embeddings()
+            model.set_input_embeddings(
+                FactorisedEmbedding(table.weight, config.embedding_ranks.rank, table.padding_idx)
+            )
+            log.info("%s", rank_savings(*table.weight.shape, self.nested_ranks))
         if config.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -217,6 +246,15 @@ class TextEncoder(nn.Module):
         )
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
+    @property
+    def num_layers(self) -> int:
+        """The depth of the text model (its decoder layers)."""
+        return self.model.config.num_hidden_layers
+
+    def decoder(self) -> nn.Module:
+        """The bare transformers model (under PEFT's wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.config.lora is not None else self.model
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -226,6 +264,21 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Pooled embeddings ``[B, hidden]``; with ``prompt_states``, of ``prompt | these tokens``
         (the cached prompt's keys and values stand in for running the LLM over it)."""
+        return self.forward_exits((), input_ids, attention_mask, inputs_embeds, prompt_states)[
+            self.num_layers
+        ]
+
+    def forward_exits(
+        self,
+        exits: Sequence[int],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        prompt_states: PromptStates | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """``{layer: pooled [B, hidden]}`` at every exit in ``exits`` (layer counts below the depth)
+        and at the full depth, from one forward pass: each exit's hidden states go through the
+        model's final norm, then the same pooling (``components/early_exit.py``)."""
         if attention_mask is None:
             raise ValueError("TextEncoder needs an attention_mask to pool over real tokens only.")
         kwargs = {}
@@ -246,14 +299,34 @@ class TextEncoder(nn.Module):
             if self.pooled_final_layer is not None
             else contextlib.nullcontext()
         )
-        with pruning:
+        decoder = self.decoder() if exits else None
+        capture = captured_layer_outputs(decoder, exits) if exits else contextlib.nullcontext({})
+        with pruning, capture as states:
             output = self.model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=full_mask, **kwargs
             )
-        return self.pool(output.last_hidden_state, attention_mask)
+        pooled = {layer: self.pool(final_norm(decoder)(states[layer]), attention_mask) for layer in exits}
+        pooled[self.num_layers] = self.pool(output.last_hidden_state, attention_mask)
+        return pooled
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """A ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format)."""
+    def set_embedding_rank(self, rank: int) -> None:
+        """The nested rank the factorised token table embeds with from now on."""
+        if rank not in self.nested_ranks and rank != self.config.embedding_ranks.eval_rank:
+            raise ConfigError(f"embedding rank {rank} is not one of the trained ranks {self.nested_ranks}.")
+        self.model.get_input_embeddings().rank = rank
+
+    def save_pretrained(
+        self, directory: str | Path, num_layers: int | None = None, rank: int | None = None
+    ) -> None:
+        """A ``from_pretrained`` folder with its tokenizer (LoRA merged in; adapter also in PEFT format).
+
+        ``num_layers``: export the early exit at that depth: the first ``num_layers`` decoder
+        layers and the final norm (``config.num_hidden_layers`` says so), a model whose last-token
+        embedding is the exit's; the dropped layers' weights are not in the folder.
+        ``rank`` (with ``embedding_ranks``): the token table at that rank, dense in the folder (any
+        ``from_pretrained`` loads it) and as its two factors in ``embedding_factors.safetensors``,
+        which ``load_factorised`` swaps in for the dense table: the parameter saving.
+        """
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -261,10 +334,55 @@ class TextEncoder(nn.Module):
         model = self.model
         if self.config.lora is not None:
             model.save_pretrained(directory / "lora_adapter")
-            import copy
-
             model = copy.deepcopy(model).merge_and_unload()
+        if num_layers is not None and num_layers != self.num_layers:
+            model = truncated_decoder(model, num_layers)
+        table = model.get_input_embeddings()
+        if isinstance(table, FactorisedEmbedding):
+            rank = table.rank if rank is None else rank
+            if model is self.model:
+                model = copy.deepcopy(model)
+            model.set_input_embeddings(table.dense(rank))
+            from safetensors.torch import save_file
+
+            save_file(table.factors(rank), str(directory / FACTORS_FILE))
+        elif rank is not None:
+            raise ConfigError("an export at an embedding rank needs text_encoder.embedding_ranks.")
         model.save_pretrained(directory)
+
+
+FACTORS_FILE = "embedding_factors.safetensors"
+
+
+def load_factorised(directory: str | Path, **kwargs) -> nn.Module:
+    """``AutoModel.from_pretrained(directory)`` with its token table replaced by the factors saved
+    beside it (``V*k + k*H`` parameters instead of ``V*H``; the same embeddings)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(directory, **kwargs)
+    dense = model.get_input_embeddings()
+    factors = load_file(str(Path(directory) / FACTORS_FILE))
+    model.set_input_embeddings(FactorisedEmbedding.from_factors(factors, dense.padding_idx))
+    return model
+
+
+def truncated_decoder(model: nn.Module, num_layers: int) -> nn.Module:
+    """A copy of a transformers decoder with its first ``num_layers`` layers (and its final norm)."""
+    depth = model.config.num_hidden_layers
+    if not 1 <= num_layers <= depth:
+        raise ConfigError(f"an exit at layer {num_layers} does not exist in a {depth}-layer model.")
+    layers = model.layers
+    model.layers = nn.ModuleList()  # not deep-copied: only the kept layers are
+    try:
+        truncated = copy.deepcopy(model)
+    finally:
+        model.layers = layers
+    truncated.layers = copy.deepcopy(layers[:num_layers])
+    truncated.config.num_hidden_layers = num_layers
+    if getattr(truncated.config, "layer_types", None) is not None:
+        truncated.config.layer_types = truncated.config.layer_types[:num_layers]
+    return truncated
 
 
 def transcription_targets(text_encoder: TextEncoder, batch, dims) -> dict[int, torch.Tensor]:

@@ -195,7 +195,7 @@ def test_a_misspelt_key_in_a_config_file_names_the_nearest_valid_one(demo_dir, t
     assert result.returncode != 0 and "Traceback" not in result.stderr and "usage:" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: lightning_modules.TextOnly (under model) has no option 'matryoshka_dim': did you mean "
-        "'matryoshka_dims'? (`python cli.py fit --help` lists every option.)"
+        "'matryoshka_dims' or 'matryoshka_layers'? (`python cli.py fit --help` lists every option.)"
     )
 
 

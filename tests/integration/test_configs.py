@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from callbacks.exit_grid import exit_layers, exit_view
 from callbacks.monitors import automatic_monitor
 from callbacks.retrieval import RetrievalEvaluator
 from cli import cli_main
@@ -29,11 +30,14 @@ def _stand_ins(
     speech_model: Path,
     speech_corpus: Path,
     asr_model: Path | None = None,
+    deep_wide_model: Path | None = None,
 ) -> list[str]:
     """Overrides that swap hub models and data for local tiny ones; demo configs need none."""
     if config.parts[1] == "demo":
         return []
     recipe = (ROOT / config).read_text()
+    if "matryoshka_layers:" in recipe:  # exits need depth: 28 narrow layers
+        wide_model = deep_wide_model
     if "lightning_modules.AsrCtc" in recipe:  # a speech model to train, no text model
         args = [f"--model.init_args.speech_model={speech_model}", f"--data.init_args.tokenizer={wide_model}"]
     else:
@@ -69,6 +73,7 @@ def test_no_key_is_written_twice(config):
 def test_config_instantiates(
     config,
     wide_tiny_text_model,
+    deep_wide_tiny_text_model,
     corpus_dir,
     tiny_speech_model,
     speech_corpus_dir,
@@ -77,9 +82,8 @@ def test_config_instantiates(
     monkeypatch,
 ):
     monkeypatch.chdir(ROOT)
-    stand_ins = _stand_ins(
-        config, wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir, tiny_ctc_asr
-    )
+    models = (wide_tiny_text_model, corpus_dir, tiny_speech_model, speech_corpus_dir)
+    stand_ins = _stand_ins(config, *models, asr_model=tiny_ctc_asr, deep_wide_model=deep_wide_tiny_text_model)
     args = ["--config", str(config), *stand_ins]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
     cli = cli_main(args, run=False)
@@ -107,7 +111,13 @@ def test_config_instantiates(
     else:
         batch = next(iter(cli.datamodule.train_dataloader()))
     embeddings = cli.model.embed_queries(batch)
-    assert sorted(embeddings) == cli.model.matryoshka_dims
+    assert sorted(exit_view(embeddings, None)) == cli.model.matryoshka_dims
+    # Recipes with nested layers embed at every listed exit from the one pass, each at every dim.
+    exits = getattr(cli.model, "matryoshka_layers", [])[:-1]
+    assert exit_layers(embeddings) == exits
+    assert set(embeddings) == {*cli.model.matryoshka_dims} | {
+        (layer, dim) for layer in exits for dim in cli.model.matryoshka_dims
+    }
 
 
 def _check_asr_recipe(cli, root: Path) -> None:

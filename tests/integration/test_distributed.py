@@ -23,6 +23,7 @@ from datamodules.pairs import StreamingPairDataModule
 from lightning_modules import TextOnly
 from lightning_modules.components.text_encoder import LoraSettings, TextEncoderConfig
 from lightning_modules.losses import MatryoshkaInfoNCE
+from lightning_modules.nested_layers import NestedLayers
 
 
 def _model(
@@ -31,19 +32,24 @@ def _model(
     chunk: int | None = None,
     symmetric: bool = False,
     own_negatives_only: bool = False,
+    exits=None,
 ) -> TextOnly:
     torch.manual_seed(0)  # the same LoRA initialization in every process
     config = TextEncoderConfig(text_model, lora=LoraSettings(r=4, dropout=0.0))
     # Temperature 1 keeps gradients O(1), so the 1e-5 tolerance is a relative one as well.
+    loss = MatryoshkaInfoNCE(
+        temperature=1.0,
+        cross_device_negatives=cross_device,
+        symmetric=symmetric,
+        own_negatives_only=own_negatives_only,
+    )
+    if exits:  # nested layers: the loss at every exit, exit 1 weighted apart from the full depth
+        loss = NestedLayers(loss, layer_weights={1: 0.5})
     model = TextOnly(
         config,
         matryoshka_dims=[32, 128, 256],
-        loss=MatryoshkaInfoNCE(
-            temperature=1.0,
-            cross_device_negatives=cross_device,
-            symmetric=symmetric,
-            own_negatives_only=own_negatives_only,
-        ),
+        matryoshka_layers=exits,
+        loss=loss,
         gradient_chunk_size=chunk,
     )
     # LoRA's B starts at zero, which would make most gradients trivially zero; start it random.
@@ -82,9 +88,10 @@ def _batch(text_model: str, rows: list[dict], negatives: dict) -> dict:
 
 
 def _ddp_step_on_rank(
-    rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+    rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output, exits=None
 ):
-    model = _model(text_model, cross_device, chunk, symmetric, negatives.get("own_negatives_only", False))
+    own_only = negatives.get("own_negatives_only", False)
+    model = _model(text_model, cross_device, chunk, symmetric, own_only, exits)
     ddp = DistributedDataParallel(_TrainingLoss(model))
     batch = _batch(text_model, rows_per_rank[rank], negatives)
     loss = ddp(batch)
@@ -97,7 +104,17 @@ def _ddp_step_on_rank(
 
 
 def _ddp_step(
-    rank, world_size, init_file, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+    rank,
+    world_size,
+    init_file,
+    text_model,
+    rows_per_rank,
+    cross_device,
+    chunk,
+    symmetric,
+    negatives,
+    output,
+    exits=None,
 ):
     stacks = open(f"{output}.stacks-rank{rank}.txt", "w")  # open until the process ends
     faulthandler.dump_traceback_later(STACK_DUMP_AFTER_S, file=stacks)
@@ -110,7 +127,16 @@ def _ddp_step(
     )
     try:
         _ddp_step_on_rank(
-            rank, world_size, text_model, rows_per_rank, cross_device, chunk, symmetric, negatives, output
+            rank,
+            world_size,
+            text_model,
+            rows_per_rank,
+            cross_device,
+            chunk,
+            symmetric,
+            negatives,
+            output,
+            exits,
         )
         # Every rank's DDP wrapper is gone (freed on return) before any rank leaves the group:
         # a rank destroying its Reducer after its peer had exited hung now and then at teardown.
@@ -121,7 +147,14 @@ def _ddp_step(
 
 
 def _run_ddp(
-    tmp_path, text_model, rows_per_rank, cross_device=True, chunk=None, symmetric=False, negatives=None
+    tmp_path,
+    text_model,
+    rows_per_rank,
+    cross_device=True,
+    chunk=None,
+    symmetric=False,
+    negatives=None,
+    exits=None,
 ) -> dict:
     # Full-suite runs sometimes hung here (a 2-process gloo step). The one stack caught (2026-11-29)
     # had rank 0 still alive after its step, in a destructor run at `_ddp_step`'s return (its
@@ -129,10 +162,12 @@ def _run_ddp(
     # scope and the barrier in `_ddp_step`. Whether that was the only cause is not known, so
     # collectives still time out after 60 s and a killed step is started afresh once.
     for attempt in range(2):
-        tag = f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{bool(negatives)}-{attempt}"
+        tag = (
+            f"{cross_device}-{len(rows_per_rank[0])}-{chunk}-{symmetric}-{bool(negatives)}-{exits}-{attempt}"
+        )
         output, init_file = tmp_path / f"ddp-{tag}.pt", tmp_path / f"init-{tag}"
         args = (len(rows_per_rank), str(init_file), text_model, rows_per_rank, cross_device, chunk)
-        args += (symmetric, negatives or {}, str(output))
+        args += (symmetric, negatives or {}, str(output), exits)
         context = mp.start_processes(_ddp_step, args=args, nprocs=len(rows_per_rank), join=False)
         deadline = time.monotonic() + STEP_DEADLINE_S
         while not context.join(timeout=5):
@@ -148,11 +183,12 @@ def _run_ddp(
     raise TimeoutError("the 2-process DDP step did not finish twice in a row")
 
 
-def _single_process(text_model, rows, symmetric: bool = False, negatives: dict | None = None) -> dict:
+def _single_process(
+    text_model, rows, symmetric: bool = False, negatives: dict | None = None, exits=None
+) -> dict:
     negatives = negatives or {}
-    model = _model(
-        text_model, True, symmetric=symmetric, own_negatives_only=negatives.get("own_negatives_only", False)
-    )
+    own_only = negatives.get("own_negatives_only", False)
+    model = _model(text_model, True, symmetric=symmetric, own_negatives_only=own_only, exits=exits)
     batch = _batch(text_model, rows, negatives)
     loss = model.training_loss(batch)
     loss.backward()
@@ -160,13 +196,14 @@ def _single_process(text_model, rows, symmetric: bool = False, negatives: dict |
 
 
 @pytest.mark.parametrize(
-    "sizes, chunk, symmetric, copies",
+    "sizes, chunk, symmetric, copies, exits",
     [
-        ((4, 4), None, False, False),
-        ((3, 5), None, False, False),
-        ((3, 5), 2, False, False),
-        ((3, 5), 2, True, False),
-        ((3, 5), None, True, True),
+        ((4, 4), None, False, False, None),
+        ((3, 5), None, False, False, None),
+        ((3, 5), 2, False, False, None),
+        ((3, 5), 2, True, False, None),
+        ((3, 5), None, True, True, None),
+        ((3, 5), 2, False, False, [1]),
     ],
     ids=[
         "equal-shards",
@@ -174,20 +211,24 @@ def _single_process(text_model, rows, symmetric: bool = False, negatives: dict |
         "unequal-shards-gradcache",
         "unequal-shards-gradcache-symmetric",
         "copies-of-documents-across-ranks-symmetric",
+        "unequal-shards-gradcache-nested-layers",
     ],
 )
 def test_ddp_with_cross_device_negatives_equals_one_process_with_the_global_batch(
-    tmp_path, tiny_text_model, sizes, chunk, symmetric, copies
+    tmp_path, tiny_text_model, sizes, chunk, symmetric, copies, exits
 ):
     """With ``chunk``: each rank embeds in GradCache chunks of 2 rows (the reference does not).
+    With ``exits``: nested layers, the loss at the 1-layer exit and the full depth (2 layers).
     With ``symmetric``: documents also pick their query among every rank's queries. With
     ``copies``: a document appears on both ranks and twice on one, and no copy is a negative."""
     rows = text_rows(sum(sizes))
     if copies:
         rows[5]["document"] = rows[6]["document"] = rows[1]["document"]
     rows_per_rank = [rows[: sizes[0]], rows[sizes[0] :]]
-    ddp = _run_ddp(tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric)
-    reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric)
+    ddp = _run_ddp(
+        tmp_path, str(tiny_text_model), rows_per_rank, chunk=chunk, symmetric=symmetric, exits=exits
+    )
+    reference = _single_process(str(tiny_text_model), rows, symmetric=symmetric, exits=exits)
     assert torch.allclose(ddp["loss"], reference["loss"], atol=1e-5, rtol=0)
     assert ddp["grads"].keys() == reference["grads"].keys() and len(reference["grads"]) > 0
     for name, gradient in reference["grads"].items():
