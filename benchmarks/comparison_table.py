@@ -43,6 +43,7 @@ class Recipe:
 # Rows in the paper's order: the text ceiling, then the speech models.
 RECIPES = {
     "text_only": Recipe("configs/demo/text_only.yaml", "text-only (oracle transcripts)"),
+    "text_only_3d": Recipe("configs/demo/text_only_3d.yaml", "text-only 3D, 8 layers (full-depth exit)"),
     "late_fusion": Recipe("configs/demo/late_fusion.yaml", "late fusion"),
     "unit_fusion": Recipe("configs/demo/unit_fusion.yaml", "unit fusion (discrete units)"),
     "dual_retrieval": Recipe("configs/demo/dual_retrieval.yaml", "dual encoder, retrieval"),
@@ -114,20 +115,15 @@ def trainable_parameters(config: str, run_dir: Path) -> int:
     return sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
 
 
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "last.ckpt").exists()
+def finished(recipe: Recipe, run_dir: Path) -> bool:
+    if recipe.subcommand == "fit":
+        return (run_dir / "checkpoints" / "last.ckpt").exists()
+    return any((run_dir / "tensorboard").glob("version_*/events.out.tfevents.*"))
 
 
-def run_recipe(config: str, run_dir: Path, extra: list[str]) -> float:
-    command = [
-        sys.executable,
-        "cli.py",
-        "fit",
-        "--config",
-        config,
-        f"--trainer.default_root_dir={run_dir}",
-        *extra,
-    ]
+def run_recipe(recipe: Recipe, run_dir: Path, extra: list[str]) -> float:
+    command = [sys.executable, "cli.py", recipe.subcommand, "--config", recipe.config]
+    command += [f"--trainer.default_root_dir={run_dir}", *extra]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
