@@ -1,6 +1,10 @@
 """The (exit x dim) grid at every nested token-table rank of a trained 3D Matryoshka run.
 
     python benchmarks/rank_grid.py --run runs/demo_text_only_3d --ranks 32 64 128 256
+    python benchmarks/rank_grid.py --run RUN --config RECIPE -- --model.init_args.KEY=VALUE ...
+
+Arguments after ``--`` are the overrides the run was trained with (the model is built from the
+recipe and them, then the checkpoint's weights are loaded into it).
 
 Builds the recipe's model and data, loads the run's checkpoint (the best by default) and runs one
 ``validate`` per rank with the factorised table cut to it (``embedding_ranks.eval_rank``); the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +31,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--checkpoint", type=Path, help="default: the run's best-*.ckpt")
     parser.add_argument("--metric", default="ndcg@10")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    overrides_given = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     from callbacks.exit_grid import exit_grid
     from callbacks.retrieval import RetrievalEvaluator
     from cli import cli_main
@@ -35,7 +42,7 @@ def main() -> None:
     checkpoint = args.checkpoint or max((args.run / "checkpoints").glob("best-*.ckpt"))
     scratch = tempfile.mkdtemp()
     overrides = [f"--trainer.default_root_dir={scratch}", "--trainer.enable_progress_bar=false"]
-    cli = cli_main(["--config", args.config, *overrides], run=False)
+    cli = cli_main(["--config", args.config, *overrides_given, *overrides], run=False)
     model = cli.model
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state, strict=False)
