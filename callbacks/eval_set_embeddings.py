@@ -5,6 +5,8 @@ features as a validation batch) go through the model's evaluation path (``embed_
 ``document_embeddings`` for the corpus), so an evaluation that embeds a set again (n-shot
 classification, prompt x task) sees the embeddings validation scores. Called under
 ``torch.enable_grad()`` the query embeddings carry gradients (n-shot's contrastive stage).
+A model with early exits is read at its full depth (``{dim: ...}``; the exits' ``(layer, dim)``
+keys are left out).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from callbacks.exit_grid import exit_view
 from datamodules.eval_sets import EvalSet
 
 
@@ -44,5 +47,5 @@ class EvalSetEmbedder:
         parts = []
         for start in range(0, len(items), self.batch_size):
             batch = self.batches.eval_batch(items[start : start + self.batch_size], eval_set=name, side=side)
-            parts.append(embed(move_data_to_device(batch, self.module.device)))
+            parts.append(exit_view(embed(move_data_to_device(batch, self.module.device)), None))
         return {dim: torch.cat([part[dim] for part in parts]) for dim in parts[0]}
