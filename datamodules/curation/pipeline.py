@@ -43,6 +43,9 @@ def _done(output: Path, root: Path, relative: str) -> bool:
 
 
 def _start_worker(config: CurationConfig) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the parallelism is the worker processes; one thread each
     _WORKER["models"] = Models(config)
 
 

@@ -23,9 +23,12 @@ WINDOW_SECONDS = WINDOW / VAD_RATE
 
 def load_vad():
     """Silero-VAD's TorchScript model, from the weights inside the ``silero-vad`` package (offline)."""
-    from silero_vad import load_silero_vad
+    threads = torch.get_num_threads()
+    from silero_vad import load_silero_vad  # its import sets torch's threads to 1, process-wide
 
-    return load_silero_vad()
+    model = load_silero_vad()
+    torch.set_num_threads(threads)  # the caller's setting (a notebook's training keeps its threads)
+    return model
 
 
 @dataclass
