@@ -195,11 +195,30 @@ def speech_tasks_dir() -> Path:
     )
 
 
+def _child_fit_command(recipe: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """``python cli.py fit --config recipe`` into ``run_dir``, for a demo stage trained in a child."""
+    command = [sys.executable, str(REPO_ROOT / "cli.py"), "fit", "--config", str(recipe)]
+    command += [f"--trainer.default_root_dir={run_dir}", *overrides]
+    if not sys.stdout.isatty():  # the progress bar draws on a terminal only: a line per 50 steps
+        command.append("--trainer.callbacks+=callbacks.progress_lines.ProgressLines")
+    return command
+
+
+def _fit_in_child(command: list[str], run_dir: Path, staging: Path, keep: str | None = None) -> float:
+    """Runs the child fit (its output passes through), moves ``run_dir/keep`` and a copy of its
+    TensorBoard folder into ``staging``, removes the run; returns its minutes."""
+    started = time.monotonic()
+    subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
+    if keep is not None:
+        (run_dir / keep).rename(staging / keep)
+    shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
+    shutil.rmtree(run_dir)
+    return (time.monotonic() - started) / 60
+
+
 def text_stage_announcement(target: Path, command: list[str]) -> str:
     """What training the text stage does, why, how long it takes, and how to do without it."""
-    import yaml
-
-    steps = yaml.safe_load(TEXT_STAGE_RECIPE.read_text())["trainer"]["max_steps"]
+    steps = yaml_steps(TEXT_STAGE_RECIPE)
     return (
         f"This demo's frozen text tower is the text-only demo stage, not trained yet ({target} is "
         "missing). Training it now, once (later runs reuse it), in a child process:\n"
@@ -225,25 +244,10 @@ def text_stage_dir() -> Path:
 
     def build(staging: Path) -> None:
         run_dir = staging / "run"
-        command = [
-            sys.executable,
-            str(REPO_ROOT / "cli.py"),
-            "fit",
-            "--config",
-            str(TEXT_STAGE_RECIPE),
-            f"--trainer.default_root_dir={run_dir}",
-        ]
-        if not sys.stdout.isatty():  # the progress bar draws on a terminal only: a line per 50 steps
-            command.append("--trainer.callbacks+=callbacks.progress_lines.ProgressLines")
+        command = _child_fit_command(TEXT_STAGE_RECIPE, run_dir)
         log.warning(text_stage_announcement(target, command))
-        started = time.monotonic()
-        subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
-        (run_dir / "text_encoder").rename(staging / "text_encoder")
-        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
-        shutil.rmtree(run_dir)
-        log.warning(
-            "The text-only demo stage is trained (%.1f min): %s", (time.monotonic() - started) / 60, target
-        )
+        minutes = _fit_in_child(command, run_dir, staging, keep="text_encoder")
+        log.warning("The text-only demo stage is trained (%.1f min): %s", minutes, target)
 
     what = f"the text-only demo stage (configs/demo/text_only.yaml); skipped by {TEXT_STAGE_KEY}=PATH"
     return _build_atomically(target, build, what) / "text_encoder"
@@ -266,17 +270,7 @@ def asr_model_dir() -> Path:
 
     def build(staging: Path) -> None:
         run_dir = staging / "run"
-        command = [
-            sys.executable,
-            str(REPO_ROOT / "cli.py"),
-            "fit",
-            "--config",
-            str(ASR_RECIPE),
-            f"--trainer.default_root_dir={run_dir}",
-            f"--model.init_args.export_dir={staging / 'model'}",
-        ]
-        if not sys.stdout.isatty():
-            command.append("--trainer.callbacks+=callbacks.progress_lines.ProgressLines")
+        command = _child_fit_command(ASR_RECIPE, run_dir, f"--model.init_args.export_dir={staging / 'model'}")
         steps = yaml_steps(ASR_RECIPE)
         log.warning(
             "The pipelined demo's speech recognizer is not trained yet (%s is missing). Training it now, "
@@ -289,13 +283,8 @@ def asr_model_dir() -> Path:
             steps,
             ASR_KEY,
         )
-        started = time.monotonic()
-        subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, DEMO_DIR_ENV: str(demo_root())})
-        shutil.copytree(run_dir / "tensorboard", staging / "tensorboard")
-        shutil.rmtree(run_dir)
-        log.warning(
-            "The demo speech recognizer is trained (%.1f min): %s", (time.monotonic() - started) / 60, target
-        )
+        minutes = _fit_in_child(command, run_dir, staging)
+        log.warning("The demo speech recognizer is trained (%.1f min): %s", minutes, target)
 
     what = f"the pipelined demo's speech recognizer (configs/demo/asr_ctc.yaml); skipped by {ASR_KEY}=PATH"
     return _build_atomically(target, build, what) / "model"
