@@ -35,6 +35,7 @@ from callbacks.tensorboard_run import TensorBoardRun
 from callbacks.training_guards import StopAtLastStep
 from errors import ConfigError
 from lightning_modules.components.speech_recognizer import ctc_frame_lengths, greedy_ctc_ids
+from lightning_modules.schedules import optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,7 @@ class AsrCtc(LightningModule):
     # ----- optimization, callbacks, export ---------------------------------------------------
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
-        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        optimizer = factory(trainable)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(trainable, self.optimizer_factory, self.lr_scheduler_factory)
 
     def configure_callbacks(self):
         return [StopAtLastStep(), AtomicCheckpoints(), TensorBoardRun()]

@@ -26,6 +26,7 @@ from lightning_modules.frozen_towers import FrozenTowers
 from lightning_modules.grad_cache import chunked_embeddings
 from lightning_modules.hard_negatives import embed_documents_and_negatives
 from lightning_modules.losses import EmbeddingLoss, LossInputs, MatryoshkaInfoNCE, loss_from_config
+from lightning_modules.schedules import optimizer_config
 from lightning_modules.weight_decay import parameter_groups
 
 Embeddings = dict[int, torch.Tensor]
@@ -143,12 +144,7 @@ class MatryoshkaEmbedder(FrozenTowers, CachedDocuments):
             raise ConfigError(
                 f"{type(self).__name__} has no trainable parameters: check the freezing options."
             )
-        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        optimizer = factory(groups)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(groups, self.optimizer_factory, self.lr_scheduler_factory)
 
     def configure_callbacks(self):
         # In every run, however the Trainer was built: no recipe can forget them.

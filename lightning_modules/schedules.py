@@ -72,3 +72,16 @@ class WarmupCosine(LambdaLR):
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         super().__init__(optimizer, factor)
+
+
+def optimizer_config(parameters, optimizer_factory=None, lr_scheduler_factory=None):
+    """What ``configure_optimizers`` returns: the optimizer factory (default AdamW, lr 1e-4) over
+    ``parameters`` (tensors or groups), with the scheduler factory's scheduler stepped every step."""
+    import torch
+
+    factory = optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+    optimizer = factory(parameters)
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
