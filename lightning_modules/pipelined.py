@@ -14,14 +14,12 @@ as an empty query with its prompt (the prompt alone), like any other: it is scor
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-import collectives
+from callbacks.query_records import write_query_records
 from errors import ConfigError
 from lightning_modules.components.speech_recognizer import SpeechRecognizer, SpeechRecognizerConfig
 from lightning_modules.components.text_encoder import TextEncoderConfig
@@ -133,20 +131,9 @@ class Pipelined(TextOnly):
     def on_predict_end(self) -> None:
         """Writes ``<run>/transcripts/<eval set>.queries.jsonl``: each eval query's id, its
         transcript and its reference transcription (the eval set's ``text``, where it has one)."""
-        gathered = collectives.gather_objects(self._predicted)
-        trainer = self._trainer
-        if not trainer.is_global_zero:
-            return
-        folder = Path(trainer.default_root_dir) / "transcripts"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, eval_set in (getattr(trainer.datamodule, "eval_sets", {}) or {}).items():
-            transcripts = {index: text for part in gathered for index, text in part.get(name, {}).items()}
-            if not transcripts:
-                continue
-            path = folder / f"{name}.queries.jsonl"
-            with open(path, "w", encoding="utf-8") as handle:
-                for index in sorted(transcripts):
-                    row = eval_set.queries[index]
-                    record = {"id": row["id"], "transcript": transcripts[index], "reference": row.get("text")}
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log.info("Wrote the transcripts of %d %s queries to %s.", len(transcripts), name, path)
+        write_query_records(
+            self._trainer,
+            self._predicted,
+            "transcripts",
+            lambda row, transcript: {"id": row["id"], "transcript": transcript, "reference": row.get("text")},
+        )

@@ -16,7 +16,6 @@ set), saved under the run folder (``units/``) and in every checkpoint (buffer ``
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-import collectives
+from callbacks.query_records import write_query_records
 from errors import ConfigError
 from lightning_modules.components.speech_encoder import SpeechEncoderConfig
 from lightning_modules.components.text_encoder import TextEncoderConfig
@@ -256,24 +255,12 @@ class UnitFusion(SpeechIntoLLM):
 
     def on_predict_end(self) -> None:
         """Writes ``<run>/units/<eval set>.queries.jsonl``: each eval query's id and unit ids."""
-        gathered = collectives.gather_objects(self._predicted_units)
-        trainer = self._trainer
-        if not trainer.is_global_zero:
-            return
-        eval_sets = getattr(trainer.datamodule, "eval_sets", {}) or {}
-        folder = Path(trainer.default_root_dir) / "units"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, eval_set in eval_sets.items():
-            units = {index: row for part in gathered for index, row in part.get(name, {}).items()}
-            if not units:
-                continue
-            path = folder / f"{name}.queries.jsonl"
-            with open(path, "w", encoding="utf-8") as handle:
-                for index in sorted(units):
-                    handle.write(
-                        json.dumps({"id": eval_set.queries[index]["id"], "units": units[index]}) + "\n"
-                    )
-            log.info("Wrote the units of %d %s queries to %s.", len(units), name, path)
+        write_query_records(
+            self._trainer,
+            self._predicted_units,
+            "units",
+            lambda row, units: {"id": row["id"], "units": units},
+        )
 
     # ----- queries ---------------------------------------------------------------------------
     def query_units(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
