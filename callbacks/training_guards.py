@@ -1,4 +1,4 @@
-"""Guards every model adds itself (``MatryoshkaEmbedder.configure_callbacks``), so no recipe forgets them.
+"""Guards every trainable model adds itself (``callbacks.model_callbacks``), so no recipe forgets them.
 
 - ``BatchGuard``: bad training rows are counted, and named once (at their first skip); a summary
   by kind follows each pass over the data and ends fit; a batch without enough usable rows, or

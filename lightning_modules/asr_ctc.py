@@ -30,9 +30,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from callbacks.checkpoint_files import AtomicCheckpoints
-from callbacks.tensorboard_run import TensorBoardRun
-from callbacks.training_guards import StopAtLastStep
+from callbacks.model_callbacks import every_run_callbacks
+from callbacks.training_guards import BatchGuard, skipped_step
 from errors import ConfigError
 from lightning_modules.components.speech_recognizer import ctc_frame_lengths, greedy_ctc_ids
 from lightning_modules.schedules import optimizer_config
@@ -128,6 +127,7 @@ class AsrCtc(LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.loss = CtcLoss()
+        self.guard = BatchGuard()
         self.model = None
         self.tokenizer = None
         if vocabulary is not None:
@@ -180,9 +180,12 @@ class AsrCtc(LightningModule):
         return self.loss(self.model, batch["query_audio"], labels)
 
     def training_step(self, batch: Mapping, batch_idx: int):
-        if not batch.get("ids"):
-            return None  # every row of the batch was unusable (named in the skip counts)
+        # Both checks are collectives: under DDP every rank skips the step or none does.
+        if not self.guard.usable(batch, 1, self.device):
+            return skipped_step(self.device)
         loss = self.training_loss(batch)
+        if not self.guard.finite(loss, batch):
+            return skipped_step(self.device)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
         return loss
 
@@ -214,7 +217,7 @@ class AsrCtc(LightningModule):
         return optimizer_config(trainable, self.optimizer_factory, self.lr_scheduler_factory)
 
     def configure_callbacks(self):
-        return [StopAtLastStep(), AtomicCheckpoints(), TensorBoardRun()]
+        return every_run_callbacks(self.guard)
 
     def processor(self):
         """The model's processor: the datamodule's feature extractor and the CTC tokenizer."""

@@ -15,10 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from callbacks.checkpoint_files import AtomicCheckpoints
-from callbacks.exact_resume import ExactResume
-from callbacks.tensorboard_run import TensorBoardRun
-from callbacks.training_guards import BatchGuard, StopAtLastStep, TrainingSetupCheck, skipped_step
+from callbacks.model_callbacks import every_run_callbacks
+from callbacks.training_guards import BatchGuard, skipped_step
 from errors import ConfigError
 from lightning_modules.components.matryoshka import validate_matryoshka_dims
 from lightning_modules.document_cache import CachedDocuments, document_keys
@@ -147,6 +145,4 @@ class MatryoshkaEmbedder(FrozenTowers, CachedDocuments):
         return optimizer_config(groups, self.optimizer_factory, self.lr_scheduler_factory)
 
     def configure_callbacks(self):
-        # In every run, however the Trainer was built: no recipe can forget them.
-        guards = [self.guard, ExactResume(), StopAtLastStep(), TrainingSetupCheck()]
-        return guards + [AtomicCheckpoints(), TensorBoardRun()]
+        return every_run_callbacks(self.guard)  # however the Trainer was built

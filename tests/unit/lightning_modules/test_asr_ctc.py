@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errors import ConfigError
+from errors import ConfigError, DataError
 from lightning_modules import AsrCtc
 from lightning_modules.asr_ctc import character_vocabulary
 from lightning_modules.components.speech_recognizer import SpeechRecognizer, SpeechRecognizerConfig
@@ -118,3 +118,17 @@ def test_settings_are_checked_at_construction():
         AsrCtc()
     with pytest.raises(ConfigError, match="model_type"):
         AsrCtc(architecture={"hidden_size": 8})
+
+
+def test_a_batch_without_usable_rows_or_with_a_nan_loss_leaves_the_weights_alone():
+    model = AsrCtc(architecture=TINY, vocabulary=["a", "b"])
+    model.guard.max_unusable_in_a_row = 2
+    empty = {"ids": [], "skipped_ids": ["x"], "skip_reasons": ["undecodable audio"]}
+    assert model.training_step(empty, 0) is None  # one process: Lightning skips backward and the step
+    with pytest.raises(DataError, match="fewer than 1 usable rows"):
+        model.training_step(empty, 1)
+
+    batch = hand_made_batch()
+    batch["query_audio"]["input_features"][0, 0, 0] = float("nan")
+    assert model.training_step(batch, 2) is None
+    assert model.guard.nonfinite_losses == 1
