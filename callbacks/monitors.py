@@ -37,16 +37,25 @@ def _resembles(metric: str, names: set[str]) -> bool:
 
 
 def unknown_monitor(
-    monitor: str, evaluator: Evaluator, kinds: Mapping[str, str], dims: Sequence[int]
+    monitor: str,
+    evaluator: Evaluator,
+    kinds: Mapping[str, str],
+    dims: Sequence[int],
+    exits: Sequence[int] = (),
 ) -> str | None:
-    """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``) will never be logged, or None.
+    """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``, or ``val/<eval set>/<metric>/L<layer>/d<dim>``
+    at an early exit) will never be logged, or None.
 
     ``kinds`` maps each eval set's name to its kind (``retrieval`` or ``classification``);
-    ``dims`` are the model's Matryoshka dims. Tags of other stages (``train/loss``) pass.
+    ``dims`` are the model's Matryoshka dims, ``exits`` its early exits (``matryoshka_layers``
+    below the full depth). Tags of other stages (``train/loss``) pass.
     """
     parts = monitor.split("/")
     if len(parts) < 3 or parts[0] != "val":
         return None  # not one of the evaluator's tags
+    exit_part = parts[-2] if len(parts) >= 5 else ""
+    if exit_part[:1] == "L" and exit_part[1:].isdigit():
+        return _unknown_exit_monitor(monitor, int(exit_part[1:]), evaluator, kinds, dims, exits)
     name, metric, last = parts[1], "/".join(parts[2:-1]), parts[-1]
     if len(parts) == 3 and last.partition("@")[0] in RETRIEVAL_MEASURES + CLASSIFICATION_METRICS:
         return f"the evaluator logs {last} once per dim: add /d<dim>, e.g. {monitor}/d{max(dims or [0])}."
@@ -71,3 +80,30 @@ def unknown_monitor(
     close = difflib.get_close_matches(tag, sorted(known), n=3)
     hint = f" Did you mean {', '.join(f'val/{name}/{c}' for c in close)}?" if close else ""
     return f"eval set {name!r} ({kind}) logs no {tag!r}.{hint}"
+
+
+def _unknown_exit_monitor(
+    monitor: str,
+    layer: int,
+    evaluator: Evaluator,
+    kinds: Mapping[str, str],
+    dims: Sequence[int],
+    exits: Sequence[int],
+) -> str | None:
+    """An exit's tag: the exit must be one of the model's, and the metric one the evaluator scores
+    at every exit (its own metrics per dim; the analyses read the full depth only)."""
+    if layer not in exits:
+        trained = f"its early exits are {list(exits)}" if exits else "it has no early exits"
+        return (
+            f"L{layer} is not an exit of this model ({trained}; model.matryoshka_layers); the full "
+            "depth is logged without /L<layer>."
+        )
+    parts = monitor.split("/")
+    full_depth = "/".join(parts[:-2] + parts[-1:])
+    problem = unknown_monitor(full_depth, evaluator, kinds, dims)
+    if problem:
+        return problem
+    name, tag = parts[1], "/".join(parts[2:-2] + parts[-1:])
+    if tag not in evaluator.own_metric_names(kinds[name], dims):
+        return f"{tag!r} is scored at the full depth only; early exits log the evaluator's metrics per dim."
+    return None

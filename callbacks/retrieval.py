@@ -137,9 +137,10 @@ class RetrievalEvaluator(Callback):
             return
         watchers = self._watchers(trainer)
         dims = list(getattr(pl_module, "matryoshka_dims", []))
+        exits = list(getattr(pl_module, "matryoshka_layers", []))[:-1]  # the last is the full depth
         transcribes = hasattr(pl_module, "transcribe")
         for callback in watchers:
-            problem = self.unknown_monitor(callback.monitor, eval_sets, dims, transcribes)
+            problem = self.unknown_monitor(callback.monitor, eval_sets, dims, transcribes, exits)
             if problem:
                 raise ConfigError(f"{type(callback).__name__}.monitor={callback.monitor!r}: {problem}")
         selecting = [c.monitor for c in watchers if c.monitor.startswith("val/")]
@@ -154,15 +155,21 @@ class RetrievalEvaluator(Callback):
             )
 
     def unknown_monitor(
-        self, monitor: str, eval_sets: dict, dims: Sequence[int], transcribes: bool = False
+        self,
+        monitor: str,
+        eval_sets: dict,
+        dims: Sequence[int],
+        transcribes: bool = False,
+        exits: Sequence[int] = (),
     ) -> str | None:
-        """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``, or ``val/<eval set>/cer`` of a model
-        that transcribes) will never be logged, or None."""
+        """Why ``monitor`` (``val/<eval set>/<metric>/d<dim>``, ``.../L<layer>/d<dim>`` at one of
+        the model's early ``exits``, or ``val/<eval set>/cer`` of a model that transcribes) will
+        never be logged, or None."""
         kinds = {name: eval_set.kind for name, eval_set in eval_sets.items()}
         parts = monitor.split("/")
         if len(parts) == 3 and parts[0] == "val" and parts[2] in TRANSCRIPTION_METRICS and parts[1] in kinds:
             return None if transcribes else "this model writes no transcripts to score."
-        return unknown_monitor(monitor, self.evaluator, kinds, dims)
+        return unknown_monitor(monitor, self.evaluator, kinds, dims, exits)
 
     # ----- collection ---------------------------------------------------------------------
     def _reset(self, *args) -> None:
