@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,30 +47,46 @@ class ExportTextEncoder(Callback):
             raise TypeError(
                 f"{type(pl_module).__name__} has no export_text_encoder(); remove ExportTextEncoder."
             )
-        if any(isinstance(c, PreemptionCheckpoint) and c.preempted for c in trainer.callbacks):
-            # A later stage would load a half-trained text model as if it were the result.
-            log.warning(
-                "Not exporting the text encoder: the run was preempted at step %d; the resumed run "
-                "exports it when it ends.",
-                trainer.global_step,
-            )
+        if was_preempted(trainer, "the text encoder"):
             return
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
-        current = None
-        if best:
-            trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
-            current = {
-                k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in trainable
-            }
-            pl_module.load_state_dict(
-                torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False
-            )
         options = {"num_layers": self.num_layers, "rank": self.rank}
-        pl_module.export_text_encoder(
-            Path(self.dirpath), **{k: v for k, v in options.items() if v is not None}
-        )
+        with best_weights(trainer, pl_module, self.use_best) as source:
+            pl_module.export_text_encoder(
+                Path(self.dirpath), **{k: v for k, v in options.items() if v is not None}
+            )
         depth = "" if self.num_layers is None else f" at its {self.num_layers}-layer exit"
         depth += "" if self.rank is None else f" with its token table at rank {self.rank}"
-        log.info("Exported the text encoder%s (%s) to %s", depth, best or "last weights", self.dirpath)
-        if current is not None:
-            pl_module.load_state_dict(current, strict=False)
+        log.info("Exported the text encoder%s (%s) to %s", depth, source, self.dirpath)
+
+
+def was_preempted(trainer: Trainer, what: str) -> bool:
+    """Whether the fit ended on a preemption signal (then ``what`` is not exported: a later stage
+    would load a half-trained model as if it were the result)."""
+    if not any(isinstance(c, PreemptionCheckpoint) and c.preempted for c in trainer.callbacks):
+        return False
+    log.warning(
+        "Not exporting %s: the run was preempted at step %d; the resumed run exports it when it ends.",
+        what,
+        trainer.global_step,
+    )
+    return True
+
+
+@contextmanager
+def best_weights(trainer: Trainer, pl_module: LightningModule, use_best: bool = True) -> Iterator[str]:
+    """Inside, the module holds the trainable weights of the best checkpoint (the first
+    ModelCheckpoint's ``best_model_path``) and yields that path; after, its own again. Without a
+    best checkpoint (no validation yet, or ``use_best`` false) it yields ``"last weights"``."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if use_best else ""
+    if not best:
+        yield "last weights"
+        return
+    trainable = {name for name, p in pl_module.named_parameters() if p.requires_grad}
+    current = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in trainable}
+    pl_module.load_state_dict(
+        torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False
+    )
+    try:
+        yield best
+    finally:
+        pl_module.load_state_dict(current, strict=False)

@@ -11,9 +11,9 @@ Training reads the datamodule's speech batches (``query_audio`` and each row's t
 ``transcriptions``); the loss is the model's own CTC loss (``torch.nn.functional.ctc_loss``, mean
 over target lengths). Validation transcribes the eval sets' queries (greedy decoding through the
 tokenizer's ``batch_decode``) and the evaluator logs ``val/<eval set>/cer`` and ``/wer`` against
-their transcriptions: the eval queries, never the training clips. At the end of fit the model
-and its processor are written as a ``from_pretrained`` folder (``export_dir``) that
-``Pipelined``'s ``asr`` names.
+their transcriptions: the eval queries, never the training clips. At the end of fit the best
+checkpoint's model (lowest CER in the recipes) and its processor are written as a
+``from_pretrained`` folder (``export_dir``) that ``Pipelined``'s ``asr`` names.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from callbacks.export import best_weights, was_preempted
 from callbacks.model_callbacks import every_run_callbacks
 from callbacks.training_guards import BatchGuard, skipped_step
 from errors import ConfigError
@@ -111,8 +112,9 @@ class AsrCtc(LightningModule):
                 read when fit starts).
             freeze_feature_encoder: With a pretrained waveform model, keep its convolutional
                 feature encoder frozen (the usual CTC fine-tuning practice).
-            export_dir: Where fit's final model and processor are written as a from_pretrained
-                folder (None: not exported).
+            export_dir: Where fit's model (the best checkpoint's weights, by the run's
+                ``best_checkpoint.monitor``; the last without one) and processor are written as a
+                from_pretrained folder (None: not exported; a preempted fit does not export).
             optimizer: Optimizer factory called on the parameters (default AdamW, lr 1e-4).
             lr_scheduler: Optional scheduler factory called on the optimizer, stepped every step.
         """
@@ -236,8 +238,9 @@ class AsrCtc(LightningModule):
 
     @rank_zero_only
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir is not None:
-            self.export(self.hparams.export_dir)
-            log.info(
-                "Exported the speech recognizer to %s (Pipelined's asr names it).", self.hparams.export_dir
-            )
+        directory = self.hparams.export_dir
+        if directory is None or was_preempted(self.trainer, "the speech recognizer"):
+            return
+        with best_weights(self.trainer, self) as source:  # the lowest CER in the recipes
+            self.export(directory)
+        log.info("Exported the speech recognizer (%s) to %s (Pipelined's asr names it).", source, directory)

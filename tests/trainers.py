@@ -1,8 +1,11 @@
-"""The tests' Lightning Trainer: CPU, and quiet (no logger, progress bar or model summary)."""
+"""The tests' Lightning Trainer: CPU, and quiet (no logger, progress bar or model summary); and a
+callback that preempts a run at a chosen step."""
 
 from __future__ import annotations
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+
+from callbacks.preemption import PreemptionCheckpoint
 
 
 def quiet_cpu_trainer(**options) -> Trainer:
@@ -11,3 +14,15 @@ def quiet_cpu_trainer(**options) -> Trainer:
         **{"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
         | options
     )
+
+
+class PreemptAt(Callback):
+    """Raises the preemption flag during step ``step``, as the signal handler would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1:
+            (preemption,) = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
+            preemption.received = "SIGTERM"

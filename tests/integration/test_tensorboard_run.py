@@ -11,11 +11,11 @@ import re
 import pytest
 import torch
 from demo_recipes import quick_text_only
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from trainers import PreemptAt
 
-from callbacks.preemption import PreemptionCheckpoint
 from callbacks.tensorboard_run import CHECKPOINT_KEY, continue_tensorboard_run
 from cli import cli_main
 
@@ -92,18 +92,6 @@ def test_a_resumed_fit_draws_on_in_one_folder_from_the_checkpoints_step(
     assert scalars[NDCG][-1][1] == pytest.approx(float(resumed.trainer.callback_metrics[NDCG]))
     # A training step's loss at that step's number: log_every_n_steps=1 draws steps 1 to 6.
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, MAX_STEPS + 1))
-
-
-class PreemptAt(Callback):
-    """Raises the preemption flag during step ``step``, as the signal handler would."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step - 1:
-            (preemption,) = [cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)]
-            preemption.received = "SIGTERM"
 
 
 @pytest.mark.parametrize("preempted_at", [3, 4], ids=["between validations", "at a validation step"])

@@ -1,17 +1,19 @@
-"""The demo's CTC recognizer (configs/demo/asr_ctc.yaml, made tiny) resumes as the same run: its
-dropout draws and data position come back, so k steps then a resume to n equal n steps straight."""
+"""The demo's CTC recognizer (configs/demo/asr_ctc.yaml, made tiny): it resumes as the same run (its
+dropout draws and data position come back, so k steps then a resume to n equal n steps straight),
+and its export holds the best checkpoint's weights."""
 
 from __future__ import annotations
 
 import torch
 from demo_recipes import ROOT
+from trainers import PreemptAt
 
 from cli import cli_main
 
 STEPS = 4
 
 
-def _fit(root, max_steps, ckpt_path=None):
+def _args(root, max_steps, *extra) -> list[str]:
     args = [
         "fit",
         "--config",
@@ -33,7 +35,11 @@ def _fit(root, max_steps, ckpt_path=None):
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",
     ]
-    cli = cli_main(args + ([f"--ckpt_path={ckpt_path}"] if ckpt_path else []))
+    return args + list(extra)
+
+
+def _fit(root, max_steps, ckpt_path=None, *extra):
+    cli = cli_main(_args(root, max_steps, *extra, *([f"--ckpt_path={ckpt_path}"] if ckpt_path else [])))
     return {name: p.detach().clone() for name, p in cli.model.named_parameters()}
 
 
@@ -49,3 +55,26 @@ def test_k_steps_then_resume_to_n_is_the_same_run(tmp_path, demo_dir):
     assert first_steps["global_step"] == 2
     lm_head = first_steps["state_dict"]["model.lm_head.weight"]
     assert not torch.equal(lm_head, straight["model.lm_head.weight"])
+
+
+def test_the_export_holds_the_best_checkpoints_weights(tmp_path, demo_dir):
+    from transformers import AutoModelForCTC
+
+    # The best checkpoint by a monitor that picks the first validation (step 2) of the two: the
+    # export must then differ from the final weights.
+    final = _fit(tmp_path, STEPS, None, "--best_checkpoint.monitor=step", "--best_checkpoint.mode=min")
+    best = torch.load(tmp_path / "checkpoints" / "best-step=2.ckpt", weights_only=True)["state_dict"]
+    exported = AutoModelForCTC.from_pretrained(tmp_path / "asr").state_dict()
+    assert exported.keys() == {name.removeprefix("model.") for name in best}
+    for name, value in exported.items():
+        assert torch.equal(value, best[f"model.{name}"]), name
+    assert not torch.equal(exported["lm_head.weight"], final["model.lm_head.weight"])
+
+
+def test_a_preempted_fit_exports_nothing(tmp_path, demo_dir):
+    """Pipelined loads the export as the finished recognizer: half-trained weights must not land there."""
+    cli = cli_main(_args(tmp_path, STEPS)[1:], run=False)  # without the subcommand: fit by hand
+    cli.trainer.callbacks.append(PreemptAt(3))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3
+    assert (tmp_path / "checkpoints" / "last-preempted.ckpt").exists() and not (tmp_path / "asr").exists()
