@@ -6,13 +6,15 @@
 
 Each recipe runs as its README command does (`python cli.py fit --config configs/demo/<recipe>.yaml`,
 its own child process, on the same demo assets) into ``<out>/<recipe>``; ``--reuse`` skips a recipe
-whose run there finished (its ``checkpoints/last.ckpt`` holds the recipe's ``max_steps``).
+whose run there finished (a fit: its ``checkpoints/last.ckpt`` is there; an evaluation: its
+TensorBoard file is).
 Anything after ``--`` is passed to every recipe's command. The table is read back from each run's
 TensorBoard file: the last validation's nDCG@10 per dim on the demo's spoken retrieval set (for
 the text-only row, the same queries as written text: the oracle transcript), keyword-spotting
-and zero-shot intent accuracy at the largest dim, then the trainable parameters (counted on the
-recipe's model) and the seconds per training step (median over the logged steps, validation
-excluded). Written to ``<out>/comparison.md`` and ``<out>/comparison.csv``.
+and zero-shot intent accuracy at the largest dim, the recognizer's character and word error rates
+(the cascade), then the trainable parameters (counted on the recipe's model) and the seconds per
+training step (median over the logged steps, validation excluded). Written to
+``<out>/comparison.md`` and ``<out>/comparison.csv``.
 """
 
 from __future__ import annotations
@@ -93,15 +95,21 @@ def row_of_run(name: str, run_dir: Path, trainable: int | None) -> dict:
     if not retrieval:
         raise ValueError(f"{run_dir}: no val/{RETRIEVAL_SET}/ndcg@10 scalars: the run never validated.")
     top = retrieval[-1][0]
+    recipe = RECIPES.get(name)
+    trains = recipe is None or recipe.subcommand == "fit"
+    steps = max(step for step, _, _ in scalars[f"val/{RETRIEVAL_SET}/ndcg@10/d{top}"])
     row = {
-        "model": RECIPES[name].label if name in RECIPES else name,
-        "recipe": RECIPES[name].config if name in RECIPES else name,
-        "steps": max(step for step, _, _ in scalars[f"val/{RETRIEVAL_SET}/ndcg@10/d{top}"]),
+        "model": recipe.label if recipe else name,
+        "recipe": recipe.config if recipe else name,
+        "steps": steps if trains else None,  # an evaluation-only run (the cascade) trains nothing
     }
     row |= {f"ndcg@10/d{dim}": value for dim, value in retrieval}
     for eval_set in CLASSIFICATION_SETS:
         point = last.get(f"val/{eval_set}/accuracy/d{top}")
         row[f"{eval_set} accuracy/d{top}"] = None if point is None else point[1]
+    for rate in ("cer", "wer"):  # a model that transcribes: its recognizer's error rates
+        point = last.get(f"val/{RETRIEVAL_SET}/{rate}")
+        row[f"ASR {rate.upper()}"] = None if point is None else point[1]
     row["trainable parameters"] = trainable
     row["s/step"] = seconds_per_step(scalars)
     return row

@@ -43,6 +43,7 @@ def test_the_table_holds_what_each_run_logged(demo_dir, tmp_path):
         assert row[f"ndcg@10/d{dim}"] == pytest.approx(logged[f"val/demo/ndcg@10/d{dim}"][1])
     assert row["steps"] == logged["val/demo/ndcg@10/d256"][0] == 4
     assert row["keywords accuracy/d256"] is None  # the text-only recipe has no classification sets
+    assert row["ASR CER"] is None  # nor a recognizer
     assert row["s/step"] > 0 and row["trainable parameters"] > 0
 
     with open(tmp_path / "comparison.csv") as handle:
@@ -53,3 +54,13 @@ def test_the_table_holds_what_each_run_logged(demo_dir, tmp_path):
     # --reuse reads the finished run again instead of training it a second time.
     again = comparison_table.main(["--out", str(tmp_path), "--recipes", "text_only", "--reuse"])
     assert again == rows
+
+
+def test_the_cascade_row_holds_its_recognizers_error_rates(demo_dir, tmp_path):
+    """An evaluation-only recipe: no training steps, and the CER / WER its validation logged."""
+    (row,) = comparison_table.main(["--out", str(tmp_path), "--recipes", "pipelined"])
+    logged = _last_scalars(tmp_path / "pipelined")
+    assert row["steps"] is None and row["trainable parameters"] is None and row["s/step"] is None
+    assert row["ASR CER"] == pytest.approx(logged["val/demo/cer"][1])
+    assert row["ASR WER"] == pytest.approx(logged["val/demo/wer"][1])
+    assert row["ndcg@10/d256"] == pytest.approx(logged["val/demo/ndcg@10/d256"][1])
