@@ -284,6 +284,8 @@ def asr_model_dir() -> Path:
             ASR_KEY,
         )
         minutes = _fit_in_child(command, run_dir, staging)
+        if not (staging / "model").is_dir():  # a preempted fit exports nothing: no half-built asset
+            raise RuntimeError(f"The demo ASR's fit exported nothing (preempted?); run again: {target}")
         log.warning("The demo speech recognizer is trained (%.1f min): %s", minutes, target)
 
     what = f"the pipelined demo's speech recognizer (configs/demo/asr_ctc.yaml); skipped by {ASR_KEY}=PATH"

@@ -52,6 +52,21 @@ def test_training_the_text_stage_is_announced_before_it_starts(empty_demo_dir, m
     assert children == []
 
 
+def test_an_asr_fit_that_exported_nothing_leaves_no_asset(empty_demo_dir, monkeypatch):
+    """A preempted child fit exports no recognizer: the demo asset is not published half-built."""
+    for built_first in ("speech_corpus_dir", "speech_model_dir", "text_model_dir"):
+        monkeypatch.setattr(assets, built_first, lambda: empty_demo_dir)
+
+    def preempted_child(command, **options):
+        (root,) = [arg for arg in command if arg.startswith("--trainer.default_root_dir=")]
+        (Path(root.split("=", 1)[1]) / "tensorboard").mkdir(parents=True)  # ran, then stopped
+
+    monkeypatch.setattr(assets.subprocess, "run", preempted_child)
+    with pytest.raises(RuntimeError, match="exported nothing"):
+        assets.asr_model_dir()
+    assert not (empty_demo_dir / "asr-ctc").exists()
+
+
 def test_the_demos_classification_sets_follow_its_eval_sets(demo_dir, speech_corpus_dir, tmp_path, caplog):
     demos = assets.demo_classification_sets({"demo": str(speech_corpus_dir / "eval" / "demo")})
     tasks = assets.speech_tasks_dir()
