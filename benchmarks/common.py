@@ -101,6 +101,14 @@ def wav_bytes(seconds: float, rng: np.random.Generator, rate: int = 16000) -> by
     return buffer.getvalue()
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The script's own arguments, and those after ``--`` (overrides passed on to ``cli.py``)."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -29,9 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/comparison_table.py` from the root
-    sys.path.insert(0, str(ROOT))
+from common import ROOT, split_passthrough  # puts the project root on sys.path
 
 
 @dataclass(frozen=True)
@@ -157,8 +155,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/comparison", help="Folder of the runs and the tables.")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import split_passthrough  # puts the project root on sys.path
 
 
 def main() -> None:
@@ -31,9 +32,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--checkpoint", type=Path, help="default: the run's best-*.ckpt")
     parser.add_argument("--metric", default="ndcg@10")
-    argv = sys.argv[1:]
-    overrides_given = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, overrides_given = split_passthrough(sys.argv[1:])
+    args = parser.parse_args(own)
     from callbacks.exit_grid import exit_grid
     from callbacks.retrieval import RetrievalEvaluator
     from cli import cli_main
