@@ -24,11 +24,16 @@ WINDOW_SECONDS = WINDOW / VAD_RATE
 def load_vad():
     """Silero-VAD's TorchScript model, from the weights inside the ``silero-vad`` package (offline)."""
     threads = torch.get_num_threads()
-    from silero_vad import load_silero_vad  # its import sets torch's threads to 1, process-wide
+    try:
+        return _import_silero().load_silero_vad()
+    finally:  # the caller's setting, also when loading fails (a notebook's training keeps its threads)
+        torch.set_num_threads(threads)
 
-    model = load_silero_vad()
-    torch.set_num_threads(threads)  # the caller's setting (a notebook's training keeps its threads)
-    return model
+
+def _import_silero():
+    import silero_vad  # its import sets torch's threads to 1, process-wide
+
+    return silero_vad
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Reading in blocks gives what reading whole files gives: the resampled stream, and Silero's
 probabilities and regions (silero_vad.get_speech_timestamps on the whole signal is the reference)."""
 
+import types
+
 import numpy as np
 import pytest
 import soundfile
@@ -50,3 +52,33 @@ def test_streamed_vad_equals_silero_on_the_whole_file(tmp_path):
     )
     assert expected, "the reference found no speech: the check would be empty"
     assert vad.speech_regions(track, config) == [(r["start"] / 16000, r["end"] / 16000) for r in expected]
+
+
+def _broken_silero():
+    """A silero_vad whose import already set one thread (as the real one does) and whose load fails."""
+
+    def load_silero_vad():
+        raise RuntimeError("the packaged weights could not be read")
+
+    module = types.ModuleType("silero_vad")
+    module.load_silero_vad = load_silero_vad
+    torch.set_num_threads(1)
+    return module
+
+
+@pytest.mark.parametrize("works", [True, False], ids=["loaded", "load-fails"])
+def test_loading_the_vad_keeps_the_callers_thread_count(works, monkeypatch):
+    """Silero's import sets torch to one thread, process-wide; the caller's count comes back, also
+    when the load fails."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        if works:
+            assert vad.load_vad() is not None
+        else:
+            monkeypatch.setattr(vad, "_import_silero", _broken_silero)
+            with pytest.raises(RuntimeError, match="packaged weights"):
+                vad.load_vad()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
