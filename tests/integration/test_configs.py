@@ -46,6 +46,8 @@ def _stand_ins(
         args.append(f"--model.init_args.speech_encoder.pretrained_model_name_or_path={speech_model}")
     if "asr:" in recipe:
         args.append(f"--model.init_args.asr.pretrained_model_name_or_path={asr_model}")
+    if "units:" in recipe:  # 64 units fit in seconds; the recipe's 1024 take 20 s of k-means, same code
+        args.append("--model.init_args.units.size=64")
     if "audio:" in recipe:  # spoken queries: the demo's speech corpus
         args.append("--data.init_args.audio.min_duration=0.5")  # the demo's clips are 1-3 s
         train, eval_set = speech_corpus / "train", speech_corpus / "eval" / "demo"
@@ -86,6 +88,10 @@ def test_config_instantiates(
     stand_ins = _stand_ins(config, *models, asr_model=tiny_ctc_asr, deep_wide_model=deep_wide_tiny_text_model)
     args = ["--config", str(config), *stand_ins]
     args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu"]
+    # Batches read in this process: a worker pool left half-read (one batch taken, the workers
+    # still filling their shuffle buffers) is shut down when garbage-collected, each worker joined
+    # with torch's 5 s timeout, 5-11 s of waiting per recipe paid by whichever later test collects it.
+    args.append("--data.init_args.num_workers=0")
     cli = cli_main(args, run=False)
     if isinstance(cli.model, AsrCtc):
         _check_asr_recipe(cli, tmp_path)
