@@ -96,6 +96,16 @@ def speech_corpus_dir(demo_dir) -> Path:
     return assets.speech_corpus_dir()
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers share the cores: one intra-op thread each (and in the processes they start),
+        # or OpenMP threads spin waiting on each other (a 13 s fit took 270 s on a loaded machine).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "integration" in item.path.parts:

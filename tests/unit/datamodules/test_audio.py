@@ -92,6 +92,23 @@ def test_resampling_equals_torchaudio_functional_resample(source_rate):
         (_wav_bytes(_tone(0.2)), "duration 0.20 s"),
         (_wav_bytes(_tone(3.0)), "duration 3.00 s"),
     ],
+    # Named by hand: a float wav's PEAK chunk holds the time it was written, and pytest-xdist's
+    # workers must collect the same names.
+    ids=[
+        "undecodable",
+        "empty",
+        "all-zero",
+        "NaN",
+        "infinite",
+        "int",
+        "None",
+        "empty dict",
+        "empty bytes with a path",
+        "empty bytes",
+        "missing file",
+        "too short",
+        "too long",
+    ],
 )
 def test_bad_audio_is_named(cell, reason):
     with pytest.raises(BadAudio, match=reason):
