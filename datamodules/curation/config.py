@@ -8,6 +8,8 @@ from typing import Literal
 
 from errors import ConfigError
 
+DATASET_PREFIX = "datasets:"  # curation.input naming a `datasets` dataset (dataset_input.py)
+
 AUDIO_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif")
 
 
@@ -16,10 +18,20 @@ class CurationConfig:
     """From long recordings to 3-30 s training clips (``python -m datamodules.curation --help``)."""
 
     input: str
-    """A folder of recordings (searched recursively) or one audio file."""
+    """A folder of recordings (searched recursively), one audio file, or ``datasets:NAME``: a
+    ``datasets`` dataset (hub name or local dataset folder) whose recordings are written once under
+    <output>/inputs/ and curated from there."""
     output: str
     """Folder written: shards/ (parquet, what data.train_data reads), done/ (a marker per recording),
     manifest.json."""
+    input_split: str = "train"
+    """With a ``datasets:`` input: the split read."""
+    input_audio_column: str = "audio"
+    """With a ``datasets:`` input: the column holding each recording (an Audio feature, or
+    ``{bytes, path}``)."""
+    input_id_column: str | None = None
+    """With a ``datasets:`` input: a column naming each recording, as the manifest and the clips'
+    ``source`` will (null: the row number)."""
     extensions: list[str] = field(default_factory=lambda: list(AUDIO_EXTENSIONS))
     """File name endings read as recordings (what libsndfile decodes: wav, flac, ogg/opus, mp3, aiff)."""
     workers: int = 1
@@ -101,7 +113,7 @@ class CurationConfig:
             refuse("truncated", "use 'keep' or 'skip'.")
         if self.output_sample_rate < 8000:
             refuse("output_sample_rate", "at least 8000 Hz.")
-        if not Path(self.input).expanduser().exists():
+        if not self.input.startswith(DATASET_PREFIX) and not Path(self.input).expanduser().exists():
             refuse("input", f"no such file or folder (resolved to {Path(self.input).resolve()}).")
         for key in ("dnsmos_model", "separation"):
             value = getattr(self, key)

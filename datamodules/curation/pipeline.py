@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from datamodules.curation import manifest
+from datamodules.curation import dataset_input, manifest
 from datamodules.curation.config import CurationConfig
 from datamodules.curation.recording import Models, process
 from datamodules.curation.shards import marker_path, recording_key
@@ -21,6 +21,9 @@ _WORKER: dict = {}
 
 def recordings(config: CurationConfig) -> tuple[Path, list[str]]:
     """The input's root and each recording's path relative to it ('' for a single file input)."""
+    if dataset_input.dataset_name(config.input) is not None:
+        root = Path(config.output).expanduser() / dataset_input.FOLDER
+        return root, dataset_input.export_recordings(config, root)
     root = Path(config.input).expanduser()
     if root.is_file():
         return root, [""]
