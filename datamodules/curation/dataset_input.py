@@ -58,17 +58,19 @@ def export_recordings(config, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     names, seen = [], {}
     for index, row in enumerate(dataset):
-        if column not in row:
-            raise ConfigError(f"curation.input_audio_column={column!r}: row {index} has no such column.")
+        for key, wanted in (("input_audio_column", column), ("input_id_column", id_column)):
+            if wanted is not None and wanted not in row:  # a dataset without declared features
+                raise ConfigError(f"curation.{key}={wanted!r}: row {index} has no such column ({list(row)}).")
         ident = str(row[id_column]) if id_column else f"{index:08d}"
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)[:100] or "recording"
         if stem in seen:
             raise InputError(
-                f"curation.input_id_column={id_column!r}: rows {seen[stem]} and {index} are both named "
-                f"{ident!r}; recordings need distinct ids (null: name them by row number)."
+                f"curation.input_id_column={id_column!r}: rows {seen[stem]} and {index} both name their "
+                f"recording {stem!r} (this one's id: {ident!r}); recordings need distinct ids (null: "
+                "name them by row number)."
             )
         seen[stem] = index
-        data, suffix = _recording_bytes(row[column])
+        data, suffix = _recording_bytes(row[column], ident)
         path = folder / f"{stem}{suffix}"
         # Written by an earlier run: left as it is (same time), so its done marker still holds.
         if not (path.is_file() and path.stat().st_size == len(data)):
@@ -78,7 +80,7 @@ def export_recordings(config, folder: Path) -> list[str]:
     return names
 
 
-def _recording_bytes(cell) -> tuple[bytes, str]:
+def _recording_bytes(cell, ident: str) -> tuple[bytes, str]:
     """A cell's encoded audio and its file ending; empty bytes where it holds none."""
     if isinstance(cell, dict) and cell.get("array") is not None:  # decoded upstream: re-encoded losslessly
         import numpy as np
@@ -97,8 +99,9 @@ def _recording_bytes(cell) -> tuple[bytes, str]:
     if data is None and path:
         try:
             data = Path(path).read_bytes()
-        except OSError:
-            data = b""  # counted by the pipeline as empty, under this row's name
+        except OSError as error:  # counted by the pipeline as undecodable, under this row's name
+            log.warning("Recording %r names %s, which could not be read (%s)", ident, path, error)
+            data = b""
     data = data or b""
     suffix = Path(path).suffix.lower() if path else ""
     return data, suffix if suffix in SUFFIXES.values() else _sniffed_suffix(data)

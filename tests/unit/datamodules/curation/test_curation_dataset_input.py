@@ -95,7 +95,7 @@ def test_a_missing_column_or_a_repeated_id_is_named(sources, tmp_path):
     cells = [{"bytes": b"x", "path": None}] * 2
     Dataset.from_dict({"name": ["take 1", "take 1"], "audio": cells}).to_parquet(str(twice / "train.parquet"))
     common["input"] = f"datasets:{twice}"
-    with pytest.raises(InputError, match=r"rows 0 and 1 are both named 'take 1'"):
+    with pytest.raises(InputError, match=r"rows 0 and 1 both name their recording 'take_1'"):
         curate(CurationConfig(**common, input_id_column="name"))
     with pytest.raises(InputError, match=r"could not be opened .* curation.input_split \(now 'dev'\)"):
         curate(CurationConfig(**common, input_split="dev"))
