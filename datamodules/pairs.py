@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -597,6 +598,10 @@ class StreamingPairDataModule(LightningDataModule):
             shuffle=False,
             collate_fn=partial(_eval_batch, self.batches),
             num_workers=self.hparams.num_workers,
+            # Starting the loader draws its workers' base seed; from torch's global generator, that
+            # draw would shift the dropout and augmentation of every later training step, so how
+            # often a run validates would change what it trains.
+            generator=torch.Generator(),
         )
 
     def val_dataloader(self):

@@ -1,6 +1,6 @@
 """The demo's CTC recognizer (configs/demo/asr_ctc.yaml, made tiny): it resumes as the same run (its
 dropout draws and data position come back, so k steps then a resume to n equal n steps straight),
-and its export holds the best checkpoint's weights."""
+validating more often trains the same weights, and its export holds the best checkpoint's weights."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ def _args(root, max_steps, *extra) -> list[str]:
         "--data.init_args.shuffle_block_size=40",
         "--data.init_args.num_workers=0",
         f"--trainer.max_steps={max_steps}",
-        # Both runs validate at step 2 (the first one's checkpoint is written after it): creating
-        # the validation loader draws from torch's generator, so a run that skipped it would differ.
         "--trainer.val_check_interval=2",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",
@@ -78,3 +76,13 @@ def test_a_preempted_fit_exports_nothing(tmp_path, demo_dir):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 3
     assert (tmp_path / "checkpoints" / "last-preempted.ckpt").exists() and not (tmp_path / "asr").exists()
+
+
+def test_how_often_a_run_validates_does_not_change_its_training(tmp_path, demo_dir):
+    """Validating at step 2 (and 4) or only at 4 trains the same weights: validation draws nothing
+    from the generators dropout uses (its loader's seed comes from a generator of its own)."""
+    every_two = _fit(tmp_path / "every-two", STEPS)
+    at_the_end = _fit(tmp_path / "at-the-end", STEPS, None, f"--trainer.val_check_interval={STEPS}")
+    assert every_two.keys() == at_the_end.keys() and every_two
+    for name in every_two:
+        assert torch.equal(every_two[name], at_the_end[name]), name
