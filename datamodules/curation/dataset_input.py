@@ -82,14 +82,14 @@ def export_recordings(config, folder: Path) -> list[str]:
 
 def _recording_bytes(cell, ident: str) -> tuple[bytes, str]:
     """A cell's encoded audio and its file ending; empty bytes where it holds none."""
-    if isinstance(cell, dict) and cell.get("array") is not None:  # decoded upstream: re-encoded losslessly
+    if isinstance(cell, dict) and cell.get("array") is not None:  # decoded upstream: float wav, lossless
         import numpy as np
         import soundfile
 
         buffer = io.BytesIO()
         samples = np.asarray(cell["array"], dtype=np.float32)
-        soundfile.write(buffer, samples, int(cell["sampling_rate"]), format="FLAC", subtype="FLOAT")
-        return buffer.getvalue(), ".flac"
+        soundfile.write(buffer, samples, int(cell["sampling_rate"]), format="WAV", subtype="FLOAT")
+        return buffer.getvalue(), ".wav"
     if isinstance(cell, dict):
         data, path = cell.get("bytes"), cell.get("path")
     elif isinstance(cell, bytes | str):

@@ -5,6 +5,7 @@ skips them all."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -99,3 +100,14 @@ def test_a_missing_column_or_a_repeated_id_is_named(sources, tmp_path):
         curate(CurationConfig(**common, input_id_column="name"))
     with pytest.raises(InputError, match=r"could not be opened .* curation.input_split \(now 'dev'\)"):
         curate(CurationConfig(**common, input_split="dev"))
+
+
+def test_an_already_decoded_cell_is_written_without_loss():
+    """A cell some pipeline decoded upstream ({array, sampling_rate}) is written as a float wav."""
+    from datamodules.curation.dataset_input import _recording_bytes
+
+    samples = np.random.default_rng(0).uniform(-1, 1, 8000).astype(np.float32)
+    data, suffix = _recording_bytes({"array": samples, "sampling_rate": 8000}, "decoded")
+    written, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    assert suffix == ".wav" and rate == 8000
+    np.testing.assert_array_equal(written, samples)
