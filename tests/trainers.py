@@ -14,8 +14,12 @@ def quiet_cpu_trainer(**options) -> Trainer:
     """A Trainer on the CPU that writes no logs and prints no progress; ``options`` add the rest.
     Without a ``default_root_dir`` it gets a fresh temporary one: Lightning's default checkpoint
     folder is otherwise ./checkpoints, the repository itself when pytest runs from its root."""
-    quiet = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
-    quiet["enable_model_summary"] = False
+    quiet = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     if "default_root_dir" not in options:
         quiet["default_root_dir"] = tempfile.mkdtemp(prefix="quiet-trainer-")
     return Trainer(**quiet | options)

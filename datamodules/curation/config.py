@@ -113,12 +113,17 @@ class CurationConfig:
             refuse("truncated", "use 'keep' or 'skip'.")
         if self.output_sample_rate < 8000:
             refuse("output_sample_rate", "at least 8000 Hz.")
-        if not self.input.startswith(DATASET_PREFIX) and not Path(self.input).expanduser().exists():
+        if self.input_dataset is None and not Path(self.input).expanduser().exists():
             refuse("input", f"no such file or folder (resolved to {Path(self.input).resolve()}).")
         for key in ("dnsmos_model", "separation"):
             value = getattr(self, key)
             if value is not None and not Path(value).expanduser().is_file():
                 refuse(key, "no such ONNX file; give the model's path, or null to skip this stage.")
+
+    @property
+    def input_dataset(self) -> str | None:
+        """The ``datasets`` dataset ``input`` names, or None where it names a folder or file."""
+        return self.input.removeprefix(DATASET_PREFIX) if self.input.startswith(DATASET_PREFIX) else None
 
     @property
     def neg_threshold(self) -> float:

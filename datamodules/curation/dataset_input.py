@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
-from datamodules.curation.config import DATASET_PREFIX as PREFIX
+from datamodules.curation.config import DATASET_PREFIX
 from errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -29,38 +27,30 @@ SUFFIXES = {"WAV": ".wav", "WAVEX": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3
 UNKNOWN_SUFFIX = ".audio"
 
 
-def dataset_name(source: str) -> str | None:
-    """The dataset ``curation.input`` names, or None where it names a folder or file."""
-    return source[len(PREFIX) :] if source.startswith(PREFIX) else None
-
-
 def export_recordings(config, folder: Path) -> list[str]:
     """Writes each row's recording under ``folder`` (those not written yet); returns their names."""
     from datasets import Audio, load_dataset
 
-    name = dataset_name(config.input)
+    from callbacks.checkpoint_files import write_atomically
+
     try:
-        dataset = load_dataset(name, split=config.input_split, streaming=True)
+        dataset = load_dataset(config.input_dataset, split=config.input_split, streaming=True)
     except Exception as error:  # noqa: BLE001 - hub, file and split errors all end here
         raise InputError(
             f"curation.input={config.input!r}: the dataset could not be opened "
             f"({type(error).__name__}: {error}). Give a hub name or a local dataset folder after "
-            f"'{PREFIX}', and curation.input_split (now {config.input_split!r}) one of its splits."
+            f"'{DATASET_PREFIX}', and curation.input_split (now {config.input_split!r}) one of its splits."
         ) from error
     column, id_column = config.input_audio_column, config.input_id_column
-    columns = list(dataset.features or {}) or None
-    for key, wanted in (("input_audio_column", column), ("input_id_column", id_column)):
-        if wanted is not None and columns is not None and wanted not in columns:
-            raise ConfigError(f"curation.{key}={wanted!r}: the dataset has no such column ({columns}).")
-    if dataset.features is not None and isinstance(dataset.features[column], Audio):
-        dataset = dataset.cast_column(column, Audio(decode=False))
+    if dataset.features is not None:  # declared: checked before anything is written
+        _check_columns(config, list(dataset.features), "the dataset")
+        if isinstance(dataset.features[column], Audio):
+            dataset = dataset.cast_column(column, Audio(decode=False))
 
     folder.mkdir(parents=True, exist_ok=True)
     names, seen = [], {}
     for index, row in enumerate(dataset):
-        for key, wanted in (("input_audio_column", column), ("input_id_column", id_column)):
-            if wanted is not None and wanted not in row:  # a dataset without declared features
-                raise ConfigError(f"curation.{key}={wanted!r}: row {index} has no such column ({list(row)}).")
+        _check_columns(config, list(row), f"row {index}")  # a dataset without declared features
         ident = str(row[id_column]) if id_column else f"{index:08d}"
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", ident)[:100] or "recording"
         if stem in seen:
@@ -74,10 +64,17 @@ def export_recordings(config, folder: Path) -> list[str]:
         path = folder / f"{stem}{suffix}"
         # Written by an earlier run: left as it is (same time), so its done marker still holds.
         if not (path.is_file() and path.stat().st_size == len(data)):
-            _write_atomically(path, data)
+            write_atomically(lambda handle, data=data: handle.write(data), path)
         names.append(path.name)
     log.info("%s: %d recordings under %s", config.input, len(names), folder)
     return names
+
+
+def _check_columns(config, columns: list[str], where: str) -> None:
+    for key in ("input_audio_column", "input_id_column"):
+        wanted = getattr(config, key)
+        if wanted is not None and wanted not in columns:
+            raise ConfigError(f"curation.{key}={wanted!r}: {where} has no such column ({columns}).")
 
 
 def _recording_bytes(cell, ident: str) -> tuple[bytes, str]:
@@ -114,14 +111,3 @@ def _sniffed_suffix(data: bytes) -> str:
         return SUFFIXES.get(soundfile.info(io.BytesIO(data)).format, UNKNOWN_SUFFIX)
     except Exception:  # noqa: BLE001 - not audio: the pipeline names it undecodable
         return UNKNOWN_SUFFIX
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise

@@ -21,7 +21,7 @@ _WORKER: dict = {}
 
 def recordings(config: CurationConfig) -> tuple[Path, list[str]]:
     """The input's root and each recording's path relative to it ('' for a single file input)."""
-    if dataset_input.dataset_name(config.input) is not None:
+    if config.input_dataset is not None:
         root = Path(config.output).expanduser() / dataset_input.FOLDER
         return root, dataset_input.export_recordings(config, root)
     root = Path(config.input).expanduser()
